@@ -1,0 +1,325 @@
+//! The breaker's configuration and its validation into runtime settings.
+
+use crate::config::{duration_in_range, int_in_range, rate_in_unit_interval, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The longest duration any breaker setting accepts; keeps deadline arithmetic far from overflow.
+const ONE_DAY: Duration = Duration::from_secs(86_400);
+
+/// How a circuit breaker decides when to open.
+///
+/// Plain data: build it in code with `..BreakerConfig::default()` or deserialize it (every
+/// field is optional and durations are humantime strings). [`CircuitBreakerLayer::new`]
+/// validates it and names the first bad field.
+///
+/// ```
+/// use meshkit::breaker::{BreakerConfig, WindowConfig};
+/// use std::time::Duration;
+///
+/// let config: BreakerConfig = serde_json::from_str(r#"{
+///     "failure_rate": 0.25,
+///     "window": { "kind": "time", "duration": "30s" },
+///     "slow_call_duration": "2s",
+///     "open_for": "5s"
+/// }"#).unwrap();
+/// assert_eq!(config.window, WindowConfig::Time { duration: Duration::from_secs(30) });
+/// assert_eq!(config.minimum_calls, BreakerConfig::default().minimum_calls);
+/// ```
+///
+/// [`CircuitBreakerLayer::new`]: crate::breaker::CircuitBreakerLayer::new
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Failure rate at or above which the breaker opens, in `(0, 1]`. Default `0.5`.
+    pub failure_rate: f64,
+    /// The sliding window the rates are computed over. Default: the last 100 calls.
+    pub window: WindowConfig,
+    /// Calls the window must hold before rates are evaluated, at least 1 (and at most the
+    /// window size for a count window). Default `20`.
+    pub minimum_calls: u32,
+    /// Calls that take at least this long count as slow. Default: unset (slow calls are not
+    /// tracked, and successes cost no clock read).
+    #[serde(with = "crate::duration::option")]
+    pub slow_call_duration: Option<Duration>,
+    /// Slow-call rate at or above which the breaker opens, in `(0, 1]`. Only used when
+    /// `slow_call_duration` is set. Default `1.0`.
+    pub slow_call_rate: f64,
+    /// How long the breaker stays open the first time, in `[1ms, 1day]`. Default `"10s"`.
+    #[serde(with = "crate::duration")]
+    pub open_for: Duration,
+    /// The longest open period repeated openings may reach, in `[open_for, 1day]`.
+    /// Default `"2m"`.
+    #[serde(with = "crate::duration")]
+    pub open_for_max: Duration,
+    /// Each opening that follows a failed half-open test lasts this many times the previous
+    /// one (minus up to 10% jitter, never below `open_for`), in `[1, 100]`. Closing resets the
+    /// sequence. Default `2.0`.
+    pub open_backoff: f64,
+    /// Probe calls admitted in the half-open state, all of which may run at once; the breaker
+    /// decides after this many have finished. In `[1, 10000]`. Default `5`.
+    pub half_open_calls: u32,
+    /// A probe still running after this long re-opens the breaker, in `[1ms, 1day]`.
+    /// Default `"10s"`.
+    #[serde(with = "crate::duration")]
+    pub half_open_timeout: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_rate: 0.5,
+            window: WindowConfig::default(),
+            minimum_calls: 20,
+            slow_call_duration: None,
+            slow_call_rate: 1.0,
+            open_for: Duration::from_secs(10),
+            open_for_max: Duration::from_secs(120),
+            open_backoff: 2.0,
+            half_open_calls: 5,
+            half_open_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The sliding window over which failure and slow-call rates are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum WindowConfig {
+    /// The last `size` recorded calls, `size` in `[1, 1000000]`.
+    Count {
+        /// Number of calls in the window.
+        size: u32,
+    },
+    /// The calls recorded in the last `duration`, in `[1s, 1h]`, kept in 60 buckets.
+    Time {
+        /// Length of the window, e.g. `"60s"`.
+        #[serde(with = "crate::duration")]
+        duration: Duration,
+    },
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig::Count { size: 100 }
+    }
+}
+
+/// The validated form of [`BreakerConfig`] the breaker runs with.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) failure_rate: f64,
+    pub(crate) window: WindowConfig,
+    pub(crate) minimum_calls: u64,
+    pub(crate) slow_call_duration: Option<Duration>,
+    pub(crate) slow_call_rate: f64,
+    pub(crate) open_for: Duration,
+    pub(crate) open_for_max: Duration,
+    pub(crate) open_backoff: f64,
+    pub(crate) half_open_calls: u32,
+    pub(crate) half_open_timeout: Duration,
+}
+
+impl BreakerConfig {
+    /// Checks every field, returning the first invalid one as a [`ConfigError`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the field, its allowed range and the value given.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.settings().map(drop)
+    }
+
+    pub(crate) fn settings(&self) -> Result<Settings, ConfigError> {
+        rate_in_unit_interval("failure_rate", self.failure_rate)?;
+        let max_minimum_calls = match self.window {
+            WindowConfig::Count { size } => {
+                int_in_range("window.size", size, 1, 1_000_000)?;
+                size
+            }
+            WindowConfig::Time { duration } => {
+                duration_in_range(
+                    "window.duration",
+                    duration,
+                    Duration::from_secs(1),
+                    Duration::from_secs(3600),
+                )?;
+                u32::MAX
+            }
+        };
+        if self.minimum_calls < 1 || self.minimum_calls > max_minimum_calls {
+            let range = match self.window {
+                WindowConfig::Count { .. } => "in [1, window.size]".to_owned(),
+                WindowConfig::Time { .. } => format!("in [1, {}]", u32::MAX),
+            };
+            return Err(ConfigError::new("minimum_calls", range, self.minimum_calls));
+        }
+        if let Some(slow) = self.slow_call_duration {
+            duration_in_range("slow_call_duration", slow, Duration::from_millis(1), ONE_DAY)?;
+        }
+        rate_in_unit_interval("slow_call_rate", self.slow_call_rate)?;
+        duration_in_range("open_for", self.open_for, Duration::from_millis(1), ONE_DAY)?;
+        duration_in_range("open_for_max", self.open_for_max, self.open_for, ONE_DAY)?;
+        if !(self.open_backoff >= 1.0 && self.open_backoff <= 100.0) {
+            return Err(ConfigError::new("open_backoff", "in [1, 100]", self.open_backoff));
+        }
+        int_in_range("half_open_calls", self.half_open_calls, 1, 10_000)?;
+        duration_in_range(
+            "half_open_timeout",
+            self.half_open_timeout,
+            Duration::from_millis(1),
+            ONE_DAY,
+        )?;
+        Ok(Settings {
+            failure_rate: self.failure_rate,
+            window: self.window,
+            minimum_calls: u64::from(self.minimum_calls),
+            slow_call_duration: self.slow_call_duration,
+            slow_call_rate: self.slow_call_rate,
+            open_for: self.open_for,
+            open_for_max: self.open_for_max,
+            open_backoff: self.open_backoff,
+            half_open_calls: self.half_open_calls,
+            half_open_timeout: self.half_open_timeout,
+        })
+    }
+}
+
+impl Settings {
+    /// Whether `counts` meet an opening threshold: enough calls, and a failure or slow-call
+    /// rate at or above its limit. Rates are compared as quotients so that `3/10` meets `0.3`.
+    pub(crate) fn trips(&self, calls: u64, failures: u64, slow: u64) -> bool {
+        if calls == 0 || calls < self.minimum_calls {
+            return false;
+        }
+        let calls = calls as f64;
+        failures as f64 / calls >= self.failure_rate
+            || (self.slow_call_duration.is_some() && slow as f64 / calls >= self.slow_call_rate)
+    }
+
+    /// The length of the `openings`-th consecutive open period (1-based), before jitter.
+    pub(crate) fn open_period(&self, openings: u32, jitter_unit: f64) -> Duration {
+        let exponent = openings.saturating_sub(1).min(1_000) as i32;
+        let base = self.open_for.as_secs_f64();
+        let max = self.open_for_max.as_secs_f64();
+        let grown = (base * self.open_backoff.powi(exponent)).min(max);
+        if openings <= 1 || grown <= base {
+            return self.open_for;
+        }
+        // Up to 10% less, so breakers that opened together do not all probe together.
+        let jittered = (grown * (1.0 - 0.1 * jitter_unit)).clamp(base, max);
+        Duration::from_secs_f64(jittered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(config: BreakerConfig) -> String {
+        config.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn default_is_valid() {
+        BreakerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn every_bad_field_is_named_with_its_range() {
+        let d = BreakerConfig::default;
+        assert_eq!(
+            error_of(BreakerConfig { failure_rate: 1.5, ..d() }),
+            "failure_rate must be in (0, 1], got 1.5"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { window: WindowConfig::Count { size: 0 }, ..d() }),
+            "window.size must be in [1, 1000000], got 0"
+        );
+        assert_eq!(
+            error_of(BreakerConfig {
+                window: WindowConfig::Time { duration: Duration::from_millis(10) },
+                ..d()
+            }),
+            "window.duration must be in [1s, 1h], got 10ms"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { minimum_calls: 101, ..d() }),
+            "minimum_calls must be in [1, window.size], got 101"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { minimum_calls: 0, ..d() }),
+            "minimum_calls must be in [1, window.size], got 0"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { slow_call_duration: Some(Duration::ZERO), ..d() }),
+            "slow_call_duration must be in [1ms, 1day], got 0s"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { slow_call_rate: -0.1, ..d() }),
+            "slow_call_rate must be in (0, 1], got -0.1"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { open_for: Duration::ZERO, ..d() }),
+            "open_for must be in [1ms, 1day], got 0s"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { open_for_max: Duration::from_secs(5), ..d() }),
+            "open_for_max must be in [10s, 1day], got 5s"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { open_backoff: f64::NAN, ..d() }),
+            "open_backoff must be in [1, 100], got NaN"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { half_open_calls: 0, ..d() }),
+            "half_open_calls must be in [1, 10000], got 0"
+        );
+        assert_eq!(
+            error_of(BreakerConfig { half_open_timeout: Duration::ZERO, ..d() }),
+            "half_open_timeout must be in [1ms, 1day], got 0s"
+        );
+    }
+
+    #[test]
+    fn deserializes_with_defaults_and_rejects_unknown_fields() {
+        let config: BreakerConfig =
+            serde_json::from_str(r#"{"window":{"kind":"count","size":10},"minimum_calls":5}"#)
+                .unwrap();
+        assert_eq!(config.window, WindowConfig::Count { size: 10 });
+        assert_eq!(config.open_for, Duration::from_secs(10));
+        let err = serde_json::from_str::<BreakerConfig>(r#"{"failure_ratio":0.5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `failure_ratio`"), "{err}");
+    }
+
+    #[test]
+    fn config_round_trips_through_serde() {
+        let config = BreakerConfig {
+            window: WindowConfig::Time { duration: Duration::from_secs(90) },
+            slow_call_duration: Some(Duration::from_millis(750)),
+            ..BreakerConfig::default()
+        };
+        let text = serde_json::to_string(&config).unwrap();
+        assert_eq!(serde_json::from_str::<BreakerConfig>(&text).unwrap(), config);
+    }
+
+    #[test]
+    fn rates_compare_exactly_as_quotients() {
+        let settings = BreakerConfig { failure_rate: 0.3, minimum_calls: 10, ..Default::default() }
+            .settings()
+            .unwrap();
+        assert!(settings.trips(10, 3, 0));
+        assert!(!settings.trips(10, 2, 0));
+        assert!(!settings.trips(9, 9, 0), "below minimum_calls");
+    }
+
+    #[test]
+    fn open_periods_grow_with_jitter_and_stay_capped() {
+        let settings = BreakerConfig::default().settings().unwrap();
+        assert_eq!(settings.open_period(1, 0.99), Duration::from_secs(10));
+        assert_eq!(settings.open_period(2, 0.0), Duration::from_secs(20));
+        let jittered = settings.open_period(2, 0.99);
+        assert!(jittered < Duration::from_secs(20) && jittered >= Duration::from_secs(18));
+        assert_eq!(settings.open_period(30, 0.0), Duration::from_secs(120));
+        assert!(settings.open_period(30, 0.5) >= Duration::from_secs(10));
+    }
+}

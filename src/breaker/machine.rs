@@ -1,0 +1,433 @@
+//! The breaker's state machine: what happens, under the lock, when calls finish, time passes
+//! or an operator steps in.
+
+use super::config::Settings;
+use super::shared::{generation_of, word, ProbePermit, Shard, Shared};
+use super::window::{CountWindow, TimeWindow, Totals, Window, WindowCounts};
+use super::{BreakerState, Transition, WindowConfig};
+use crate::random::RandomSource;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Buckets in a time window: 1 s buckets for the common 60 s window.
+const TIME_BUCKETS: u32 = 60;
+
+/// Everything behind the breaker's lock.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    pub(crate) state: BreakerState,
+    /// Bumped on every transition, so outcomes of calls admitted before it are not counted.
+    pub(crate) generation: u64,
+    window: Window,
+    failures: u64,
+    slow: u64,
+    /// Consecutive openings since the breaker last closed.
+    pub(crate) openings: u32,
+    pub(crate) open_until: Instant,
+    pub(crate) probes: Probes,
+    /// Whether the driver advances the time window every bucket (time windows only).
+    ticking: bool,
+    pub(crate) name: Arc<str>,
+    pub(crate) random: Arc<dyn RandomSource>,
+}
+
+/// Half-open bookkeeping for the current half-open period.
+#[derive(Debug, Default)]
+pub(crate) struct Probes {
+    next_id: u64,
+    /// Probes sent and not finished, with their start times.
+    in_flight: Vec<(u64, Instant)>,
+    pub(crate) completed: u32,
+    pub(crate) failures: u32,
+    pub(crate) slow: u32,
+}
+
+impl Probes {
+    pub(crate) fn admit(&mut self, settings: &Settings, now: Instant) -> Option<u64> {
+        let used = self.in_flight.len() as u32 + self.completed;
+        if used >= settings.half_open_calls {
+            return None;
+        }
+        self.next_id += 1;
+        self.in_flight.push((self.next_id, now));
+        Some(self.next_id)
+    }
+
+    fn finish(&mut self, id: u64) -> bool {
+        let before = self.in_flight.len();
+        self.in_flight.retain(|&(probe, _)| probe != id);
+        self.in_flight.len() != before
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    fn oldest_start(&self) -> Option<Instant> {
+        self.in_flight.iter().map(|&(_, started)| started).min()
+    }
+}
+
+fn time_bucket_width(duration: Duration) -> Duration {
+    duration / TIME_BUCKETS
+}
+
+impl Machine {
+    pub(crate) fn new(
+        settings: &Settings,
+        name: Arc<str>,
+        random: Arc<dyn RandomSource>,
+        origin: Instant,
+    ) -> Self {
+        Self {
+            state: BreakerState::Closed,
+            generation: 0,
+            window: new_window(settings, Totals::default(), 0),
+            failures: 0,
+            slow: 0,
+            openings: 0,
+            open_until: origin,
+            probes: Probes::default(),
+            ticking: false,
+            name,
+            random,
+        }
+    }
+
+    /// A fresh count window may take the fast path at once; a time window waits for its driver.
+    pub(crate) fn initially_fast(&self, settings: &Settings) -> bool {
+        matches!(self.window, Window::Count(_))
+            && !settings.trips(settings.minimum_calls.max(1), 0, 0)
+    }
+}
+
+fn new_window(settings: &Settings, totals: Totals, epoch: u64) -> Window {
+    match settings.window {
+        WindowConfig::Count { size } => Window::Count(CountWindow::new(u64::from(size), totals)),
+        WindowConfig::Time { .. } => Window::Time(TimeWindow::new(TIME_BUCKETS as usize, epoch, totals)),
+    }
+}
+
+/// A snapshot of a breaker's counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BreakerMetrics {
+    /// The state when the snapshot was taken.
+    pub state: BreakerState,
+    /// Calls in the sliding window (closed), or probes finished (half-open); 0 otherwise.
+    pub calls: u64,
+    /// Failed calls among `calls`.
+    pub failures: u64,
+    /// Slow calls among `calls` (0 unless `slow_call_duration` is set).
+    pub slow_calls: u64,
+    /// `failures / calls`, or `None` while `calls` is 0.
+    pub failure_rate: Option<f64>,
+    /// `slow_calls / calls`, or `None` while `calls` is 0.
+    pub slow_call_rate: Option<f64>,
+    /// Calls rejected with `CircuitOpen` since the breaker was created.
+    pub rejected: u64,
+    /// Consecutive openings since the breaker last closed.
+    pub openings: u32,
+    /// Time left in the open period, when open.
+    pub open_remaining: Option<Duration>,
+    /// Probes running now (half-open only).
+    pub probes_in_flight: usize,
+}
+
+impl Shared {
+    /// Totals since creation: calls from the shards, failures and slow calls from the machine.
+    fn totals(&self, machine: &Machine) -> Totals {
+        Totals {
+            calls: self
+                .shards()
+                .iter()
+                .map(|shard| shard.calls.load(Ordering::Relaxed))
+                .sum(),
+            failures: machine.failures,
+            slow: machine.slow,
+        }
+    }
+
+    fn epoch(&self, now: Instant) -> u64 {
+        match self.settings.window {
+            WindowConfig::Time { duration } => {
+                let width = time_bucket_width(duration).as_nanos().max(1);
+                (now.saturating_duration_since(self.origin).as_nanos() / width) as u64
+            }
+            WindowConfig::Count { .. } => 0,
+        }
+    }
+
+    fn next_epoch_start(&self, epoch: u64) -> Instant {
+        match self.settings.window {
+            WindowConfig::Time { duration } => {
+                self.origin + time_bucket_width(duration) * (epoch + 1) as u32
+            }
+            WindowConfig::Count { .. } => self.origin,
+        }
+    }
+
+    /// Brings a time window up to `now` and returns the window's contents.
+    fn current_counts(&self, machine: &mut Machine, now: Instant) -> WindowCounts {
+        let totals = self.totals(machine);
+        let epoch = self.epoch(now);
+        if let Window::Time(window) = &mut machine.window {
+            window.advance(epoch, totals);
+        }
+        machine.window.counts(totals)
+    }
+
+    /// Whether closed-state successes may skip the lock: only if no success could trip the
+    /// breaker before something re-evaluates (successes only lower the rates, except by
+    /// lifting the window to `minimum_calls`), and, for a time window, a driver keeps ticking.
+    fn fast_allowed(&self, machine: &Machine, counts: WindowCounts) -> bool {
+        let ticking = match machine.window {
+            Window::Count(_) => true,
+            Window::Time(_) => machine.ticking && self.driver_alive.load(Ordering::Acquire),
+        };
+        let calls_after = (counts.calls + 1).max(self.settings.minimum_calls);
+        ticking && !self.settings.trips(calls_after, counts.failures, counts.slow)
+    }
+
+    fn publish(&self, machine: &Machine, fast: bool) {
+        let fast = fast && machine.state == BreakerState::Closed;
+        self.store_mode(word(machine.generation, machine.state, fast));
+    }
+
+    /// Records a finished closed-state call that could not take the fast path.
+    pub(crate) fn record_closed(&self, shard: &Shard, admitted: u64, failed: bool, slow: bool) {
+        let mut machine = self.lock();
+        if machine.generation != generation_of(admitted) || machine.state != BreakerState::Closed {
+            return;
+        }
+        let now = Instant::now();
+        // Bring the window to now first, so that this call lands in the current bucket.
+        self.current_counts(&mut machine, now);
+        shard.calls.fetch_add(1, Ordering::Relaxed);
+        machine.failures += u64::from(failed);
+        machine.slow += u64::from(slow);
+        let totals = self.totals(&machine);
+        machine.window.record(totals.calls, failed, slow);
+        let counts = machine.window.counts(totals);
+        if self.settings.trips(counts.calls, counts.failures, counts.slow) {
+            self.transition(&mut machine, BreakerState::Open, now);
+            return;
+        }
+        if let Window::Time(_) = machine.window {
+            if !machine.ticking || !self.driver_alive.load(Ordering::Acquire) {
+                machine.ticking = self.ensure_driver();
+                self.driver.notify_one();
+            }
+        }
+        let fast = self.fast_allowed(&machine, counts);
+        self.publish(&machine, fast);
+    }
+
+    /// Records a finished probe; the last one decides between closing and re-opening.
+    pub(crate) fn record_probe(&self, permit: &mut ProbePermit, failed: Option<bool>, slow: bool) {
+        let (generation, id) = (permit.generation(), permit.id());
+        permit.settle();
+        let mut machine = self.lock();
+        if machine.generation != generation
+            || machine.state != BreakerState::HalfOpen
+            || !machine.probes.finish(id)
+        {
+            return;
+        }
+        let Some(failed) = failed else {
+            // Ignored: the slot is free again for another probe.
+            self.wake_waiters();
+            return;
+        };
+        let probes = &mut machine.probes;
+        probes.completed += 1;
+        probes.failures += u32::from(failed);
+        probes.slow += u32::from(slow);
+        // Judged against all `half_open_calls` probes: re-open as soon as the failures alone
+        // reach a threshold, close once every probe has finished without reaching one.
+        let planned = u64::from(self.settings.half_open_calls);
+        let (completed, failures, slow) = (probes.completed, probes.failures, probes.slow);
+        let now = Instant::now();
+        let trips_failure = f64::from(failures) / planned as f64 >= self.settings.failure_rate;
+        let trips_slow = self.settings.slow_call_duration.is_some()
+            && f64::from(slow) / planned as f64 >= self.settings.slow_call_rate;
+        if trips_failure || trips_slow {
+            self.transition(&mut machine, BreakerState::Open, now);
+        } else if u64::from(completed) >= planned {
+            self.transition(&mut machine, BreakerState::Closed, now);
+        }
+    }
+
+    /// Gives back the slot of a probe that was cancelled or never sent.
+    pub(crate) fn release_probe(&self, generation: u64, id: u64) {
+        let mut machine = self.lock();
+        if machine.generation == generation
+            && machine.state == BreakerState::HalfOpen
+            && machine.probes.finish(id)
+        {
+            drop(machine);
+            self.wake_waiters();
+        }
+    }
+
+    /// Applies the transitions that time alone causes: the end of the open period, and probes
+    /// that outlived `half_open_timeout`.
+    pub(crate) fn refresh(&self, machine: &mut Machine, now: Instant) {
+        if machine.state == BreakerState::Open && now >= machine.open_until {
+            self.transition(machine, BreakerState::HalfOpen, now);
+        }
+        if machine.state == BreakerState::HalfOpen
+            && machine
+                .probes
+                .oldest_start()
+                .is_some_and(|started| now >= started + self.settings.half_open_timeout)
+        {
+            self.transition(machine, BreakerState::Open, now);
+        }
+    }
+
+    /// One pass of the driver: applies due transitions, advances a time window and returns
+    /// when it next needs to run (`None`: only when notified).
+    pub(crate) fn drive(&self, now: Instant) -> Option<Instant> {
+        let mut machine = self.lock();
+        self.refresh(&mut machine, now);
+        match machine.state {
+            BreakerState::Open => Some(machine.open_until),
+            BreakerState::HalfOpen => machine
+                .probes
+                .oldest_start()
+                .map(|started| started + self.settings.half_open_timeout),
+            BreakerState::Closed if machine.ticking => {
+                let counts = self.current_counts(&mut machine, now);
+                let totals = self.totals(&machine);
+                let idle = matches!(&machine.window, Window::Time(w) if w.is_idle(totals));
+                if idle {
+                    // Nothing to age out: stop ticking until the next call, which will take
+                    // the slow path (no fast flag) and restart us.
+                    machine.ticking = false;
+                    self.publish(&machine, false);
+                    return None;
+                }
+                let fast = self.fast_allowed(&machine, counts);
+                self.publish(&machine, fast);
+                let epoch = match &machine.window {
+                    Window::Time(window) => window.epoch(),
+                    Window::Count(_) => 0,
+                };
+                Some(self.next_epoch_start(epoch))
+            }
+            _ => None,
+        }
+    }
+
+    /// Moves the machine to `to`, announcing it unless it is already there.
+    pub(crate) fn transition(&self, machine: &mut Machine, to: BreakerState, now: Instant) {
+        let from = machine.state;
+        machine.state = to;
+        machine.generation += 1;
+        match to {
+            BreakerState::Open => {
+                machine.openings = machine.openings.saturating_add(1);
+                let jitter = machine.random.next_f64();
+                let period = self.settings.open_period(machine.openings, jitter);
+                machine.open_until = now + period;
+                self.set_open_until(machine.open_until);
+                self.ensure_driver();
+            }
+            BreakerState::HalfOpen => {
+                machine.probes = Probes::default();
+            }
+            BreakerState::Closed => {
+                machine.openings = 0;
+                let totals = self.totals(machine);
+                machine.window = new_window(&self.settings, totals, self.epoch(now));
+                machine.ticking = false;
+                if let Window::Time(_) = machine.window {
+                    machine.ticking = self.ensure_driver();
+                }
+            }
+            BreakerState::ForcedOpen | BreakerState::Disabled => {}
+        }
+        let fast = to == BreakerState::Closed && {
+            let counts = machine.window.counts(self.totals(machine));
+            self.fast_allowed(machine, counts)
+        };
+        self.publish(machine, fast);
+        self.driver.notify_one();
+        self.wake_waiters();
+        if from == to {
+            return;
+        }
+        let name = &*machine.name;
+        match to {
+            BreakerState::Open | BreakerState::ForcedOpen => tracing::warn!(
+                breaker = name, %from, %to, openings = machine.openings,
+                open_for = ?machine.open_until.saturating_duration_since(now),
+                "circuit breaker opened"
+            ),
+            _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
+        }
+        // No receivers is fine: nobody subscribed.
+        let _ = self.transitions.send(Transition {
+            breaker: machine.name.clone(),
+            from,
+            to,
+            at: now,
+        });
+    }
+
+    /// The current state, applying any transition that time has made due.
+    pub(crate) fn current_state(&self) -> BreakerState {
+        let word = self.mode();
+        match super::shared::state_of(word) {
+            BreakerState::Open | BreakerState::HalfOpen => {
+                let mut machine = self.lock();
+                self.refresh(&mut machine, Instant::now());
+                machine.state
+            }
+            state => state,
+        }
+    }
+
+    /// Operator action: move to `to` now.
+    pub(crate) fn force(&self, to: BreakerState) {
+        let mut machine = self.lock();
+        if machine.state != to || to == BreakerState::Closed {
+            self.transition(&mut machine, to, Instant::now());
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> BreakerMetrics {
+        let now = Instant::now();
+        let mut machine = self.lock();
+        self.refresh(&mut machine, now);
+        let counts = match machine.state {
+            BreakerState::Closed => self.current_counts(&mut machine, now),
+            BreakerState::HalfOpen => WindowCounts {
+                calls: u64::from(machine.probes.completed),
+                failures: u64::from(machine.probes.failures),
+                slow: u64::from(machine.probes.slow),
+            },
+            _ => WindowCounts::default(),
+        };
+        let rate = |part: u64| (counts.calls > 0).then(|| part as f64 / counts.calls as f64);
+        BreakerMetrics {
+            state: machine.state,
+            calls: counts.calls,
+            failures: counts.failures,
+            slow_calls: counts.slow,
+            failure_rate: rate(counts.failures),
+            slow_call_rate: rate(counts.slow),
+            rejected: self
+                .shards()
+                .iter()
+                .map(|shard| shard.rejected.load(Ordering::Relaxed))
+                .sum(),
+            openings: machine.openings,
+            open_remaining: (machine.state == BreakerState::Open)
+                .then(|| machine.open_until.saturating_duration_since(now)),
+            probes_in_flight: machine.probes.in_flight(),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Classification of a call's result into an [`Outcome`] that resilience layers record.
+//!
+//! Every meshkit capability that reacts to success and failure (the circuit breaker today,
+//! retries and outlier ejection later) asks a [`Classify`] implementation what a result means.
+//! Closures implement the trait, so a custom rule is one line:
+//!
+//! ```
+//! use meshkit::classify::{Classify, Outcome};
+//!
+//! // A 404 is the caller's mistake, not the dependency's: do not count it.
+//! let classifier = |result: &Result<u16, std::io::Error>| match result {
+//!     Ok(404) => Outcome::Ignored,
+//!     Ok(status) if *status >= 500 => Outcome::Failure,
+//!     Ok(_) => Outcome::Success,
+//!     Err(_) => Outcome::Failure,
+//! };
+//! assert_eq!(classifier.classify(&Ok(503)), Outcome::Failure);
+//! assert_eq!(classifier.classify(&Ok(404)), Outcome::Ignored);
+//! ```
+
+/// What a finished call means for the layer that observed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The call worked; it counts towards the success side of any rate.
+    Success,
+    /// The call failed in a way that says something about the dependency's health.
+    Failure,
+    /// The call says nothing about the dependency: it is not counted at all.
+    Ignored,
+}
+
+/// Decides the [`Outcome`] of a call from its result.
+///
+/// Implemented for every `Fn(&Result<Res, E>) -> Outcome`, so closures work directly.
+pub trait Classify<Res, E> {
+    /// Classifies one finished call.
+    fn classify(&self, result: &Result<Res, E>) -> Outcome;
+}
+
+impl<F, Res, E> Classify<Res, E> for F
+where
+    F: Fn(&Result<Res, E>) -> Outcome,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        self(result)
+    }
+}
+
+/// The classifier every layer uses unless told otherwise: `Ok` is a success, `Err` a failure.
+///
+/// Layers that sit beside other meshkit layers additionally ignore meshkit's own rejections
+/// (see [`crate::error::is_rejection`]) before asking the classifier, so an open breaker
+/// further down the stack does not count as a failure of the dependency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultClassifier;
+
+impl<Res, E> Classify<Res, E> for DefaultClassifier {
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failure,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_classifier_calls_ok_success_and_err_failure() {
+        let ok: Result<(), ()> = Ok(());
+        let err: Result<(), ()> = Err(());
+        assert_eq!(DefaultClassifier.classify(&ok), Outcome::Success);
+        assert_eq!(DefaultClassifier.classify(&err), Outcome::Failure);
+    }
+
+    #[test]
+    fn closures_are_classifiers() {
+        let always_ignored = |_: &Result<u8, ()>| Outcome::Ignored;
+        assert_eq!(always_ignored.classify(&Ok(1)), Outcome::Ignored);
+    }
+}

@@ -1,0 +1,53 @@
+//! meshkit gives a microservice an in-process service mesh built from tower layers.
+//!
+//! ```
+//! use meshkit::breaker::{BreakerConfig, CircuitBreakerLayer};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let breaker = CircuitBreakerLayer::new(BreakerConfig::default())?.name("users");
+//! let client = ServiceBuilder::new()
+//!     .layer(breaker)
+//!     .service_fn(|id: u64| async move { Ok::<_, std::io::Error>(format!("user {id}")) });
+//!
+//! assert_eq!(client.oneshot(7).await?, "user 7");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every capability is a tower [`Layer`](tower::Layer), so it stacks onto anything built on
+//! tower: a `reqwest` or `hyper-util` client wrapped with `ServiceBuilder`, an `axum::Router`,
+//! a `tonic` channel.
+//!
+//! | Module | What it gives you |
+//! |---|---|
+//! | [`breaker`] | Circuit breaking with true sliding windows, gate mode and per-key breakers |
+//! | [`classify`] | What counts as success, failure or neither, shared by every layer |
+//! | [`error`] | Finding meshkit's errors in a `source()` chain |
+//! | [`duration`] | Humantime durations (`"250ms"`) in configs |
+//! | [`random`] | Injectable randomness for jitter |
+//!
+//! ## Cargo features
+//!
+//! | Name | Description | Default? |
+//! |---|---|---|
+//! | *(none yet)* | Integrations (http, axum, reqwest, etcd, dns, nats, postgres, metrics) arrive as features; the core needs none | |
+//!
+//! ## Time
+//!
+//! All timing uses tokio's clock ([`tokio::time::Instant`]), so tests can pause time with
+//! `#[tokio::test(start_paused = true)]` and never sleep for real.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+pub mod breaker;
+pub mod classify;
+pub mod config;
+pub mod duration;
+pub mod error;
+pub mod random;
+mod shard;
+
+pub use config::ConfigError;

@@ -282,8 +282,8 @@ fn bench_tasks<S, F>(
 
 /// Per-call cost after the breaker has already served `prewarm` calls.
 ///
-/// * `fresh_per_sample == true`: every criterion sample builds a new breaker and
-///   pre-warms it (untimed) — used for small `prewarm` so that the breaker's
+/// * `fresh_per_sample == true`: every criterion sample (and warm-up round) builds a
+///   new breaker and pre-warms it (untimed, outside `iter_custom`) — used for small `prewarm` so that the breaker's
 ///   history really is ~`prewarm` calls (plus the sample's own calls), instead of
 ///   accumulating every call criterion makes.
 /// * `fresh_per_sample == false`: one breaker is pre-warmed once (lazily, untimed)
@@ -304,17 +304,22 @@ fn bench_flat<S, F>(
 {
     if fresh_per_sample {
         g.bench_function(id, |b| {
+            // Build + pre-warm here, *outside* `iter_custom`: criterion's
+            // warm-up phase uses the wall time of the `iter_custom` routine to
+            // pick iteration counts, so pre-warm work inside it would skew that.
+            let mut svc = rt.block_on(async {
+                let mut svc = make();
+                drive(&mut svc, prewarm).await;
+                svc
+            });
             b.iter_custom(|iters| {
                 rt.block_on(async {
-                    let mut svc = make();
-                    drive(&mut svc, prewarm).await;
                     let start = Instant::now();
                     drive(&mut svc, iters).await;
-                    let elapsed = start.elapsed();
-                    drop(svc);
-                    elapsed
+                    start.elapsed()
                 })
             });
+            drop(svc);
         });
     } else {
         let mut svc: Option<S> = None;

@@ -210,12 +210,16 @@ impl Shared {
                 self.settings.open_for,
             )),
             BreakerState::HalfOpen => match machine.probes.admit(&self.settings, now) {
-                Some(id) => Admission::Probe(ProbePermit {
+                Some(id) => {
+                    // The driver times the probe out if it outlives `half_open_timeout`.
+                    self.driver.notify_one();
+                    Admission::Probe(ProbePermit {
                     shared: self.this.upgrade().expect("admitting through a live breaker"),
                     generation: machine.generation,
                     id,
                     settled: false,
-                }),
+                    })
+                }
                 None => Admission::Reject(CircuitOpen::new(BreakerState::HalfOpen, Duration::ZERO)),
             },
         }

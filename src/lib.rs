@@ -48,6 +48,6 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod random;
-mod shard;
+mod padded;
 
 pub use config::ConfigError;

@@ -1,10 +1,11 @@
-use super::shared::{ProbePermit, Shard};
+use super::local;
+use super::local::Cell;
+use super::shared::{ProbePermit, Shared, FAST};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use tokio::time::Instant;
 use tower::BoxError;
@@ -13,11 +14,11 @@ pin_project! {
     /// Response future of [`CircuitBreaker`](super::CircuitBreaker): the inner call, whose
     /// outcome is recorded when it finishes, or an immediate [`CircuitOpen`] rejection.
     ///
-    /// Dropping it before it finishes records nothing (a probe's slot is given back).
+    /// Dropping it before it finishes records nothing (a probe's slot is given back). It holds
+    /// no reference to the breaker in the closed state, only its id.
     pub struct ResponseFuture<F, C> {
         #[pin]
         kind: Kind<F>,
-        recorder: Option<Recorder>,
         classifier: C,
         count_rejections: bool,
     }
@@ -27,45 +28,128 @@ pin_project! {
     #[project = KindProjection]
     enum Kind<F> {
         Rejected { error: Option<CircuitOpen> },
-        Called { #[pin] future: F },
+        /// Disabled breaker: nothing to record.
+        Unrecorded { #[pin] future: F },
+        /// A closed-state call admitted under mode word `admitted`.
+        Closed {
+            #[pin]
+            future: F,
+            breaker: u64,
+            admitted: u64,
+        },
+        /// The same, when slow calls are tracked: the call is slow once `slow_at` passes.
+        ClosedTimed {
+            #[pin]
+            future: F,
+            breaker: u64,
+            admitted: u64,
+            slow_at: Instant,
+        },
+        Probe {
+            #[pin]
+            future: F,
+            permit: Option<ProbePermit>,
+            slow_at: Option<Instant>,
+        },
     }
+}
+
+/// What a finished call looks like to the breaker.
+enum Tracking {
+    Closed {
+        breaker: u64,
+        admitted: u64,
+        slow_at: Option<Instant>,
+    },
+    Probe {
+        permit: Option<ProbePermit>,
+        slow_at: Option<Instant>,
+    },
 }
 
 impl<F, C> ResponseFuture<F, C> {
     pub(crate) fn rejected(error: CircuitOpen, classifier: C) -> Self {
         Self {
             kind: Kind::Rejected { error: Some(error) },
-            recorder: None,
             classifier,
             count_rejections: false,
         }
     }
 
-    pub(crate) fn called(
+    pub(crate) fn unrecorded(future: F, classifier: C) -> Self {
+        Self {
+            kind: Kind::Unrecorded { future },
+            classifier,
+            count_rejections: false,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn closed(
         future: F,
-        recorder: Option<Recorder>,
+        shared: &Shared,
+        admitted: u64,
+        classifier: C,
+        count_rejections: bool,
+    ) -> Self {
+        let breaker = shared.id;
+        let kind = match slow_at(shared) {
+            None => Kind::Closed {
+                future,
+                breaker,
+                admitted,
+            },
+            Some(slow_at) => Kind::ClosedTimed {
+                future,
+                breaker,
+                admitted,
+                slow_at,
+            },
+        };
+        Self {
+            kind,
+            classifier,
+            count_rejections,
+        }
+    }
+
+    pub(crate) fn probe(
+        future: F,
+        shared: &Shared,
+        permit: ProbePermit,
         classifier: C,
         count_rejections: bool,
     ) -> Self {
         Self {
-            kind: Kind::Called { future },
-            recorder,
+            kind: Kind::Probe {
+                future,
+                permit: Some(permit),
+                slow_at: slow_at(shared),
+            },
             classifier,
             count_rejections,
         }
     }
 }
 
+/// Only slow-call tracking reads the clock; without it a call reads no time at all.
+#[inline]
+fn slow_at(shared: &Shared) -> Option<Instant> {
+    shared
+        .settings
+        .slow_call_duration
+        .map(|limit| Instant::now() + limit)
+}
+
 impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match &self.kind {
             Kind::Rejected { .. } => "rejected",
-            Kind::Called { .. } => "called",
+            Kind::Unrecorded { .. } => "unrecorded",
+            Kind::Closed { .. } | Kind::ClosedTimed { .. } => "closed",
+            Kind::Probe { .. } => "probe",
         };
-        f.debug_struct("ResponseFuture")
-            .field("kind", &kind)
-            .field("recorded", &self.recorder.is_some())
-            .finish()
+        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
     }
 }
 
@@ -77,73 +161,133 @@ where
 {
     type Output = Result<T, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        match this.kind.project() {
-            KindProjection::Rejected { error } => Poll::Ready(Err(error
-                .take()
-                .expect("ResponseFuture polled after completion")
-                .into())),
-            KindProjection::Called { future } => {
-                let result = ready!(future.poll(cx)).map_err(Into::into);
-                if let Some(recorder) = this.recorder.take() {
-                    let outcome = match &result {
-                        Err(error) if !*this.count_rejections && crate::error::is_rejection(&**error) => {
-                            Outcome::Ignored
-                        }
-                        _ => this.classifier.classify(&result),
-                    };
-                    recorder.finish(outcome);
-                }
-                Poll::Ready(result)
+        let (result, tracking) = match this.kind.project() {
+            KindProjection::Rejected { error } => {
+                return Poll::Ready(Err(error
+                    .take()
+                    .expect("ResponseFuture polled after completion")
+                    .into()))
             }
-        }
-    }
-}
-
-/// Records one call's outcome when it finishes.
-#[derive(Debug)]
-pub(crate) struct Recorder {
-    shard: Arc<Shard>,
-    admitted: u64,
-    started: Option<Instant>,
-    probe: Option<ProbePermit>,
-}
-
-impl Recorder {
-    pub(crate) fn new(shard: Arc<Shard>, admitted: u64, probe: Option<ProbePermit>) -> Self {
-        // Only slow-call tracking needs the clock; without it a success reads no time at all.
-        let started = shard.slow_call_duration().map(|_| Instant::now());
-        Self {
-            shard,
-            admitted,
-            started,
-            probe,
-        }
-    }
-
-    fn finish(self, outcome: Outcome) {
-        let slow = match (self.started, self.shard.slow_call_duration()) {
-            (Some(started), Some(limit)) => started.elapsed() >= limit,
-            _ => false,
+            KindProjection::Unrecorded { future } => {
+                return future.poll(cx).map_err(Into::into);
+            }
+            KindProjection::Closed {
+                future,
+                breaker,
+                admitted,
+            } => (
+                ready!(future.poll(cx)).map_err(Into::into),
+                Tracking::Closed {
+                    breaker: *breaker,
+                    admitted: *admitted,
+                    slow_at: None,
+                },
+            ),
+            KindProjection::ClosedTimed {
+                future,
+                breaker,
+                admitted,
+                slow_at,
+            } => (
+                ready!(future.poll(cx)).map_err(Into::into),
+                Tracking::Closed {
+                    breaker: *breaker,
+                    admitted: *admitted,
+                    slow_at: Some(*slow_at),
+                },
+            ),
+            KindProjection::Probe {
+                future,
+                permit,
+                slow_at,
+            } => (
+                ready!(future.poll(cx)).map_err(Into::into),
+                Tracking::Probe {
+                    permit: permit.take(),
+                    slow_at: *slow_at,
+                },
+            ),
         };
-        if let Some(probe) = self.probe {
-            let failed = match outcome {
-                Outcome::Success => Some(false),
-                Outcome::Failure => Some(true),
-                Outcome::Ignored => None,
-            };
-            probe.finish(failed, slow);
-            return;
-        }
-        match outcome {
-            Outcome::Ignored => {}
-            Outcome::Success if !slow && self.shard.try_record_success(self.admitted) => {}
-            _ => {
-                if let Some(shared) = self.shard.shared.upgrade() {
-                    shared.record_closed(&self.shard, self.admitted, outcome == Outcome::Failure, slow);
+        let outcome = match &result {
+            Err(error) if !*this.count_rejections && crate::error::is_rejection(&**error) => {
+                Outcome::Ignored
+            }
+            _ => this.classifier.classify(&result),
+        };
+        tracking.finish(outcome);
+        Poll::Ready(result)
+    }
+}
+
+impl Tracking {
+    #[inline]
+    fn finish(self, outcome: Outcome) {
+        match self {
+            Tracking::Closed {
+                breaker,
+                admitted,
+                slow_at: None,
+            } if outcome == Outcome::Success => {
+                // The hot path: a success counted on this thread's own cell, if still armed.
+                if !count_fast_success(breaker, admitted) {
+                    record_closed(breaker, admitted, outcome, false);
+                }
+            }
+            Tracking::Closed {
+                breaker,
+                admitted,
+                slow_at,
+            } => {
+                let slow = is_slow(slow_at);
+                if outcome == Outcome::Success && !slow {
+                    if count_fast_success(breaker, admitted) {
+                        return;
+                    }
+                }
+                if outcome != Outcome::Ignored {
+                    record_closed(breaker, admitted, outcome, slow);
+                }
+            }
+            Tracking::Probe { permit, slow_at } => {
+                if let Some(permit) = permit {
+                    let failed = match outcome {
+                        Outcome::Success => Some(false),
+                        Outcome::Failure => Some(true),
+                        Outcome::Ignored => None,
+                    };
+                    permit.finish(failed, is_slow(slow_at));
                 }
             }
         }
+    }
+}
+
+/// Counts a success on this thread's cell if it was admitted while the breaker was armed for
+/// the fast path; returns false to ask for the slow path. A success admitted armed and
+/// finishing just after a transition is counted too: successes only lower rates, and the
+/// window of a closing breaker starts from the totals at that moment.
+#[inline(always)]
+fn count_fast_success(breaker: u64, admitted: u64) -> bool {
+    if admitted & FAST == 0 {
+        return false;
+    }
+    // `None`: the breaker is gone, nothing left to count.
+    local::with(breaker, None, Cell::count_call);
+    true
+}
+
+fn is_slow(slow_at: Option<Instant>) -> bool {
+    slow_at.is_some_and(|slow_at| Instant::now() >= slow_at)
+}
+
+/// The slow path: the lock, the window and possibly a transition.
+#[cold]
+#[inline(never)]
+fn record_closed(breaker: u64, admitted: u64, outcome: Outcome, slow: bool) {
+    if let Some((cell, shared)) = local::owned(breaker) {
+        shared.record_closed(&cell, admitted, outcome == Outcome::Failure, slow);
     }
 }

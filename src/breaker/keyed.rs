@@ -59,7 +59,10 @@ where
     ///
     /// # Errors
     /// A [`ConfigError`] naming the first invalid field of `config`.
-    pub fn new(config: BreakerConfig, key: F) -> Result<Self, ConfigError> {
+    pub fn new<Request>(config: BreakerConfig, key: F) -> Result<Self, ConfigError>
+    where
+        F: Fn(&Request) -> K,
+    {
         let settings = config.settings()?;
         Ok(Self {
             registry: Arc::new(Registry {

@@ -2,7 +2,8 @@
 //! or an operator steps in.
 
 use super::config::Settings;
-use super::shared::{generation_of, word, ProbePermit, Shard, Shared};
+use super::local::Cell;
+use super::shared::{generation_of, word, ProbePermit, Shared};
 use super::window::{CountWindow, TimeWindow, Totals, Window, WindowCounts};
 use super::{BreakerState, Transition, WindowConfig};
 use crate::random::RandomSource;
@@ -136,14 +137,10 @@ pub struct BreakerMetrics {
 }
 
 impl Shared {
-    /// Totals since creation: calls from the shards, failures and slow calls from the machine.
+    /// Totals since creation: calls from the per-thread cells, failures and slow calls from the machine.
     fn totals(&self, machine: &Machine) -> Totals {
         Totals {
-            calls: self
-                .shards()
-                .iter()
-                .map(|shard| shard.calls.load(Ordering::Relaxed))
-                .sum(),
+            calls: self.cells().calls(),
             failures: machine.failures,
             slow: machine.slow,
         }
@@ -196,7 +193,7 @@ impl Shared {
     }
 
     /// Records a finished closed-state call that could not take the fast path.
-    pub(crate) fn record_closed(&self, shard: &Shard, admitted: u64, failed: bool, slow: bool) {
+    pub(crate) fn record_closed(&self, cell: &Cell, admitted: u64, failed: bool, slow: bool) {
         let mut machine = self.lock();
         if machine.generation != generation_of(admitted) || machine.state != BreakerState::Closed {
             return;
@@ -204,7 +201,7 @@ impl Shared {
         let now = Instant::now();
         // Bring the window to now first, so that this call lands in the current bucket.
         self.current_counts(&mut machine, now);
-        shard.calls.fetch_add(1, Ordering::Relaxed);
+        cell.count_call();
         machine.failures += u64::from(failed);
         machine.slow += u64::from(slow);
         let totals = self.totals(&machine);
@@ -419,11 +416,7 @@ impl Shared {
             slow_calls: counts.slow,
             failure_rate: rate(counts.failures),
             slow_call_rate: rate(counts.slow),
-            rejected: self
-                .shards()
-                .iter()
-                .map(|shard| shard.rejected.load(Ordering::Relaxed))
-                .sum(),
+            rejected: self.cells().rejected(),
             openings: machine.openings,
             open_remaining: (machine.state == BreakerState::Open)
                 .then(|| machine.open_until.saturating_duration_since(now)),

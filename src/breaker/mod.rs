@@ -6,7 +6,7 @@
 //! use tower::{BoxError, Layer, Service, ServiceExt};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), BoxError> {
 //! let layer = CircuitBreakerLayer::new(BreakerConfig {
 //!     window: WindowConfig::Count { size: 10 },
 //!     minimum_calls: 4,
@@ -59,8 +59,8 @@
 //!
 //! Calls classified [`Outcome::Ignored`](crate::classify::Outcome::Ignored) and cancelled calls
 //! are never counted. Errors made by meshkit's own layers (another breaker's [`CircuitOpen`])
-//! are ignored unless [`CircuitBreakerLayer::count_rejections`] says otherwise. Outcomes of
-//! calls admitted before a transition do not count after it.
+//! are ignored unless [`CircuitBreakerLayer::count_rejections`] says otherwise. Failures and
+//! probes admitted before a transition do not count after it.
 //!
 //! Every transition is logged as a `tracing` event and sent to
 //! [`BreakerHandle::subscribe`] receivers.
@@ -84,6 +84,7 @@ mod future;
 mod handle;
 mod keyed;
 mod layer;
+mod local;
 mod machine;
 mod service;
 mod shared;

@@ -1,6 +1,7 @@
-use super::future::{Recorder, ResponseFuture};
-use super::shared::{state_of, Admission, Shared};
-use super::{BreakerHandle, BreakerState};
+use super::future::ResponseFuture;
+use super::shared::{state_of, Admission, ModeCell, ProbePermit, Shared};
+use std::sync::atomic::Ordering;
+use super::{BreakerHandle, BreakerState, CircuitOpen};
 use crate::classify::{Classify, DefaultClassifier};
 use std::fmt;
 use std::sync::Arc;
@@ -26,20 +27,41 @@ pub(crate) struct Options {
 pub struct CircuitBreaker<S, C = DefaultClassifier> {
     inner: S,
     shared: Arc<Shared>,
+    /// The breaker's mode word, held directly: one pointer hop on every `poll_ready`.
+    mode: Arc<ModeCell>,
     classifier: C,
     options: Options,
-    /// Decided in `poll_ready`, used by the next `call`.
-    admission: Option<Admission>,
+    /// The mode word `poll_ready` admitted the next call under, or `UNDECIDED`/`REJECTED`.
+    /// Kept apart from the rare cases below so that the hot path moves one `u64`.
+    admitted: u64,
+    /// A half-open probe slot reserved by `poll_ready`.
+    probe: Option<ProbePermit>,
+    /// Why `poll_ready` decided to reject the next call.
+    rejection: Option<CircuitOpen>,
+}
+
+/// `admitted` when `poll_ready` has not decided (or `call` consumed the decision).
+const UNDECIDED: u64 = u64::MAX;
+/// `admitted` when the next call is rejected (see `rejection`) or is a probe (see `probe`).
+const HELD: u64 = u64::MAX - 1;
+
+/// Whether `admitted` is a mode word under which calls pass (closed or disabled).
+#[inline]
+fn passes(admitted: u64) -> bool {
+    admitted < HELD && matches!(state_of(admitted), BreakerState::Closed | BreakerState::Disabled)
 }
 
 impl<S, C> CircuitBreaker<S, C> {
     pub(crate) fn new(inner: S, shared: Arc<Shared>, classifier: C, options: Options) -> Self {
         Self {
             inner,
+            mode: shared.mode_cell().clone(),
             shared,
             classifier,
             options,
-            admission: None,
+            admitted: UNDECIDED,
+            probe: None,
+            rejection: None,
         }
     }
 
@@ -96,31 +118,38 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<S::Future, C>;
 
+    #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // A reserved probe slot is kept until `call`; anything else is decided afresh.
-        if !matches!(self.admission, Some(Admission::Probe(_))) {
-            let admission = if self.options.gate {
-                match self.shared.poll_admit(cx) {
-                    Poll::Ready(admission) => admission,
-                    Poll::Pending => {
-                        self.admission = None;
-                        return Poll::Pending;
-                    }
-                }
-            } else {
-                self.shared.admit()
-            };
-            self.admission = Some(admission);
+        if self.probe.is_none() {
+            let word = self.mode.load(Ordering::Acquire);
+            if passes(word) {
+                self.admitted = word;
+            } else if self.decide_held(cx).is_pending() {
+                return Poll::Pending;
+            }
         }
-        if let Some(Admission::Reject(_)) = self.admission {
+        if self.rejection.is_some() {
             // `call` will fail fast; no need to reserve capacity in the inner service.
             return Poll::Ready(Ok(()));
         }
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, request: Request) -> Self::Future {
-        let admission = self.admission.take().unwrap_or_else(|| self.shared.admit());
+        let admitted = std::mem::replace(&mut self.admitted, UNDECIDED);
+        if passes(admitted) && state_of(admitted) == BreakerState::Closed {
+            let future = self.inner.call(request);
+            return ResponseFuture::closed(
+                future,
+                &self.shared,
+                admitted,
+                self.classifier.clone(),
+                self.options.count_rejections,
+            );
+        }
+        let admission = self.take_admission(admitted);
         let inner = &mut self.inner;
         start(
             &self.shared,
@@ -132,8 +161,57 @@ where
     }
 }
 
+impl<S, C> CircuitBreaker<S, C> {
+    /// The rare cases of `poll_ready`: the breaker is not closed or disabled.
+    #[cold]
+    #[inline(never)]
+    fn decide_held(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.rejection = None;
+        let admission = if self.options.gate {
+            match self.shared.poll_admit(cx) {
+                Poll::Ready(admission) => admission,
+                Poll::Pending => {
+                    self.admitted = UNDECIDED;
+                    return Poll::Pending;
+                }
+            }
+        } else {
+            self.shared.admit()
+        };
+        match admission {
+            Admission::Pass(word) => self.admitted = word,
+            Admission::Probe(permit) => {
+                self.admitted = HELD;
+                self.probe = Some(permit);
+            }
+            Admission::Reject(error) => {
+                self.admitted = HELD;
+                self.rejection = Some(error);
+            }
+        }
+        Poll::Ready(())
+    }
+
+    /// What `call` does when the decision is not a plain closed-state pass.
+    #[cold]
+    fn take_admission(&mut self, admitted: u64) -> Admission {
+        if let Some(permit) = self.probe.take() {
+            return Admission::Probe(permit);
+        }
+        if let Some(error) = self.rejection.take() {
+            return Admission::Reject(error);
+        }
+        if passes(admitted) {
+            return Admission::Pass(admitted);
+        }
+        // `call` without `poll_ready`: decide now rather than panic.
+        self.shared.admit()
+    }
+}
+
 /// Turns an admission decision into the response future: a rejection, or the inner call with
 /// a recorder for its outcome. Shared by the plain and the keyed breaker.
+#[inline]
 pub(crate) fn start<F, C>(
     shared: &Shared,
     admission: Admission,
@@ -141,14 +219,17 @@ pub(crate) fn start<F, C>(
     options: Options,
     call: impl FnOnce() -> F,
 ) -> ResponseFuture<F, C> {
-    let recorder = match admission {
+    match admission {
+        Admission::Pass(word) if state_of(word) == BreakerState::Closed => {
+            ResponseFuture::closed(call(), shared, word, classifier, options.count_rejections)
+        }
+        Admission::Pass(_) => ResponseFuture::unrecorded(call(), classifier),
+        Admission::Probe(permit) => {
+            ResponseFuture::probe(call(), shared, permit, classifier, options.count_rejections)
+        }
         Admission::Reject(error) => {
             shared.count_rejection();
-            return ResponseFuture::rejected(error, classifier);
+            ResponseFuture::rejected(error, classifier)
         }
-        Admission::Pass(word) => (state_of(word) == BreakerState::Closed)
-            .then(|| Recorder::new(shared.shard().clone(), word, None)),
-        Admission::Probe(permit) => Some(Recorder::new(shared.shard().clone(), 0, Some(permit))),
-    };
-    ResponseFuture::called(call(), recorder, classifier, options.count_rejections)
+    }
 }

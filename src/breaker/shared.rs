@@ -1,7 +1,8 @@
 //! The state every service, clone and handle of one breaker shares, and call admission.
 //!
 //! The closed-state hot path touches two things: the *mode word* (an atomic read by every
-//! call, written only on transitions and re-arming) and the calling thread's [`Shard`] counter.
+//! call, written only on transitions and re-arming) and the calling thread's own counter
+//! (see [`super::local`]).
 //! Everything else (failures, slow calls, probes, transitions) goes through the [`Machine`]
 //! behind a mutex, which successes in the closed state never take while the mode word carries
 //! the `FAST` flag. The flag is set only when no success could trip the breaker before the
@@ -11,7 +12,8 @@ use super::config::Settings;
 use super::machine::Machine;
 use super::{BreakerState, CircuitOpen, Transition};
 use crate::random::RandomSource;
-use crate::shard::{self, CachePadded};
+use super::local::{self, Cell, Cells};
+use crate::padded::CachePadded;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -24,10 +26,12 @@ pub(crate) const STATE_MASK: u64 = 0b111;
 pub(crate) const FAST: u64 = 0b1000;
 const GENERATION_SHIFT: u32 = 8;
 
+#[inline]
 pub(crate) fn generation_of(word: u64) -> u64 {
     word >> GENERATION_SHIFT
 }
 
+#[inline]
 pub(crate) fn state_of(word: u64) -> BreakerState {
     BreakerState::from_bits(word & STATE_MASK)
 }
@@ -36,40 +40,10 @@ pub(crate) fn word(generation: u64, state: BreakerState, fast: bool) -> u64 {
     (generation << GENERATION_SHIFT) | state.bits() | if fast { FAST } else { 0 }
 }
 
-type ModeCell = CachePadded<AtomicU64>;
+pub(crate) type ModeCell = CachePadded<AtomicU64>;
 
-/// Per-thread-group counters, referenced by in-flight calls.
-#[derive(Debug)]
-#[repr(align(128))]
-pub(crate) struct Shard {
-    /// Every recorded call (success, failure or slow) counted on this shard since creation.
-    pub(crate) calls: AtomicU64,
-    /// Calls rejected without being sent.
-    pub(crate) rejected: AtomicU64,
-    mode: Arc<ModeCell>,
-    slow_call_duration: Option<Duration>,
-    pub(crate) shared: Weak<Shared>,
-}
-
-impl Shard {
-    /// The slow-call threshold, when slow calls are tracked.
-    pub(crate) fn slow_call_duration(&self) -> Option<Duration> {
-        self.slow_call_duration
-    }
-
-    /// Counts a fast, non-slow success admitted under `admitted`, if the breaker is still in
-    /// that closed generation and armed for the fast path. Returns false to ask for the slow path.
-    #[inline]
-    pub(crate) fn try_record_success(&self, admitted: u64) -> bool {
-        let current = self.mode.load(Ordering::Relaxed);
-        if current & FAST != 0 && generation_of(current) == generation_of(admitted) {
-            self.calls.fetch_add(1, Ordering::Relaxed);
-            true
-        } else {
-            false
-        }
-    }
-}
+/// Ids that name breakers in thread-local caches; never reused.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What admission decided for one call.
 #[derive(Debug)]
@@ -86,7 +60,9 @@ pub(crate) enum Admission {
 #[derive(Debug)]
 pub(crate) struct Shared {
     mode: Arc<ModeCell>,
-    shards: Box<[Arc<Shard>]>,
+    /// Names this breaker in the thread-local caches of [`super::local`].
+    pub(crate) id: u64,
+    cells: Mutex<Cells>,
     pub(crate) settings: Settings,
     pub(crate) origin: Instant,
     /// End of the open period, in nanoseconds since `origin`; meaningful in `Open`.
@@ -110,18 +86,10 @@ impl Shared {
         let machine = Machine::new(&settings, name, random, origin);
         let fast = machine.initially_fast(&settings);
         let mode = Arc::new(CachePadded(AtomicU64::new(word(0, BreakerState::Closed, fast))));
-        Arc::new_cyclic(|this| Shared {
-            shards: (0..shard::count())
-                .map(|_| {
-                    Arc::new(Shard {
-                        calls: AtomicU64::new(0),
-                        rejected: AtomicU64::new(0),
-                        mode: mode.clone(),
-                        slow_call_duration: settings.slow_call_duration,
-                        shared: this.clone(),
-                    })
-                })
-                .collect(),
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new_cyclic(|this| Shared {
+            id,
+            cells: Mutex::new(Cells::default()),
             mode,
             settings,
             origin,
@@ -132,19 +100,25 @@ impl Shared {
             driver: Arc::new(Notify::new()),
             driver_alive: AtomicBool::new(false),
             this: this.clone(),
-        })
+        });
+        local::register(id, Arc::downgrade(&shared));
+        shared
     }
 
-    /// The calling thread's shard.
+    pub(crate) fn mode_cell(&self) -> &Arc<ModeCell> {
+        &self.mode
+    }
+
+    /// The cell the thread holding `token` counts its calls in.
+    pub(crate) fn cell_for(&self, token: &Arc<()>) -> Arc<Cell> {
+        self.cells().for_thread(token)
+    }
+
+    pub(crate) fn cells(&self) -> MutexGuard<'_, Cells> {
+        self.cells.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[inline]
-    pub(crate) fn shard(&self) -> &Arc<Shard> {
-        &self.shards[shard::current()]
-    }
-
-    pub(crate) fn shards(&self) -> &[Arc<Shard>] {
-        &self.shards
-    }
-
     pub(crate) fn mode(&self) -> u64 {
         self.mode.load(Ordering::Acquire)
     }
@@ -179,6 +153,14 @@ impl Shared {
         let word = self.mode();
         match state_of(word) {
             BreakerState::Closed | BreakerState::Disabled => Admission::Pass(word),
+            _ => self.admit_rejecting(word),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn admit_rejecting(&self, word: u64) -> Admission {
+        match state_of(word) {
             BreakerState::ForcedOpen => Admission::Reject(CircuitOpen::new(
                 BreakerState::ForcedOpen,
                 self.settings.open_for,
@@ -192,7 +174,7 @@ impl Shared {
                     self.admit_slow(now)
                 }
             }
-            BreakerState::HalfOpen => self.admit_slow(Instant::now()),
+            _ => self.admit_slow(Instant::now()),
         }
     }
 
@@ -274,7 +256,7 @@ impl Shared {
     }
 
     pub(crate) fn count_rejection(&self) {
-        self.shard().rejected.fetch_add(1, Ordering::Relaxed);
+        local::with(self.id, Some(self), Cell::count_rejection);
     }
 }
 
@@ -282,6 +264,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Lets the driver notice that the breaker is gone and exit.
         self.driver.notify_one();
+        local::unregister(self.id);
     }
 }
 

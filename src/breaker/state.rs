@@ -22,6 +22,7 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    #[inline]
     pub(crate) const fn bits(self) -> u64 {
         match self {
             BreakerState::Closed => 0,
@@ -32,6 +33,7 @@ impl BreakerState {
         }
     }
 
+    #[inline]
     pub(crate) const fn from_bits(bits: u64) -> Self {
         match bits & 0b111 {
             0 => BreakerState::Closed,

@@ -28,6 +28,11 @@
 //!
 //! Default settings (overridable from the command line): sample size 30, measurement 2 s,
 //! warm-up 500 ms.
+//!
+//! Regenerate the table in BENCHMARKS.md with `cargo bench --bench breaker`.
+
+// Benchmarks measure real elapsed time; paused tokio time has no place here.
+#![allow(clippy::disallowed_types)]
 
 use std::convert::Infallible;
 use std::fmt::Debug;
@@ -37,8 +42,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{
-    black_box, criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode,
-    Throughput,
+    black_box, criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
 };
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt};
@@ -137,9 +141,10 @@ fn meshkit_time() -> <CircuitBreakerLayer as Layer<Trivial>>::Service {
     layer.layer(Trivial)
 }
 
-fn tower_resilience_count(
-) -> tower_resilience::circuitbreaker::CircuitBreaker<Trivial, tower_resilience::circuitbreaker::DefaultClassifier>
-{
+fn tower_resilience_count() -> tower_resilience::circuitbreaker::CircuitBreaker<
+    Trivial,
+    tower_resilience::circuitbreaker::DefaultClassifier,
+> {
     let layer = TrCircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
         .sliding_window_type(TrSlidingWindowType::CountBased)
@@ -151,9 +156,10 @@ fn tower_resilience_count(
     layer.layer(Trivial)
 }
 
-fn tower_resilience_time(
-) -> tower_resilience::circuitbreaker::CircuitBreaker<Trivial, tower_resilience::circuitbreaker::DefaultClassifier>
-{
+fn tower_resilience_time() -> tower_resilience::circuitbreaker::CircuitBreaker<
+    Trivial,
+    tower_resilience::circuitbreaker::DefaultClassifier,
+> {
     let layer = TrCircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
         .sliding_window_type(TrSlidingWindowType::TimeBased)
@@ -356,7 +362,12 @@ fn closed_single_task(c: &mut Criterion) {
     bench_single(&mut g, &rt, "raw", || Trivial);
     bench_single(&mut g, &rt, "meshkit_count", meshkit_count);
     bench_single(&mut g, &rt, "meshkit_time", meshkit_time);
-    bench_single(&mut g, &rt, "tower_resilience_count", tower_resilience_count);
+    bench_single(
+        &mut g,
+        &rt,
+        "tower_resilience_count",
+        tower_resilience_count,
+    );
     // NB: tower-resilience's time-based window keeps one record per call in a
     // VecDeque and rescans it on every call (O(calls in window)), so this
     // number depends on how many calls criterion has made so far (see

@@ -64,7 +64,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} must be {}, got {}", self.field, self.expected, self.got)
+        write!(
+            f,
+            "{} must be {}, got {}",
+            self.field, self.expected, self.got
+        )
     }
 }
 
@@ -87,11 +91,7 @@ where
     if value >= min && value <= max {
         Ok(())
     } else {
-        Err(ConfigError::new(
-            field,
-            format!("in [{min}, {max}]"),
-            value,
-        ))
+        Err(ConfigError::new(field, format!("in [{min}, {max}]"), value))
     }
 }
 
@@ -135,9 +135,14 @@ mod tests {
 
     #[test]
     fn at_prefixes_the_path() {
-        let err = int_in_range("window.size", 0u32, 1, 10).unwrap_err().at("breaker");
+        let err = int_in_range("window.size", 0u32, 1, 10)
+            .unwrap_err()
+            .at("breaker");
         assert_eq!(err.field(), "breaker.window.size");
-        assert_eq!(err.to_string(), "breaker.window.size must be in [1, 10], got 0");
+        assert_eq!(
+            err.to_string(),
+            "breaker.window.size must be in [1, 10], got 0"
+        );
     }
 
     #[test]

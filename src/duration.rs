@@ -107,6 +107,9 @@ mod tests {
     #[test]
     fn garbage_names_the_expected_form() {
         let err = serde_json::from_str::<Sample>(r#"{"wait":"soon"}"#).unwrap_err();
-        assert!(err.to_string().contains("invalid duration \"soon\""), "{err}");
+        assert!(
+            err.to_string().contains("invalid duration \"soon\""),
+            "{err}"
+        );
     }
 }

@@ -47,7 +47,7 @@ pub mod classify;
 pub mod config;
 pub mod duration;
 pub mod error;
-pub mod random;
 mod padded;
+pub mod random;
 
 pub use config::ConfigError;

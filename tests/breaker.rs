@@ -24,7 +24,9 @@ fn count_window(size: u32, minimum_calls: u32) -> BreakerConfig {
 
 fn time_window(seconds: u64, minimum_calls: u32) -> BreakerConfig {
     BreakerConfig {
-        window: WindowConfig::Time { duration: Duration::from_secs(seconds) },
+        window: WindowConfig::Time {
+            duration: Duration::from_secs(seconds),
+        },
         minimum_calls,
         open_for: Duration::from_secs(10),
         ..BreakerConfig::default()
@@ -46,7 +48,11 @@ async fn opens_after_failure_rate_exceeded() {
     send_n(&mut service, Call::Fail, 4).await;
     assert_eq!(handle.state(), BreakerState::Closed);
     let _ = send(&mut service, Call::Fail).await;
-    assert_eq!(handle.state(), BreakerState::Open, "5 of 10 failed, rate 0.5");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "5 of 10 failed, rate 0.5"
+    );
     assert!(is_open(&send(&mut service, Call::Succeed).await));
 }
 
@@ -68,9 +74,17 @@ async fn evaluates_as_soon_as_minimum_calls_are_in_the_window() {
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 9).await;
-    assert_eq!(handle.state(), BreakerState::Closed, "9 calls, minimum is 10");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "9 calls, minimum is 10"
+    );
     let _ = send(&mut service, Call::Fail).await;
-    assert_eq!(handle.state(), BreakerState::Open, "window not full, but 10 calls are enough");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "window not full, but 10 calls are enough"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -89,14 +103,25 @@ async fn a_success_that_completes_minimum_calls_can_open() {
 /// needs 1000 failures to reach 50%. A true sliding window needs 50.
 #[tokio::test(start_paused = true)]
 async fn old_successes_age_out_of_the_count_window() {
-    let layer = layer(BreakerConfig { failure_rate: 0.5, ..count_window(100, 100) });
+    let layer = layer(BreakerConfig {
+        failure_rate: 0.5,
+        ..count_window(100, 100)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Succeed, 1000).await;
     send_n(&mut service, Call::Fail, 49).await;
-    assert_eq!(handle.state(), BreakerState::Closed, "49 of the last 100 failed");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "49 of the last 100 failed"
+    );
     let _ = send(&mut service, Call::Fail).await;
-    assert_eq!(handle.state(), BreakerState::Open, "50 of the last 100 failed");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "50 of the last 100 failed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -107,7 +132,11 @@ async fn old_failures_age_out_of_the_count_window() {
     send_n(&mut service, Call::Fail, 4).await;
     send_n(&mut service, Call::Succeed, 10).await;
     send_n(&mut service, Call::Fail, 4).await;
-    assert_eq!(handle.state(), BreakerState::Closed, "the first 4 failures aged out");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "the first 4 failures aged out"
+    );
     assert_eq!(handle.metrics().failures, 4);
 }
 
@@ -120,7 +149,11 @@ async fn old_outcomes_age_out_of_the_time_window() {
     sleep(Duration::from_secs(11)).await;
     send_n(&mut service, Call::Succeed, 6).await;
     send_n(&mut service, Call::Fail, 4).await;
-    assert_eq!(handle.state(), BreakerState::Closed, "only 4 of the last 10 s failed");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "only 4 of the last 10 s failed"
+    );
     let metrics = handle.metrics();
     assert_eq!((metrics.calls, metrics.failures), (10, 4));
 }
@@ -174,23 +207,36 @@ async fn turns_half_open_by_itself_when_the_open_period_ends() {
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 5).await;
     let opened = transitions.recv().await.unwrap();
-    assert_eq!((opened.from, opened.to), (BreakerState::Closed, BreakerState::Open));
+    assert_eq!(
+        (opened.from, opened.to),
+        (BreakerState::Closed, BreakerState::Open)
+    );
     // No call is made: the transition must come from the breaker's own driver.
     let half_open = transitions.recv().await.unwrap();
-    assert_eq!((half_open.from, half_open.to), (BreakerState::Open, BreakerState::HalfOpen));
+    assert_eq!(
+        (half_open.from, half_open.to),
+        (BreakerState::Open, BreakerState::HalfOpen)
+    );
     assert_eq!(half_open.at - opened.at, Duration::from_secs(10));
 }
 
 #[tokio::test(start_paused = true)]
 async fn closes_when_the_probes_succeed() {
-    let layer = layer(BreakerConfig { half_open_calls: 3, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 3,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 5).await;
     sleep(Duration::from_secs(10)).await;
     assert_eq!(handle.state(), BreakerState::HalfOpen);
     send_n(&mut service, Call::Succeed, 2).await;
-    assert_eq!(handle.state(), BreakerState::HalfOpen, "2 of 3 probes finished");
+    assert_eq!(
+        handle.state(),
+        BreakerState::HalfOpen,
+        "2 of 3 probes finished"
+    );
     send(&mut service, Call::Succeed).await.unwrap();
     assert_eq!(handle.state(), BreakerState::Closed);
     assert_eq!(handle.metrics().calls, 0, "closing starts a fresh window");
@@ -209,14 +255,24 @@ async fn reopens_when_probes_fail_for_longer_each_time() {
     send_n(&mut service, Call::Fail, 5).await;
     sleep(Duration::from_secs(10)).await;
     let _ = send(&mut service, Call::Fail).await;
-    assert_eq!(handle.state(), BreakerState::Open, "1 of 2 probes failed: rate 0.5");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "1 of 2 probes failed: rate 0.5"
+    );
     let second = handle.metrics().open_remaining.unwrap();
-    assert!(second > Duration::from_secs(17) && second <= Duration::from_secs(20), "{second:?}");
+    assert!(
+        second > Duration::from_secs(17) && second <= Duration::from_secs(20),
+        "{second:?}"
+    );
     sleep(second).await;
     assert_eq!(handle.state(), BreakerState::HalfOpen);
     let _ = send(&mut service, Call::Fail).await;
     let third = handle.metrics().open_remaining.unwrap();
-    assert!(third > Duration::from_secs(35) && third <= Duration::from_secs(40), "{third:?}");
+    assert!(
+        third > Duration::from_secs(35) && third <= Duration::from_secs(40),
+        "{third:?}"
+    );
     assert_eq!(handle.metrics().openings, 3);
 }
 
@@ -242,7 +298,10 @@ async fn open_period_never_exceeds_open_for_max() {
 
 #[tokio::test(start_paused = true)]
 async fn closing_resets_the_open_backoff() {
-    let layer = layer(BreakerConfig { half_open_calls: 1, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 1,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 5).await;
@@ -252,13 +311,19 @@ async fn closing_resets_the_open_backoff() {
     send(&mut service, Call::Succeed).await.unwrap();
     assert_eq!(handle.state(), BreakerState::Closed);
     send_n(&mut service, Call::Fail, 5).await;
-    assert_eq!(handle.metrics().open_remaining, Some(Duration::from_secs(10)));
+    assert_eq!(
+        handle.metrics().open_remaining,
+        Some(Duration::from_secs(10))
+    );
     assert_eq!(handle.metrics().openings, 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn half_open_admits_at_most_half_open_calls_probes() {
-    let layer = layer(BreakerConfig { half_open_calls: 2, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 2,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let service = layer.layer(backend());
     let mut first = service.clone();
@@ -282,7 +347,10 @@ async fn half_open_admits_at_most_half_open_calls_probes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_probe_gives_its_slot_back_and_is_not_counted() {
-    let layer = layer(BreakerConfig { half_open_calls: 1, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 1,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 5).await;
@@ -290,17 +358,27 @@ async fn a_cancelled_probe_gives_its_slot_back_and_is_not_counted() {
 
     let probe = service.ready().await.unwrap().call(Call::Hang);
     assert_eq!(handle.metrics().probes_in_flight, 1);
-    assert!(is_open(&send(&mut service.clone(), Call::Succeed).await), "the one slot is taken");
+    assert!(
+        is_open(&send(&mut service.clone(), Call::Succeed).await),
+        "the one slot is taken"
+    );
     drop(probe);
     assert_eq!(handle.metrics().probes_in_flight, 0);
-    assert_eq!(handle.state(), BreakerState::HalfOpen, "a cancelled probe decides nothing");
+    assert_eq!(
+        handle.state(),
+        BreakerState::HalfOpen,
+        "a cancelled probe decides nothing"
+    );
     send(&mut service, Call::Succeed).await.unwrap();
     assert_eq!(handle.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_reserved_by_poll_ready_is_released_when_the_service_is_dropped() {
-    let layer = layer(BreakerConfig { half_open_calls: 1, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 1,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     send_n(&mut service, Call::Fail, 5).await;
@@ -334,7 +412,10 @@ async fn probes_outliving_half_open_timeout_reopen_the_breaker() {
     }
     assert_eq!(last.unwrap().to, BreakerState::HalfOpen);
     let reopened = transitions.recv().await.unwrap();
-    assert_eq!((reopened.from, reopened.to), (BreakerState::HalfOpen, BreakerState::Open));
+    assert_eq!(
+        (reopened.from, reopened.to),
+        (BreakerState::HalfOpen, BreakerState::Open)
+    );
     assert_eq!(handle.metrics().openings, 2);
     hung.abort();
 }
@@ -364,19 +445,34 @@ async fn a_lower_breakers_rejections_are_ignored_by_default() {
     assert_eq!(inner_handle.state(), BreakerState::Open);
     send_n(&mut service, Call::Succeed, 20).await;
     let metrics = outer_handle.metrics();
-    assert_eq!((metrics.calls, metrics.failures), (5, 5), "the 20 rejections were not counted");
+    assert_eq!(
+        (metrics.calls, metrics.failures),
+        (5, 5),
+        "the 20 rejections were not counted"
+    );
     assert_eq!(outer_handle.state(), BreakerState::Closed);
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_lower_breakers_rejections_count_when_asked() {
-    let inner = layer(BreakerConfig { failure_rate: 1.0, ..count_window(10, 5) });
-    let outer = layer(BreakerConfig { failure_rate: 1.0, ..count_window(20, 20) }).count_rejections(true);
+    let inner = layer(BreakerConfig {
+        failure_rate: 1.0,
+        ..count_window(10, 5)
+    });
+    let outer = layer(BreakerConfig {
+        failure_rate: 1.0,
+        ..count_window(20, 20)
+    })
+    .count_rejections(true);
     let outer_handle = outer.handle();
     let mut service = outer.layer(inner.layer(backend()));
     send_n(&mut service, Call::Fail, 5).await;
     send_n(&mut service, Call::Succeed, 15).await;
-    assert_eq!(outer_handle.state(), BreakerState::Open, "5 failures + 15 rejections counted");
+    assert_eq!(
+        outer_handle.state(),
+        BreakerState::Open,
+        "5 failures + 15 rejections counted"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -388,11 +484,8 @@ async fn cancelled_calls_are_never_counted() {
         let call = service.ready().await.unwrap().call(Call::Hang);
         drop(call);
     }
-    let timed_out = tokio::time::timeout(
-        Duration::from_secs(1),
-        send(&mut service, Call::Hang),
-    )
-    .await;
+    let timed_out =
+        tokio::time::timeout(Duration::from_secs(1), send(&mut service, Call::Hang)).await;
     assert!(timed_out.is_err());
     assert_eq!(handle.metrics().calls, 0);
     assert_eq!(handle.state(), BreakerState::Closed);
@@ -412,11 +505,17 @@ async fn slow_calls_open_the_breaker() {
     send_n(&mut service, Call::Slow(Duration::from_millis(500)), 2).await;
     assert_eq!(handle.state(), BreakerState::Closed);
     assert_eq!(handle.metrics().slow_calls, 2);
-    send(&mut service, Call::Slow(Duration::from_secs(1))).await.unwrap();
+    send(&mut service, Call::Slow(Duration::from_secs(1)))
+        .await
+        .unwrap();
     // 3 slow of 10 is below 0.5: still closed.
     assert_eq!(handle.state(), BreakerState::Closed);
     send_n(&mut service, Call::Slow(Duration::from_secs(1)), 2).await;
-    assert_eq!(handle.state(), BreakerState::Open, "5 of the last 10 were slow");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "5 of the last 10 were slow"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -428,7 +527,10 @@ async fn forced_open_rejects_everything_until_reset() {
     assert_eq!(handle.state(), BreakerState::ForcedOpen);
     sleep(Duration::from_secs(3600)).await;
     let err = send(&mut service, Call::Succeed).await.unwrap_err();
-    assert_eq!(err.downcast_ref::<CircuitOpen>().unwrap().state(), BreakerState::ForcedOpen);
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().state(),
+        BreakerState::ForcedOpen
+    );
     handle.reset();
     send(&mut service, Call::Succeed).await.unwrap();
 }
@@ -457,12 +559,19 @@ async fn reset_returns_an_open_breaker_to_a_fresh_closed_one() {
     let metrics = handle.metrics();
     assert_eq!((metrics.calls, metrics.openings), (0, 0));
     send_n(&mut service, Call::Fail, 4).await;
-    assert_eq!(handle.state(), BreakerState::Closed, "old failures were forgotten");
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "old failures were forgotten"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn calls_admitted_before_opening_do_not_count_after_it() {
-    let layer = layer(BreakerConfig { half_open_calls: 1, ..count_window(10, 5) });
+    let layer = layer(BreakerConfig {
+        half_open_calls: 1,
+        ..count_window(10, 5)
+    });
     let handle = layer.handle();
     let mut service = layer.layer(backend());
     let straggler = tokio::spawn({
@@ -474,12 +583,20 @@ async fn calls_admitted_before_opening_do_not_count_after_it() {
     sleep(Duration::from_secs(10)).await;
     assert_eq!(handle.state(), BreakerState::HalfOpen);
     straggler.await.unwrap().unwrap();
-    assert_eq!(handle.state(), BreakerState::HalfOpen, "a closed-state call is not a probe");
+    assert_eq!(
+        handle.state(),
+        BreakerState::HalfOpen,
+        "a closed-state call is not a probe"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn every_transition_reaches_subscribers_in_order() {
-    let layer = layer(BreakerConfig { half_open_calls: 1, ..count_window(10, 5) }).name("users");
+    let layer = layer(BreakerConfig {
+        half_open_calls: 1,
+        ..count_window(10, 5)
+    })
+    .name("users");
     let handle = layer.handle();
     let mut transitions = handle.subscribe();
     let mut service = layer.layer(backend());
@@ -497,7 +614,14 @@ async fn every_transition_reaches_subscribers_in_order() {
     use BreakerState::*;
     assert_eq!(
         seen,
-        [(Closed, Open), (Open, HalfOpen), (HalfOpen, Closed), (Closed, ForcedOpen), (ForcedOpen, Disabled), (Disabled, Closed)]
+        [
+            (Closed, Open),
+            (Open, HalfOpen),
+            (HalfOpen, Closed),
+            (Closed, ForcedOpen),
+            (ForcedOpen, Disabled),
+            (Disabled, Closed)
+        ]
     );
 }
 
@@ -519,7 +643,10 @@ async fn every_clone_and_service_of_a_layer_shares_one_breaker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_tasks_on_many_threads_see_one_consistent_window() {
-    let layer = layer(BreakerConfig { failure_rate: 1.0, ..count_window(1000, 1000) });
+    let layer = layer(BreakerConfig {
+        failure_rate: 1.0,
+        ..count_window(1000, 1000)
+    });
     let handle = layer.handle();
     let service = layer.layer(backend());
     let tasks: Vec<_> = (0..4)
@@ -548,8 +675,14 @@ fn breakers_are_send_and_sync() {
     fn error<T: std::error::Error + Send + Sync + 'static>() {}
     send_sync::<meshkit::breaker::BreakerHandle>();
     send_sync::<CircuitBreakerLayer>();
-    send_sync::<meshkit::breaker::CircuitBreaker<tower::util::BoxCloneSyncService<(), (), BoxError>>>();
-    send_sync::<meshkit::breaker::ResponseFuture<std::future::Ready<Result<(), BoxError>>, meshkit::classify::DefaultClassifier>>();
+    send_sync::<meshkit::breaker::CircuitBreaker<tower::util::BoxCloneSyncService<(), (), BoxError>>>(
+    );
+    send_sync::<
+        meshkit::breaker::ResponseFuture<
+            std::future::Ready<Result<(), BoxError>>,
+            meshkit::classify::DefaultClassifier,
+        >,
+    >();
     error::<CircuitOpen>();
     error::<meshkit::ConfigError>();
 }
@@ -562,8 +695,14 @@ fn layers_are_built_without_a_runtime() {
 
 #[tokio::test]
 async fn invalid_configs_fail_at_construction_naming_the_field() {
-    let err = CircuitBreakerLayer::new(BreakerConfig { half_open_calls: 0, ..BreakerConfig::default() })
-        .unwrap_err();
+    let err = CircuitBreakerLayer::new(BreakerConfig {
+        half_open_calls: 0,
+        ..BreakerConfig::default()
+    })
+    .unwrap_err();
     assert_eq!(err.field(), "half_open_calls");
-    assert_eq!(err.to_string(), "half_open_calls must be in [1, 10000], got 0");
+    assert_eq!(
+        err.to_string(),
+        "half_open_calls must be in [1, 10000], got 0"
+    );
 }

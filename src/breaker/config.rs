@@ -154,13 +154,22 @@ impl BreakerConfig {
             return Err(ConfigError::new("minimum_calls", range, self.minimum_calls));
         }
         if let Some(slow) = self.slow_call_duration {
-            duration_in_range("slow_call_duration", slow, Duration::from_millis(1), ONE_DAY)?;
+            duration_in_range(
+                "slow_call_duration",
+                slow,
+                Duration::from_millis(1),
+                ONE_DAY,
+            )?;
         }
         rate_in_unit_interval("slow_call_rate", self.slow_call_rate)?;
         duration_in_range("open_for", self.open_for, Duration::from_millis(1), ONE_DAY)?;
         duration_in_range("open_for_max", self.open_for_max, self.open_for, ONE_DAY)?;
         if !(self.open_backoff >= 1.0 && self.open_backoff <= 100.0) {
-            return Err(ConfigError::new("open_backoff", "in [1, 100]", self.open_backoff));
+            return Err(ConfigError::new(
+                "open_backoff",
+                "in [1, 100]",
+                self.open_backoff,
+            ));
         }
         int_in_range("half_open_calls", self.half_open_calls, 1, 10_000)?;
         duration_in_range(
@@ -228,54 +237,89 @@ mod tests {
     fn every_bad_field_is_named_with_its_range() {
         let d = BreakerConfig::default;
         assert_eq!(
-            error_of(BreakerConfig { failure_rate: 1.5, ..d() }),
+            error_of(BreakerConfig {
+                failure_rate: 1.5,
+                ..d()
+            }),
             "failure_rate must be in (0, 1], got 1.5"
         );
         assert_eq!(
-            error_of(BreakerConfig { window: WindowConfig::Count { size: 0 }, ..d() }),
+            error_of(BreakerConfig {
+                window: WindowConfig::Count { size: 0 },
+                ..d()
+            }),
             "window.size must be in [1, 1000000], got 0"
         );
         assert_eq!(
             error_of(BreakerConfig {
-                window: WindowConfig::Time { duration: Duration::from_millis(10) },
+                window: WindowConfig::Time {
+                    duration: Duration::from_millis(10)
+                },
                 ..d()
             }),
             "window.duration must be in [1s, 1h], got 10ms"
         );
         assert_eq!(
-            error_of(BreakerConfig { minimum_calls: 101, ..d() }),
+            error_of(BreakerConfig {
+                minimum_calls: 101,
+                ..d()
+            }),
             "minimum_calls must be in [1, window.size], got 101"
         );
         assert_eq!(
-            error_of(BreakerConfig { minimum_calls: 0, ..d() }),
+            error_of(BreakerConfig {
+                minimum_calls: 0,
+                ..d()
+            }),
             "minimum_calls must be in [1, window.size], got 0"
         );
         assert_eq!(
-            error_of(BreakerConfig { slow_call_duration: Some(Duration::ZERO), ..d() }),
+            error_of(BreakerConfig {
+                slow_call_duration: Some(Duration::ZERO),
+                ..d()
+            }),
             "slow_call_duration must be in [1ms, 1day], got 0s"
         );
         assert_eq!(
-            error_of(BreakerConfig { slow_call_rate: -0.1, ..d() }),
+            error_of(BreakerConfig {
+                slow_call_rate: -0.1,
+                ..d()
+            }),
             "slow_call_rate must be in (0, 1], got -0.1"
         );
         assert_eq!(
-            error_of(BreakerConfig { open_for: Duration::ZERO, ..d() }),
+            error_of(BreakerConfig {
+                open_for: Duration::ZERO,
+                ..d()
+            }),
             "open_for must be in [1ms, 1day], got 0s"
         );
         assert_eq!(
-            error_of(BreakerConfig { open_for_max: Duration::from_secs(5), ..d() }),
+            error_of(BreakerConfig {
+                open_for_max: Duration::from_secs(5),
+                ..d()
+            }),
             "open_for_max must be in [10s, 1day], got 5s"
         );
         assert_eq!(
-            error_of(BreakerConfig { open_backoff: f64::NAN, ..d() }),
+            error_of(BreakerConfig {
+                open_backoff: f64::NAN,
+                ..d()
+            }),
             "open_backoff must be in [1, 100], got NaN"
         );
         assert_eq!(
-            error_of(BreakerConfig { half_open_calls: 0, ..d() }),
+            error_of(BreakerConfig {
+                half_open_calls: 0,
+                ..d()
+            }),
             "half_open_calls must be in [1, 10000], got 0"
         );
         assert_eq!(
-            error_of(BreakerConfig { half_open_timeout: Duration::ZERO, ..d() }),
+            error_of(BreakerConfig {
+                half_open_timeout: Duration::ZERO,
+                ..d()
+            }),
             "half_open_timeout must be in [1ms, 1day], got 0s"
         );
     }
@@ -288,25 +332,37 @@ mod tests {
         assert_eq!(config.window, WindowConfig::Count { size: 10 });
         assert_eq!(config.open_for, Duration::from_secs(10));
         let err = serde_json::from_str::<BreakerConfig>(r#"{"failure_ratio":0.5}"#).unwrap_err();
-        assert!(err.to_string().contains("unknown field `failure_ratio`"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `failure_ratio`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn config_round_trips_through_serde() {
         let config = BreakerConfig {
-            window: WindowConfig::Time { duration: Duration::from_secs(90) },
+            window: WindowConfig::Time {
+                duration: Duration::from_secs(90),
+            },
             slow_call_duration: Some(Duration::from_millis(750)),
             ..BreakerConfig::default()
         };
         let text = serde_json::to_string(&config).unwrap();
-        assert_eq!(serde_json::from_str::<BreakerConfig>(&text).unwrap(), config);
+        assert_eq!(
+            serde_json::from_str::<BreakerConfig>(&text).unwrap(),
+            config
+        );
     }
 
     #[test]
     fn rates_compare_exactly_as_quotients() {
-        let settings = BreakerConfig { failure_rate: 0.3, minimum_calls: 10, ..Default::default() }
-            .settings()
-            .unwrap();
+        let settings = BreakerConfig {
+            failure_rate: 0.3,
+            minimum_calls: 10,
+            ..Default::default()
+        }
+        .settings()
+        .unwrap();
         assert!(settings.trips(10, 3, 0));
         assert!(!settings.trips(10, 2, 0));
         assert!(!settings.trips(9, 9, 0), "below minimum_calls");

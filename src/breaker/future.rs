@@ -149,7 +149,9 @@ impl<F, C> std::fmt::Debug for ResponseFuture<F, C> {
             Kind::Closed { .. } | Kind::ClosedTimed { .. } => "closed",
             Kind::Probe { .. } => "probe",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -242,10 +244,8 @@ impl Tracking {
                 slow_at,
             } => {
                 let slow = is_slow(slow_at);
-                if outcome == Outcome::Success && !slow {
-                    if count_fast_success(breaker, admitted) {
-                        return;
-                    }
+                if outcome == Outcome::Success && !slow && count_fast_success(breaker, admitted) {
+                    return;
                 }
                 if outcome != Outcome::Ignored {
                     record_closed(breaker, admitted, outcome, slow);

@@ -250,9 +250,13 @@ where
         let shared = self.registry.breaker((self.key)(&request));
         let admission = shared.admit();
         let inner = &mut self.inner;
-        start(&shared, admission, self.classifier.clone(), self.options, || {
-            inner.call(request)
-        })
+        start(
+            &shared,
+            admission,
+            self.classifier.clone(),
+            self.options,
+            || inner.call(request),
+        )
     }
 }
 

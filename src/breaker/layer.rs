@@ -126,6 +126,11 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, self.shared.clone(), self.classifier.clone(), self.options)
+        CircuitBreaker::new(
+            inner,
+            self.shared.clone(),
+            self.classifier.clone(),
+            self.options,
+        )
     }
 }

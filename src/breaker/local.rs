@@ -185,7 +185,12 @@ fn with_entry<R>(id: u64, known: Option<&Shared>, f: impl FnOnce(&Entry) -> R) -
 /// Fills a cache slot on a miss, outside any borrow: it takes the breaker's locks.
 #[cold]
 #[inline(never)]
-fn refill(local: &Local, slot: &RefCell<Option<Entry>>, id: u64, known: Option<&Shared>) -> Option<()> {
+fn refill(
+    local: &Local,
+    slot: &RefCell<Option<Entry>>,
+    id: u64,
+    known: Option<&Shared>,
+) -> Option<()> {
     let entry = fill(local.token(), id, known)?;
     *slot.try_borrow_mut().ok()? = Some(entry);
     Some(())
@@ -201,7 +206,10 @@ pub(crate) fn with<R>(id: u64, known: Option<&Shared>, f: impl FnOnce(&Cell) -> 
 
 /// The calling thread's cell and the breaker itself, for slow paths that take locks.
 pub(crate) fn owned(id: u64) -> Option<(Arc<Cell>, Arc<Shared>)> {
-    with_entry(id, None, |entry| Some((entry.cell.clone(), entry.shared.upgrade()?))).flatten()
+    with_entry(id, None, |entry| {
+        Some((entry.cell.clone(), entry.shared.upgrade()?))
+    })
+    .flatten()
 }
 
 fn fill(token: &Arc<()>, id: u64, known: Option<&Shared>) -> Option<Entry> {

@@ -107,7 +107,9 @@ impl Machine {
 fn new_window(settings: &Settings, totals: Totals, epoch: u64) -> Window {
     match settings.window {
         WindowConfig::Count { size } => Window::Count(CountWindow::new(u64::from(size), totals)),
-        WindowConfig::Time { .. } => Window::Time(TimeWindow::new(TIME_BUCKETS as usize, epoch, totals)),
+        WindowConfig::Time { .. } => {
+            Window::Time(TimeWindow::new(TIME_BUCKETS as usize, epoch, totals))
+        }
     }
 }
 
@@ -184,7 +186,10 @@ impl Shared {
             Window::Time(_) => machine.ticking && self.driver_alive.load(Ordering::Acquire),
         };
         let calls_after = (counts.calls + 1).max(self.settings.minimum_calls);
-        ticking && !self.settings.trips(calls_after, counts.failures, counts.slow)
+        ticking
+            && !self
+                .settings
+                .trips(calls_after, counts.failures, counts.slow)
     }
 
     fn publish(&self, machine: &Machine, fast: bool) {
@@ -207,7 +212,10 @@ impl Shared {
         let totals = self.totals(&machine);
         machine.window.record(totals.calls, failed, slow);
         let counts = machine.window.counts(totals);
-        if self.settings.trips(counts.calls, counts.failures, counts.slow) {
+        if self
+            .settings
+            .trips(counts.calls, counts.failures, counts.slow)
+        {
             self.transition(&mut machine, BreakerState::Open, now);
             return;
         }

@@ -1,9 +1,9 @@
 use super::future::ResponseFuture;
 use super::shared::{state_of, Admission, ModeCell, ProbePermit, Shared};
-use std::sync::atomic::Ordering;
 use super::{BreakerHandle, BreakerState, CircuitOpen};
 use crate::classify::{Classify, DefaultClassifier};
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{BoxError, Service};
@@ -48,7 +48,11 @@ const HELD: u64 = u64::MAX - 1;
 /// Whether `admitted` is a mode word under which calls pass (closed or disabled).
 #[inline]
 fn passes(admitted: u64) -> bool {
-    admitted < HELD && matches!(state_of(admitted), BreakerState::Closed | BreakerState::Disabled)
+    admitted < HELD
+        && matches!(
+            state_of(admitted),
+            BreakerState::Closed | BreakerState::Disabled
+        )
 }
 
 impl<S, C> CircuitBreaker<S, C> {

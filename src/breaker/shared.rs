@@ -9,11 +9,11 @@
 //! next failure, tick or transition re-evaluates it (see `Shared::fast_allowed`).
 
 use super::config::Settings;
+use super::local::{self, Cell, Cells};
 use super::machine::Machine;
 use super::{BreakerState, CircuitOpen, Transition};
-use crate::random::RandomSource;
-use super::local::{self, Cell, Cells};
 use crate::padded::CachePadded;
+use crate::random::RandomSource;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -85,7 +85,11 @@ impl Shared {
         let origin = Instant::now();
         let machine = Machine::new(&settings, name, random, origin);
         let fast = machine.initially_fast(&settings);
-        let mode = Arc::new(CachePadded(AtomicU64::new(word(0, BreakerState::Closed, fast))));
+        let mode = Arc::new(CachePadded(AtomicU64::new(word(
+            0,
+            BreakerState::Closed,
+            fast,
+        ))));
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new_cyclic(|this| Shared {
             id,
@@ -135,7 +139,9 @@ impl Shared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Machine> {
         // A panic while holding the lock cannot leave the machine half-updated in a way that
         // matters more than refusing service would, so poisoning is ignored.
-        self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.machine
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn set_open_until(&self, until: Instant) {
@@ -196,10 +202,13 @@ impl Shared {
                     // The driver times the probe out if it outlives `half_open_timeout`.
                     self.driver.notify_one();
                     Admission::Probe(ProbePermit {
-                    shared: self.this.upgrade().expect("admitting through a live breaker"),
-                    generation: machine.generation,
-                    id,
-                    settled: false,
+                        shared: self
+                            .this
+                            .upgrade()
+                            .expect("admitting through a live breaker"),
+                        generation: machine.generation,
+                        id,
+                        settled: false,
                     })
                 }
                 None => Admission::Reject(CircuitOpen::new(BreakerState::HalfOpen, Duration::ZERO)),

@@ -137,7 +137,11 @@ impl TimeWindow {
 
     /// The window's contents given the current totals.
     pub(crate) fn counts(&self, totals: Totals) -> WindowCounts {
-        totals - *self.starts.front().expect("a time window always holds its current bucket")
+        totals
+            - *self
+                .starts
+                .front()
+                .expect("a time window always holds its current bucket")
     }
 }
 
@@ -171,7 +175,10 @@ mod tests {
     /// Replays a sequence of calls through a window and the obvious model side by side.
     #[derive(Clone, Debug)]
     enum Step {
-        Call { failed: bool, slow: bool },
+        Call {
+            failed: bool,
+            slow: bool,
+        },
         /// Moves time forward by this many buckets (time window only).
         Tick(u8),
     }
@@ -247,19 +254,34 @@ mod tests {
             totals.failures += u64::from(failed);
             window.record(totals.calls, failed, false);
         }
-        assert_eq!(window.counts(totals), WindowCounts { calls: 3, failures: 0, slow: 0 });
+        assert_eq!(
+            window.counts(totals),
+            WindowCounts {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            }
+        );
     }
 
     #[test]
     fn count_window_ignores_calls_before_its_reset() {
-        let totals = Totals { calls: 50, failures: 50, slow: 0 };
+        let totals = Totals {
+            calls: 50,
+            failures: 50,
+            slow: 0,
+        };
         let mut window = CountWindow::new(10, totals);
         assert_eq!(window.counts(totals), WindowCounts::default());
     }
 
     #[test]
     fn time_window_forgets_everything_after_a_long_gap() {
-        let mut totals = Totals { calls: 10, failures: 4, slow: 1 };
+        let mut totals = Totals {
+            calls: 10,
+            failures: 4,
+            slow: 1,
+        };
         let mut window = TimeWindow::new(60, 0, Totals::default());
         assert_eq!(window.counts(totals).failures, 4);
         window.advance(1_000_000, totals);

@@ -1,0 +1,249 @@
+//! Gate mode: `poll_ready` waits while the breaker rejects and wakes the task when it may take
+//! traffic again, driven through tower-test mocks with paused tokio time.
+
+mod support;
+
+use meshkit::breaker::{
+    BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, WindowConfig,
+};
+use meshkit::random::SplitMix64;
+use std::sync::Arc;
+use std::time::Duration;
+use support::is_open;
+use tokio_test::{assert_pending, assert_ready_ok};
+use tower::Layer;
+use tower_test::mock::{self, Mock, Spawn};
+
+type Handle = mock::Handle<&'static str, ()>;
+type Gated = Spawn<CircuitBreaker<Mock<&'static str, ()>>>;
+
+const OPEN_FOR: Duration = Duration::from_secs(10);
+
+/// Opens after two failures among the last four calls; one probe decides in half-open.
+fn config() -> BreakerConfig {
+    BreakerConfig {
+        window: WindowConfig::Count { size: 4 },
+        minimum_calls: 2,
+        open_for: OPEN_FOR,
+        half_open_calls: 1,
+        ..BreakerConfig::default()
+    }
+}
+
+fn fail_fast() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(config())
+        .unwrap()
+        .random(Arc::new(SplitMix64::seeded(1)))
+}
+
+fn gate() -> CircuitBreakerLayer {
+    fail_fast().gate()
+}
+
+/// Sends one request through `service` and has the mock answer it; returns the result.
+async fn exchange(
+    service: &mut Gated,
+    handle: &mut Handle,
+    fail: bool,
+) -> Result<(), tower::BoxError> {
+    assert_ready_ok!(service.poll_ready());
+    let response = service.call("request");
+    let (_, reply) = handle.next_request().await.expect("the mock received the request");
+    if fail {
+        reply.send_error("backend failed");
+    } else {
+        reply.send_response(());
+    }
+    response.await
+}
+
+/// Opens the breaker by sending two failures through `service`.
+async fn drive_open(service: &mut Gated, handle: &mut Handle) {
+    for _ in 0..2 {
+        exchange(service, handle, true).await.unwrap_err();
+    }
+}
+
+/// Lets spawned tasks (the breaker's driver) run at the current paused instant.
+async fn settle() {
+    for _ in 0..8 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn gate_mode_passes_the_inner_readiness_through_while_closed() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (mut service, mut handle) = mock::spawn_layer(layer);
+
+    handle.allow(0);
+    assert_pending!(service.poll_ready());
+    assert!(!service.is_woken());
+
+    handle.allow(1);
+    assert!(service.is_woken(), "the inner service's wake-up reaches the task");
+    assert_ready_ok!(service.poll_ready());
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (mut service, mut handle) = mock::spawn_layer(layer);
+    drive_open(&mut service, &mut handle).await;
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // Pending, not an error, and the task is registered for a wake-up.
+    assert_pending!(service.poll_ready());
+    assert!(service.waker_ref_count() > 1, "the breaker holds the task's waker");
+    assert!(!service.is_woken());
+
+    tokio::time::advance(OPEN_FOR - Duration::from_millis(1)).await;
+    settle().await;
+    assert!(!service.is_woken(), "still open 1 ms before the period ends");
+    assert_pending!(service.poll_ready());
+
+    // No call and no state query: only the breaker's driver can wake the task.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    settle().await;
+    assert!(service.is_woken(), "woken when the breaker turns half-open");
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+
+    assert_ready_ok!(service.poll_ready());
+    assert_eq!(breaker.metrics().probes_in_flight, 1, "poll_ready reserved the probe slot");
+    exchange(&mut service, &mut handle, false).await.unwrap();
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_clone_waits_while_another_holds_the_only_probe_and_wakes_when_it_closes() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (inner, mut handle) = mock::pair::<&'static str, ()>();
+    let service = layer.layer(inner);
+    let mut first = Spawn::new(service.clone());
+    let mut second = Spawn::new(service);
+    drive_open(&mut first, &mut handle).await;
+    tokio::time::sleep(OPEN_FOR).await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+
+    assert_ready_ok!(first.poll_ready());
+    assert_pending!(second.poll_ready());
+    assert!(!second.is_woken());
+
+    let response = first.call("probe");
+    let (_, reply) = handle.next_request().await.unwrap();
+    assert!(!second.is_woken(), "the probe has not finished");
+    reply.send_response(());
+    response.await.unwrap();
+
+    assert_eq!(breaker.state(), BreakerState::Closed);
+    assert!(second.is_woken(), "the probe's success closed the breaker");
+    assert_ready_ok!(second.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (inner, mut handle) = mock::pair::<&'static str, ()>();
+    let service = layer.layer(inner);
+    let mut first = Spawn::new(service.clone());
+    let mut second = Spawn::new(service);
+    drive_open(&mut first, &mut handle).await;
+    tokio::time::sleep(OPEN_FOR).await;
+
+    assert_ready_ok!(first.poll_ready());
+    assert_pending!(second.poll_ready());
+    drop(first);
+
+    assert!(second.is_woken(), "dropping the reserving service freed the slot");
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+    assert_ready_ok!(second.poll_ready());
+    assert_eq!(breaker.metrics().probes_in_flight, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_keeps_gated_services_pending_until_the_next_half_open() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (inner, mut handle) = mock::pair::<&'static str, ()>();
+    let service = layer.layer(inner);
+    let mut first = Spawn::new(service.clone());
+    let mut second = Spawn::new(service);
+    drive_open(&mut first, &mut handle).await;
+    tokio::time::sleep(OPEN_FOR).await;
+
+    exchange(&mut first, &mut handle, true).await.unwrap_err();
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    assert_pending!(first.poll_ready());
+    assert_pending!(second.poll_ready());
+    let reopened_for = breaker.metrics().open_remaining.unwrap();
+    assert!(reopened_for > OPEN_FOR, "the second opening backs off: {reopened_for:?}");
+
+    tokio::time::advance(reopened_for).await;
+    settle().await;
+    assert!(first.is_woken() && second.is_woken());
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forced_open_makes_gated_poll_ready_pending_and_reset_wakes_it() {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (mut service, _handle) = mock::spawn_layer::<&'static str, (), _>(layer);
+
+    breaker.force_open();
+    assert_pending!(service.poll_ready());
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    settle().await;
+    assert!(!service.is_woken(), "a forced-open breaker never turns half-open by itself");
+    assert_pending!(service.poll_ready());
+
+    breaker.reset();
+    assert!(service.is_woken());
+    assert_ready_ok!(service.poll_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn fail_fast_poll_ready_is_ready_while_open_and_call_fails_with_circuit_open() {
+    let layer = fail_fast();
+    let breaker = layer.handle();
+    let (mut service, mut handle) = mock::spawn_layer(layer);
+    drive_open(&mut service, &mut handle).await;
+    assert_eq!(breaker.state(), BreakerState::Open);
+
+    // Even an inner service that is not ready does not hold up the rejection.
+    handle.allow(0);
+    assert_ready_ok!(service.poll_ready());
+    let result = service.call("request").await;
+    assert!(is_open(&result), "{result:?}");
+    let open = result.as_ref().unwrap_err().downcast_ref::<CircuitOpen>().unwrap();
+    assert_eq!(open.state(), BreakerState::Open);
+    assert_eq!(open.retry_after(), OPEN_FOR);
+    assert!(handle.poll_request().is_pending(), "the rejected call never reached the mock");
+    assert_eq!(breaker.metrics().rejected, 1);
+}
+
+/// A `poll_ready` that decided to reject must not leave the service skipping the inner
+/// service's readiness once the breaker closes again.
+#[tokio::test(start_paused = true)]
+async fn fail_fast_passes_the_inner_readiness_through_again_after_a_rejection_was_not_used() {
+    let layer = fail_fast();
+    let breaker = layer.handle();
+    let (mut service, mut handle) = mock::spawn_layer(layer);
+    drive_open(&mut service, &mut handle).await;
+
+    // Readiness is polled while open (a rejection is decided) but no call follows.
+    assert_ready_ok!(service.poll_ready());
+    breaker.reset();
+
+    handle.allow(0);
+    assert_pending!(service.poll_ready(), "the inner service is not ready");
+    handle.allow(1);
+    assert_ready_ok!(service.poll_ready());
+    exchange(&mut service, &mut handle, false).await.unwrap();
+}

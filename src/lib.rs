@@ -51,3 +51,8 @@ mod padded;
 pub mod random;
 
 pub use config::ConfigError;
+
+/// Compiles the README's examples as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

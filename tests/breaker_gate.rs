@@ -48,7 +48,10 @@ async fn exchange(
 ) -> Result<(), tower::BoxError> {
     assert_ready_ok!(service.poll_ready());
     let response = service.call("request");
-    let (_, reply) = handle.next_request().await.expect("the mock received the request");
+    let (_, reply) = handle
+        .next_request()
+        .await
+        .expect("the mock received the request");
     if fail {
         reply.send_error("backend failed");
     } else {
@@ -82,7 +85,10 @@ async fn gate_mode_passes_the_inner_readiness_through_while_closed() {
     assert!(!service.is_woken());
 
     handle.allow(1);
-    assert!(service.is_woken(), "the inner service's wake-up reaches the task");
+    assert!(
+        service.is_woken(),
+        "the inner service's wake-up reaches the task"
+    );
     assert_ready_ok!(service.poll_ready());
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
@@ -97,12 +103,18 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
 
     // Pending, not an error, and the task is registered for a wake-up.
     assert_pending!(service.poll_ready());
-    assert!(service.waker_ref_count() > 1, "the breaker holds the task's waker");
+    assert!(
+        service.waker_ref_count() > 1,
+        "the breaker holds the task's waker"
+    );
     assert!(!service.is_woken());
 
     tokio::time::advance(OPEN_FOR - Duration::from_millis(1)).await;
     settle().await;
-    assert!(!service.is_woken(), "still open 1 ms before the period ends");
+    assert!(
+        !service.is_woken(),
+        "still open 1 ms before the period ends"
+    );
     assert_pending!(service.poll_ready());
 
     // No call and no state query: only the breaker's driver can wake the task.
@@ -112,7 +124,11 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
 
     assert_ready_ok!(service.poll_ready());
-    assert_eq!(breaker.metrics().probes_in_flight, 1, "poll_ready reserved the probe slot");
+    assert_eq!(
+        breaker.metrics().probes_in_flight,
+        1,
+        "poll_ready reserved the probe slot"
+    );
     exchange(&mut service, &mut handle, false).await.unwrap();
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
@@ -159,7 +175,10 @@ async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
     assert_pending!(second.poll_ready());
     drop(first);
 
-    assert!(second.is_woken(), "dropping the reserving service freed the slot");
+    assert!(
+        second.is_woken(),
+        "dropping the reserving service freed the slot"
+    );
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
     assert_ready_ok!(second.poll_ready());
     assert_eq!(breaker.metrics().probes_in_flight, 1);
@@ -182,7 +201,10 @@ async fn a_failed_probe_keeps_gated_services_pending_until_the_next_half_open() 
     assert_pending!(first.poll_ready());
     assert_pending!(second.poll_ready());
     let reopened_for = breaker.metrics().open_remaining.unwrap();
-    assert!(reopened_for > OPEN_FOR, "the second opening backs off: {reopened_for:?}");
+    assert!(
+        reopened_for > OPEN_FOR,
+        "the second opening backs off: {reopened_for:?}"
+    );
 
     tokio::time::advance(reopened_for).await;
     settle().await;
@@ -200,7 +222,10 @@ async fn forced_open_makes_gated_poll_ready_pending_and_reset_wakes_it() {
     assert_pending!(service.poll_ready());
     tokio::time::advance(Duration::from_secs(3600)).await;
     settle().await;
-    assert!(!service.is_woken(), "a forced-open breaker never turns half-open by itself");
+    assert!(
+        !service.is_woken(),
+        "a forced-open breaker never turns half-open by itself"
+    );
     assert_pending!(service.poll_ready());
 
     breaker.reset();
@@ -221,10 +246,17 @@ async fn fail_fast_poll_ready_is_ready_while_open_and_call_fails_with_circuit_op
     assert_ready_ok!(service.poll_ready());
     let result = service.call("request").await;
     assert!(is_open(&result), "{result:?}");
-    let open = result.as_ref().unwrap_err().downcast_ref::<CircuitOpen>().unwrap();
+    let open = result
+        .as_ref()
+        .unwrap_err()
+        .downcast_ref::<CircuitOpen>()
+        .unwrap();
     assert_eq!(open.state(), BreakerState::Open);
     assert_eq!(open.retry_after(), OPEN_FOR);
-    assert!(handle.poll_request().is_pending(), "the rejected call never reached the mock");
+    assert!(
+        handle.poll_request().is_pending(),
+        "the rejected call never reached the mock"
+    );
     assert_eq!(breaker.metrics().rejected, 1);
 }
 

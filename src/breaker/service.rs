@@ -128,12 +128,16 @@ where
         if self.probe.is_none() {
             let word = self.mode.load(Ordering::Acquire);
             if passes(word) {
+                if self.admitted == HELD {
+                    // An earlier `poll_ready` decided to reject; that no longer holds.
+                    self.rejection = None;
+                }
                 self.admitted = word;
             } else if self.decide_held(cx).is_pending() {
                 return Poll::Pending;
             }
         }
-        if self.rejection.is_some() {
+        if self.admitted == HELD && self.rejection.is_some() {
             // `call` will fail fast; no need to reserve capacity in the inner service.
             return Poll::Ready(Ok(()));
         }

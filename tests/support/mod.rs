@@ -18,8 +18,13 @@ pub enum Call {
 }
 
 /// A backend that does what each request says.
-pub fn backend(
-) -> impl Service<Call, Response = (), Error = BoxError, Future = impl Send> + Clone + Send {
+pub fn backend() -> impl Service<
+    Call,
+    Response = (),
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<(), BoxError>> + Send,
+> + Clone
+       + Send {
     tower::service_fn(|call: Call| async move {
         match call {
             Call::Succeed => Ok(()),

@@ -706,15 +706,3 @@ async fn invalid_configs_fail_at_construction_naming_the_field() {
         "half_open_calls must be in [1, 10000], got 0"
     );
 }
-
-#[tokio::test(start_paused = true)]
-async fn a_rejection_decided_by_poll_ready_is_dropped_once_the_breaker_closes() {
-    let layer = layer(count_window(10, 5));
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    service.ready().await.unwrap(); // decides to reject the next call
-    handle.reset();
-    service.ready().await.unwrap(); // decides again, now closed
-    service.call(Call::Succeed).await.unwrap();
-}

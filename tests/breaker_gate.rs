@@ -8,10 +8,11 @@ use meshkit::breaker::{
 };
 use meshkit::random::SplitMix64;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use support::is_open;
 use tokio_test::{assert_pending, assert_ready_ok};
-use tower::Layer;
+use tower::{BoxError, Layer};
 use tower_test::mock::{self, Mock, Spawn};
 
 type Handle = mock::Handle<&'static str, ()>;
@@ -40,13 +41,14 @@ fn gate() -> CircuitBreakerLayer {
     fail_fast().gate()
 }
 
+/// Polls the breaker's readiness for the mock's request type.
+fn poll_ready(service: &mut Gated) -> Poll<Result<(), BoxError>> {
+    service.poll_ready::<&'static str>()
+}
+
 /// Sends one request through `service` and has the mock answer it; returns the result.
-async fn exchange(
-    service: &mut Gated,
-    handle: &mut Handle,
-    fail: bool,
-) -> Result<(), tower::BoxError> {
-    assert_ready_ok!(service.poll_ready());
+async fn exchange(service: &mut Gated, handle: &mut Handle, fail: bool) -> Result<(), BoxError> {
+    assert_ready_ok!(poll_ready(service));
     let response = service.call("request");
     let (_, reply) = handle
         .next_request()
@@ -81,7 +83,7 @@ async fn gate_mode_passes_the_inner_readiness_through_while_closed() {
     let (mut service, mut handle) = mock::spawn_layer(layer);
 
     handle.allow(0);
-    assert_pending!(service.poll_ready());
+    assert_pending!(poll_ready(&mut service));
     assert!(!service.is_woken());
 
     handle.allow(1);
@@ -89,7 +91,7 @@ async fn gate_mode_passes_the_inner_readiness_through_while_closed() {
         service.is_woken(),
         "the inner service's wake-up reaches the task"
     );
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
 
@@ -102,7 +104,7 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
     assert_eq!(breaker.state(), BreakerState::Open);
 
     // Pending, not an error, and the task is registered for a wake-up.
-    assert_pending!(service.poll_ready());
+    assert_pending!(poll_ready(&mut service));
     assert!(
         service.waker_ref_count() > 1,
         "the breaker holds the task's waker"
@@ -115,7 +117,7 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
         !service.is_woken(),
         "still open 1 ms before the period ends"
     );
-    assert_pending!(service.poll_ready());
+    assert_pending!(poll_ready(&mut service));
 
     // No call and no state query: only the breaker's driver can wake the task.
     tokio::time::advance(Duration::from_millis(1)).await;
@@ -123,7 +125,7 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
     assert!(service.is_woken(), "woken when the breaker turns half-open");
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
 
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
     assert_eq!(
         breaker.metrics().probes_in_flight,
         1,
@@ -145,8 +147,8 @@ async fn a_gated_clone_waits_while_another_holds_the_only_probe_and_wakes_when_i
     tokio::time::sleep(OPEN_FOR).await;
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
 
-    assert_ready_ok!(first.poll_ready());
-    assert_pending!(second.poll_ready());
+    assert_ready_ok!(poll_ready(&mut first));
+    assert_pending!(poll_ready(&mut second));
     assert!(!second.is_woken());
 
     let response = first.call("probe");
@@ -157,7 +159,7 @@ async fn a_gated_clone_waits_while_another_holds_the_only_probe_and_wakes_when_i
 
     assert_eq!(breaker.state(), BreakerState::Closed);
     assert!(second.is_woken(), "the probe's success closed the breaker");
-    assert_ready_ok!(second.poll_ready());
+    assert_ready_ok!(poll_ready(&mut second));
 }
 
 #[tokio::test(start_paused = true)]
@@ -171,8 +173,8 @@ async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
     drive_open(&mut first, &mut handle).await;
     tokio::time::sleep(OPEN_FOR).await;
 
-    assert_ready_ok!(first.poll_ready());
-    assert_pending!(second.poll_ready());
+    assert_ready_ok!(poll_ready(&mut first));
+    assert_pending!(poll_ready(&mut second));
     drop(first);
 
     assert!(
@@ -180,7 +182,7 @@ async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
         "dropping the reserving service freed the slot"
     );
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
-    assert_ready_ok!(second.poll_ready());
+    assert_ready_ok!(poll_ready(&mut second));
     assert_eq!(breaker.metrics().probes_in_flight, 1);
 }
 
@@ -198,8 +200,8 @@ async fn a_failed_probe_keeps_gated_services_pending_until_the_next_half_open() 
     exchange(&mut first, &mut handle, true).await.unwrap_err();
     assert_eq!(breaker.state(), BreakerState::Open);
 
-    assert_pending!(first.poll_ready());
-    assert_pending!(second.poll_ready());
+    assert_pending!(poll_ready(&mut first));
+    assert_pending!(poll_ready(&mut second));
     let reopened_for = breaker.metrics().open_remaining.unwrap();
     assert!(
         reopened_for > OPEN_FOR,
@@ -219,18 +221,18 @@ async fn forced_open_makes_gated_poll_ready_pending_and_reset_wakes_it() {
     let (mut service, _handle) = mock::spawn_layer::<&'static str, (), _>(layer);
 
     breaker.force_open();
-    assert_pending!(service.poll_ready());
+    assert_pending!(poll_ready(&mut service));
     tokio::time::advance(Duration::from_secs(3600)).await;
     settle().await;
     assert!(
         !service.is_woken(),
         "a forced-open breaker never turns half-open by itself"
     );
-    assert_pending!(service.poll_ready());
+    assert_pending!(poll_ready(&mut service));
 
     breaker.reset();
     assert!(service.is_woken());
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
 }
 
 #[tokio::test(start_paused = true)]
@@ -243,7 +245,7 @@ async fn fail_fast_poll_ready_is_ready_while_open_and_call_fails_with_circuit_op
 
     // Even an inner service that is not ready does not hold up the rejection.
     handle.allow(0);
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
     let result = service.call("request").await;
     assert!(is_open(&result), "{result:?}");
     let open = result
@@ -270,12 +272,12 @@ async fn fail_fast_passes_the_inner_readiness_through_again_after_a_rejection_wa
     drive_open(&mut service, &mut handle).await;
 
     // Readiness is polled while open (a rejection is decided) but no call follows.
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
     breaker.reset();
 
     handle.allow(0);
-    assert_pending!(service.poll_ready(), "the inner service is not ready");
+    assert_pending!(poll_ready(&mut service), "the inner service is not ready");
     handle.allow(1);
-    assert_ready_ok!(service.poll_ready());
+    assert_ready_ok!(poll_ready(&mut service));
     exchange(&mut service, &mut handle, false).await.unwrap();
 }

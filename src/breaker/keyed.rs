@@ -268,10 +268,14 @@ pub struct KeyedBreakerHandle<K> {
 impl<K: Hash + Eq + Clone> KeyedBreakerHandle<K> {
     /// The breaker of `key`, if the key is currently held.
     pub fn get(&self, key: &K) -> Option<BreakerHandle> {
+        let now = Instant::now();
         let entries = self.registry.lock();
         entries
             .map
             .get(key)
+            .filter(|entry| {
+                now.saturating_duration_since(entry.last_used) < self.registry.idle_timeout
+            })
             .map(|entry| BreakerHandle::new(entry.shared.clone()))
     }
 
@@ -350,8 +354,12 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Registry<K> {
         let now = Instant::now();
         let mut entries = self.lock();
         if let Some(entry) = entries.map.get_mut(&key) {
-            entry.last_used = now;
-            return entry.shared.clone();
+            if now.saturating_duration_since(entry.last_used) < self.idle_timeout {
+                entry.last_used = now;
+                return entry.shared.clone();
+            }
+            // Idle too long: forgotten, and it starts again closed like any new key.
+            entries.map.remove(&key);
         }
         let sweep_due = entries
             .last_sweep

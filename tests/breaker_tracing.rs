@@ -1,0 +1,77 @@
+//! Every breaker transition is reported as a `tracing` event.
+
+mod support;
+
+use meshkit::breaker::{BreakerConfig, CircuitBreakerLayer, WindowConfig};
+use std::fmt::{Debug, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{backend, send, send_n, Call};
+use tower::Layer;
+use tracing::field::{Field, Visit};
+use tracing::{span, Event, Metadata, Subscriber};
+
+/// Keeps every event's level and fields as text.
+#[derive(Clone, Default)]
+struct Events(Arc<Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl Subscriber for Events {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields(format!("{} ", event.metadata().level()));
+        event.record(&mut fields);
+        self.0.lock().unwrap().push(fields.0);
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn every_transition_is_a_tracing_event_naming_the_breaker_and_states() {
+    let events = Events::default();
+    let _guard = tracing::subscriber::set_default(events.clone());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let layer = CircuitBreakerLayer::new(BreakerConfig {
+            window: WindowConfig::Count { size: 10 },
+            minimum_calls: 5,
+            half_open_calls: 1,
+            open_for: Duration::from_secs(10),
+            ..BreakerConfig::default()
+        })
+        .unwrap()
+        .name("billing");
+        let mut service = layer.layer(backend());
+        send_n(&mut service, Call::Fail, 5).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        send(&mut service, Call::Succeed).await.unwrap();
+    });
+    let events = events.0.lock().unwrap();
+    let transitions: Vec<&String> = events
+        .iter()
+        .filter(|e| e.contains("breaker=\"billing\""))
+        .collect();
+    assert_eq!(transitions.len(), 3, "{events:#?}");
+    assert!(transitions[0].starts_with("WARN") && transitions[0].contains("from=closed to=open"));
+    assert!(transitions[1].contains("from=open to=half-open"));
+    assert!(transitions[2].contains("from=half-open to=closed"));
+}

@@ -3,13 +3,14 @@
 mod support;
 
 use meshkit::breaker::{
-    BreakerConfig, BreakerState, CircuitBreakerLayer, CircuitOpen, WindowConfig,
+    BreakerConfig, BreakerHandle, BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen,
+    WindowConfig,
 };
 use meshkit::classify::Outcome;
 use meshkit::random::SplitMix64;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{backend, is_open, send, send_n, Call};
+use support::{backend, is_open, send, send_n, Backend, Call};
 use tokio::time::{sleep, Instant};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
@@ -31,6 +32,17 @@ fn time_window(seconds: u64, minimum_calls: u32) -> BreakerConfig {
         open_for: Duration::from_secs(10),
         ..BreakerConfig::default()
     }
+}
+
+/// A breaker driven open by five failures, then left for its 10 s open period: half-open.
+async fn half_open(config: BreakerConfig) -> (BreakerHandle, CircuitBreaker<Backend>) {
+    let layer = layer(config);
+    let handle = layer.handle();
+    let mut service = layer.layer(backend());
+    send_n(&mut service, Call::Fail, 5).await;
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(handle.state(), BreakerState::HalfOpen);
+    (handle, service)
 }
 
 fn layer(config: BreakerConfig) -> CircuitBreakerLayer {
@@ -222,14 +234,11 @@ async fn turns_half_open_by_itself_when_the_open_period_ends() {
 
 #[tokio::test(start_paused = true)]
 async fn closes_when_the_probes_succeed() {
-    let layer = layer(BreakerConfig {
+    let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 3,
         ..count_window(10, 5)
-    });
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    sleep(Duration::from_secs(10)).await;
+    })
+    .await;
     assert_eq!(handle.state(), BreakerState::HalfOpen);
     send_n(&mut service, Call::Succeed, 2).await;
     assert_eq!(
@@ -244,16 +253,13 @@ async fn closes_when_the_probes_succeed() {
 
 #[tokio::test(start_paused = true)]
 async fn reopens_when_probes_fail_for_longer_each_time() {
-    let layer = layer(BreakerConfig {
+    let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 2,
         open_backoff: 2.0,
         open_for_max: Duration::from_secs(60),
         ..count_window(10, 5)
-    });
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    sleep(Duration::from_secs(10)).await;
+    })
+    .await;
     let _ = send(&mut service, Call::Fail).await;
     assert_eq!(
         handle.state(),
@@ -298,14 +304,11 @@ async fn open_period_never_exceeds_open_for_max() {
 
 #[tokio::test(start_paused = true)]
 async fn closing_resets_the_open_backoff() {
-    let layer = layer(BreakerConfig {
+    let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 1,
         ..count_window(10, 5)
-    });
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    sleep(Duration::from_secs(10)).await;
+    })
+    .await;
     let _ = send(&mut service, Call::Fail).await; // re-open, longer
     sleep(Duration::from_secs(20)).await;
     send(&mut service, Call::Succeed).await.unwrap();
@@ -347,14 +350,11 @@ async fn half_open_admits_at_most_half_open_calls_probes() {
 
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_probe_gives_its_slot_back_and_is_not_counted() {
-    let layer = layer(BreakerConfig {
+    let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 1,
         ..count_window(10, 5)
-    });
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    sleep(Duration::from_secs(10)).await;
+    })
+    .await;
 
     let probe = service.ready().await.unwrap().call(Call::Hang);
     assert_eq!(handle.metrics().probes_in_flight, 1);
@@ -375,14 +375,11 @@ async fn a_cancelled_probe_gives_its_slot_back_and_is_not_counted() {
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_reserved_by_poll_ready_is_released_when_the_service_is_dropped() {
-    let layer = layer(BreakerConfig {
+    let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 1,
         ..count_window(10, 5)
-    });
-    let handle = layer.handle();
-    let mut service = layer.layer(backend());
-    send_n(&mut service, Call::Fail, 5).await;
-    sleep(Duration::from_secs(10)).await;
+    })
+    .await;
     let mut reserving = service.clone();
     reserving.ready().await.unwrap();
     assert_eq!(handle.metrics().probes_in_flight, 1);

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -18,28 +21,39 @@ pub enum Call {
 }
 
 /// A backend that does what each request says.
-pub fn backend() -> impl Service<
-    Call,
-    Response = (),
-    Error = BoxError,
-    Future = impl std::future::Future<Output = Result<(), BoxError>> + Send,
-> + Clone
-       + Send {
-    tower::service_fn(|call: Call| async move {
-        match call {
-            Call::Succeed => Ok(()),
-            Call::Fail => Err(BoxError::from("backend failed")),
-            Call::Slow(delay) => {
-                tokio::time::sleep(delay).await;
-                Ok(())
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Backend;
+
+pub fn backend() -> Backend {
+    Backend
+}
+
+impl Service<Call> for Backend {
+    type Response = ();
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call) -> Self::Future {
+        Box::pin(async move {
+            match call {
+                Call::Succeed => Ok(()),
+                Call::Fail => Err(BoxError::from("backend failed")),
+                Call::Slow(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Ok(())
+                }
+                Call::SlowFail(delay) => {
+                    tokio::time::sleep(delay).await;
+                    Err(BoxError::from("backend failed slowly"))
+                }
+                Call::Hang => std::future::pending().await,
             }
-            Call::SlowFail(delay) => {
-                tokio::time::sleep(delay).await;
-                Err(BoxError::from("backend failed slowly"))
-            }
-            Call::Hang => std::future::pending().await,
-        }
-    })
+        })
+    }
 }
 
 /// Waits for readiness, then sends one request.

@@ -375,7 +375,7 @@ async fn a_cancelled_probe_gives_its_slot_back_and_is_not_counted() {
 
 #[tokio::test(start_paused = true)]
 async fn a_probe_reserved_by_poll_ready_is_released_when_the_service_is_dropped() {
-    let (handle, mut service) = half_open(BreakerConfig {
+    let (handle, service) = half_open(BreakerConfig {
         half_open_calls: 1,
         ..count_window(10, 5)
     })

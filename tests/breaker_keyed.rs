@@ -289,3 +289,30 @@ fn an_invalid_config_is_refused_naming_the_field() {
     let err = KeyedCircuitBreakerLayer::new(config, host).unwrap_err();
     assert_eq!(err.field(), "minimum_calls");
 }
+
+#[tokio::test(start_paused = true)]
+async fn max_keys_and_idle_timeout_can_be_set_one_at_a_time() {
+    let layer = KeyedCircuitBreakerLayer::new(config(), |req: &Request| req.0.clone())
+        .unwrap()
+        .max_keys(2)
+        .unwrap()
+        .idle_timeout(Duration::from_secs(5))
+        .unwrap();
+    let handle = layer.handle();
+    let mut service = layer.layer(backend().map_request(|(_, call): Request| call));
+    for host in ["a", "b", "c"] {
+        service
+            .ready()
+            .await
+            .unwrap()
+            .call((host.to_owned(), Call::Succeed))
+            .await
+            .unwrap();
+    }
+    assert_eq!(handle.len(), 2);
+    let err = KeyedCircuitBreakerLayer::new(config(), |req: &Request| req.0.clone())
+        .unwrap()
+        .max_keys(0)
+        .unwrap_err();
+    assert_eq!(err.field(), "max_keys");
+}

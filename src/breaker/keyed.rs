@@ -84,6 +84,25 @@ where
 }
 
 impl<K, F, C> KeyedCircuitBreakerLayer<K, F, C> {
+    /// Holds at most `max_keys` keys (in `[1, 1000000]`; default [`DEFAULT_MAX_KEYS`]).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `max_keys` when out of range.
+    pub fn max_keys(self, max_keys: usize) -> Result<Self, ConfigError> {
+        let idle_timeout = self.registry.idle_timeout;
+        self.with_limits(max_keys, idle_timeout)
+    }
+
+    /// Forgets a key after `idle_timeout` without a call (in `[1s, 1day]`; default
+    /// [`DEFAULT_IDLE_TIMEOUT`]).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `idle_timeout` when out of range.
+    pub fn idle_timeout(self, idle_timeout: Duration) -> Result<Self, ConfigError> {
+        let max_keys = self.registry.max_keys;
+        self.with_limits(max_keys, idle_timeout)
+    }
+
     /// Bounds the keys held: at most `max_keys` (in `[1, 1000000]`), each forgotten after
     /// `idle_timeout` (in `[1s, 1day]`) without a call.
     ///

@@ -703,3 +703,93 @@ async fn invalid_configs_fail_at_construction_naming_the_field() {
         "half_open_calls must be in [1, 10000], got 0"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_success_in_flight_while_the_window_fills_is_still_evaluated() {
+    let layer = layer(count_window(10, 10));
+    let handle = layer.handle();
+    let mut service = layer.layer(backend());
+    // Admitted while the fresh breaker is armed for the fast path; finishes last.
+    let straggler = service
+        .ready()
+        .await
+        .unwrap()
+        .call(Call::Slow(Duration::from_secs(1)));
+    send_n(&mut service, Call::Fail, 5).await;
+    send_n(&mut service, Call::Succeed, 4).await;
+    assert_eq!(handle.state(), BreakerState::Closed, "9 calls, minimum 10");
+    straggler.await.unwrap();
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "5 of the last 10 failed"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrent_burst_at_startup_opens_the_breaker() {
+    let layer = layer(count_window(100, 20));
+    let handle = layer.handle();
+    let service = layer.layer(backend());
+    let calls = (0..30).map(|i| {
+        let mut service = service.clone();
+        async move {
+            let call = if i < 15 {
+                Call::Slow(Duration::from_secs(1))
+            } else {
+                Call::Fail
+            };
+            send(&mut service, call).await
+        }
+    });
+    futures::future::join_all(calls).await;
+    assert_eq!(handle.state(), BreakerState::Open, "15 of 30 failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_probe_reserved_too_long_is_not_sent_once_the_breaker_reopened() {
+    let (handle, mut service) = half_open(BreakerConfig {
+        half_open_calls: 1,
+        half_open_timeout: Duration::from_secs(1),
+        ..count_window(10, 5)
+    })
+    .await;
+    service.ready().await.unwrap(); // reserves the only probe slot...
+    sleep(Duration::from_secs(2)).await; // ...and outlives half_open_timeout before calling
+    assert_eq!(handle.state(), BreakerState::Open);
+    let err = service.call(Call::Succeed).await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().state(),
+        BreakerState::Open
+    );
+}
+
+#[test]
+fn a_time_window_keeps_ticking_after_years_of_uptime() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = layer(BreakerConfig {
+                window: WindowConfig::Time {
+                    duration: Duration::from_secs(1),
+                },
+                minimum_calls: 100,
+                ..BreakerConfig::default()
+            });
+            let mut service = layer.layer(backend());
+            // More 1/60 s buckets than a u32 counts.
+            tokio::time::advance(Duration::from_secs(72_000_000)).await;
+            send_n(&mut service, Call::Succeed, 3).await;
+            sleep(Duration::from_millis(50)).await;
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the driver must not spin");
+}

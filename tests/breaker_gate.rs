@@ -7,6 +7,7 @@ use meshkit::breaker::{
     BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, WindowConfig,
 };
 use meshkit::random::SplitMix64;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -280,4 +281,53 @@ async fn fail_fast_passes_the_inner_readiness_through_again_after_a_rejection_wa
     handle.allow(1);
     assert_ready_ok!(poll_ready(&mut service));
     exchange(&mut service, &mut handle, false).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn gated_tasks_that_give_up_leave_no_waker_behind() {
+    struct Observed;
+    impl std::task::Wake for Observed {
+        fn wake(self: Arc<Self>) {}
+    }
+    let layer = gate();
+    let handle = layer.handle();
+    let (mock, _backend) = mock::pair::<&'static str, ()>();
+    let service = layer.layer(mock);
+    handle.force_open();
+    let mut wakers = Vec::new();
+    for _ in 0..100 {
+        let mut service = service.clone();
+        let observed = Arc::new(Observed);
+        wakers.push(Arc::downgrade(&observed));
+        let waker = std::task::Waker::from(observed);
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(tower::Service::poll_ready(&mut service, &mut cx).is_pending());
+        // The task gives up (a timeout, say) and drops its service.
+    }
+    let retained = wakers.iter().filter(|w| w.upgrade().is_some()).count();
+    assert_eq!(
+        retained, 0,
+        "the breaker still holds wakers of services that are gone"
+    );
+}
+
+#[test]
+fn gate_mode_without_a_runtime_fails_fast_instead_of_waiting_forever() {
+    let layer = CircuitBreakerLayer::new(config()).unwrap().gate();
+    let handle = layer.handle();
+    let (mock, _backend) = mock::pair::<&'static str, ()>();
+    let mut service = mock::Spawn::new(layer.layer(mock));
+    handle.force_open();
+    // No tokio runtime here, so no driver could ever wake a waiting task.
+    assert_ready_ok!(service.poll_ready());
+    let mut call = std::pin::pin!(service.call("request"));
+    let polled = call
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    let Poll::Ready(Err(err)) = polled else {
+        panic!("a rejection is immediate");
+    };
+    assert!(err
+        .downcast_ref::<meshkit::breaker::CircuitOpen>()
+        .is_some());
 }

@@ -75,3 +75,52 @@ fn every_transition_is_a_tracing_event_naming_the_breaker_and_states() {
     assert!(transitions[1].contains("from=open to=half-open"));
     assert!(transitions[2].contains("from=half-open to=closed"));
 }
+
+/// Calls back into the breaker from inside the transition's tracing event.
+struct ReadsTheBreaker(Arc<std::sync::OnceLock<meshkit::breaker::BreakerHandle>>);
+
+impl Subscriber for ReadsTheBreaker {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, _: &Event<'_>) {
+        if let Some(handle) = self.0.get() {
+            let _ = (handle.name(), handle.state(), handle.metrics());
+        }
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_subscriber_may_read_the_breaker_while_handling_its_event() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let handle = Arc::new(std::sync::OnceLock::new());
+        let _guard = tracing::subscriber::set_default(ReadsTheBreaker(handle.clone()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = CircuitBreakerLayer::new(BreakerConfig {
+                window: WindowConfig::Count { size: 10 },
+                minimum_calls: 2,
+                ..BreakerConfig::default()
+            })
+            .unwrap();
+            handle.set(layer.handle()).unwrap();
+            let mut service = layer.layer(backend());
+            send_n(&mut service, Call::Fail, 2).await;
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("deadlock: the event was emitted under the breaker's lock");
+}

@@ -1,6 +1,5 @@
 use super::local;
-use super::local::Cell;
-use super::shared::{ProbePermit, Shared, FAST};
+use super::shared::{generation_of, ProbePermit, Shared, FAST};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use pin_project_lite::pin_project;
@@ -265,18 +264,23 @@ impl Tracking {
     }
 }
 
-/// Counts a success on this thread's cell if it was admitted while the breaker was armed for
-/// the fast path; returns false to ask for the slow path. A success admitted armed and
-/// finishing just after a transition is counted too: successes only lower rates, and the
-/// window of a closing breaker starts from the totals at that moment.
+/// Counts a success on this thread's cell if the breaker is still in the closed generation
+/// that admitted it and armed for the fast path; returns false to ask for the slow path.
 #[inline(always)]
 fn count_fast_success(breaker: u64, admitted: u64) -> bool {
     if admitted & FAST == 0 {
         return false;
     }
+    local::with(breaker, None, |cell| {
+        let current = cell.mode();
+        let fast = current & FAST != 0 && generation_of(current) == generation_of(admitted);
+        if fast {
+            cell.count_call();
+        }
+        fast
+    })
     // `None`: the breaker is gone, nothing left to count.
-    local::with(breaker, None, Cell::count_call);
-    true
+    .unwrap_or(true)
 }
 
 fn is_slow(slow_at: Option<Instant>) -> bool {

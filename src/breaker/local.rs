@@ -7,6 +7,10 @@
 //! cache keyed by the breaker's id; a miss goes through a global id → breaker registry, once
 //! per thread and breaker. In-flight futures therefore hold just the breaker's id, not an
 //! `Arc`, which would cost two contended atomic operations per call.
+//!
+//! Each cell also carries a copy of the breaker's mode word, rewritten (under the cells'
+//! lock) whenever the breaker publishes a new one, so that a finishing call checks the
+//! breaker's current generation and fast flag on the cache line it is about to write anyway.
 
 use super::shared::Shared;
 use std::cell::{OnceCell, RefCell};
@@ -15,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 /// Thread-local cache slots; breakers whose ids collide evict each other (correct, slower).
-const SLOTS: usize = 16;
+const SLOTS: usize = 64;
 
 /// One thread's counters for one breaker.
 #[derive(Debug)]
@@ -23,11 +27,19 @@ const SLOTS: usize = 16;
 pub(crate) struct Cell {
     calls: AtomicU64,
     rejected: AtomicU64,
+    /// The breaker's current mode word (see `Shared::store_mode`).
+    mode: AtomicU64,
     /// Dead once the owning thread has exited; its counts are then folded and the cell freed.
     owner: Weak<()>,
 }
 
 impl Cell {
+    /// The breaker's current mode word.
+    #[inline]
+    pub(crate) fn mode(&self) -> u64 {
+        self.mode.load(Ordering::Acquire)
+    }
+
     /// Counts one recorded call. Only the owning thread may call this.
     #[inline]
     pub(crate) fn count_call(&self) {
@@ -51,17 +63,36 @@ fn bump(counter: &AtomicU64) {
 #[derive(Debug, Default)]
 pub(crate) struct Cells {
     live: Vec<Arc<Cell>>,
+    /// The mode word new cells start with.
+    mode: u64,
     retired_calls: u64,
     retired_rejected: u64,
 }
 
 impl Cells {
+    pub(crate) fn new(mode: u64) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
+
+    /// Gives every cell the breaker's new mode word.
+    pub(crate) fn publish(&mut self, mode: u64) {
+        self.mode = mode;
+        for cell in &self.live {
+            cell.mode.store(mode, Ordering::Release);
+        }
+    }
+
     fn prune(&mut self) {
         let (mut calls, mut rejected) = (0, 0);
         self.live.retain(|cell| {
             if cell.owner.strong_count() > 0 {
                 return true;
             }
+            // The owner's last relaxed stores happen before its token's drop; see them.
+            std::sync::atomic::fence(Ordering::Acquire);
             calls += cell.calls.load(Ordering::Relaxed);
             rejected += cell.rejected.load(Ordering::Relaxed);
             false
@@ -101,6 +132,7 @@ impl Cells {
         let cell = Arc::new(Cell {
             calls: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            mode: AtomicU64::new(self.mode),
             owner,
         });
         self.live.push(cell.clone());

@@ -32,6 +32,34 @@ pub(crate) struct Machine {
     ticking: bool,
     pub(crate) name: Arc<str>,
     pub(crate) random: Arc<dyn RandomSource>,
+    /// Transitions to announce once the lock is released.
+    pub(crate) announcements: Vec<Announcement>,
+    /// Whether gate-mode waiters must be woken once the lock is released.
+    pub(crate) wake: bool,
+}
+
+/// A transition waiting to be logged and broadcast.
+#[derive(Debug)]
+pub(crate) struct Announcement {
+    transition: Transition,
+    openings: u32,
+    open_for: Duration,
+}
+
+impl Announcement {
+    pub(crate) fn emit(self, subscribers: &tokio::sync::broadcast::Sender<Transition>) {
+        let Transition { from, to, .. } = self.transition;
+        let name = &*self.transition.breaker;
+        match to {
+            BreakerState::Open | BreakerState::ForcedOpen => tracing::warn!(
+                breaker = name, %from, %to, openings = self.openings, open_for = ?self.open_for,
+                "circuit breaker opened"
+            ),
+            _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
+        }
+        // No receivers is fine: nobody subscribed.
+        let _ = subscribers.send(self.transition);
+    }
 }
 
 /// Half-open bookkeeping for the current half-open period.
@@ -66,7 +94,7 @@ impl Probes {
         self.in_flight.len()
     }
 
-    fn oldest_start(&self) -> Option<Instant> {
+    pub(crate) fn oldest_start(&self) -> Option<Instant> {
         self.in_flight.iter().map(|&(_, started)| started).min()
     }
 }
@@ -94,6 +122,8 @@ impl Machine {
             ticking: false,
             name,
             random,
+            announcements: Vec::new(),
+            wake: false,
         }
     }
 
@@ -161,7 +191,9 @@ impl Shared {
     fn next_epoch_start(&self, epoch: u64) -> Instant {
         match self.settings.window {
             WindowConfig::Time { duration } => {
-                self.origin + time_bucket_width(duration) * (epoch + 1) as u32
+                let width = time_bucket_width(duration).as_nanos();
+                let nanos = width.saturating_mul(u128::from(epoch) + 1);
+                self.origin + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
             }
             WindowConfig::Count { .. } => self.origin,
         }
@@ -242,7 +274,7 @@ impl Shared {
         }
         let Some(failed) = failed else {
             // Ignored: the slot is free again for another probe.
-            self.wake_waiters();
+            machine.wake = true;
             return;
         };
         let probes = &mut machine.probes;
@@ -271,8 +303,7 @@ impl Shared {
             && machine.state == BreakerState::HalfOpen
             && machine.probes.finish(id)
         {
-            drop(machine);
-            self.wake_waiters();
+            machine.wake = true;
         }
     }
 
@@ -360,26 +391,21 @@ impl Shared {
         };
         self.publish(machine, fast);
         self.driver.notify_one();
-        self.wake_waiters();
-        if from == to {
-            return;
+        // Announced and woken once the lock is released (see `Locked`): subscribers and
+        // wakers are other people's code, which must be free to call back into the breaker.
+        machine.wake = true;
+        if from != to {
+            machine.announcements.push(Announcement {
+                transition: Transition {
+                    breaker: machine.name.clone(),
+                    from,
+                    to,
+                    at: now,
+                },
+                openings: machine.openings,
+                open_for: machine.open_until.saturating_duration_since(now),
+            });
         }
-        let name = &*machine.name;
-        match to {
-            BreakerState::Open | BreakerState::ForcedOpen => tracing::warn!(
-                breaker = name, %from, %to, openings = machine.openings,
-                open_for = ?machine.open_until.saturating_duration_since(now),
-                "circuit breaker opened"
-            ),
-            _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
-        }
-        // No receivers is fine: nobody subscribed.
-        let _ = self.transitions.send(Transition {
-            breaker: machine.name.clone(),
-            from,
-            to,
-            at: now,
-        });
     }
 
     /// The current state, applying any transition that time has made due.

@@ -1,5 +1,5 @@
 use super::future::ResponseFuture;
-use super::shared::{state_of, Admission, ModeCell, ProbePermit, Shared};
+use super::shared::{generation_of, state_of, Admission, ModeCell, ProbePermit, Shared, Waiter};
 use super::{BreakerHandle, BreakerState, CircuitOpen};
 use crate::classify::{Classify, DefaultClassifier};
 use std::fmt;
@@ -38,6 +38,8 @@ pub struct CircuitBreaker<S, C = DefaultClassifier> {
     probe: Option<ProbePermit>,
     /// Why `poll_ready` decided to reject the next call.
     rejection: Option<CircuitOpen>,
+    /// This service's place among gate-mode waiters, once it has waited.
+    waiter: Option<Waiter>,
 }
 
 /// `admitted` when `poll_ready` has not decided (or `call` consumed the decision).
@@ -66,6 +68,7 @@ impl<S, C> CircuitBreaker<S, C> {
             admitted: UNDECIDED,
             probe: None,
             rejection: None,
+            waiter: None,
         }
     }
 
@@ -176,7 +179,7 @@ impl<S, C> CircuitBreaker<S, C> {
     fn decide_held(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.rejection = None;
         let admission = if self.options.gate {
-            match self.shared.poll_admit(cx) {
+            match self.shared.poll_admit(cx, &mut self.waiter) {
                 Poll::Ready(admission) => admission,
                 Poll::Pending => {
                     self.admitted = UNDECIDED;
@@ -204,7 +207,12 @@ impl<S, C> CircuitBreaker<S, C> {
     #[cold]
     fn take_admission(&mut self, admitted: u64) -> Admission {
         if let Some(permit) = self.probe.take() {
-            return Admission::Probe(permit);
+            if permit.generation() == generation_of(self.shared.mode()) {
+                return Admission::Probe(permit);
+            }
+            // The half-open period it was reserved in is over: decide afresh.
+            drop(permit);
+            return self.shared.admit();
         }
         if let Some(error) = self.rejection.take() {
             return Admission::Reject(error);

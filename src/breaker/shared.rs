@@ -14,6 +14,7 @@ use super::machine::Machine;
 use super::{BreakerState, CircuitOpen, Transition};
 use crate::padded::CachePadded;
 use crate::random::RandomSource;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -68,7 +69,11 @@ pub(crate) struct Shared {
     /// End of the open period, in nanoseconds since `origin`; meaningful in `Open`.
     open_until: AtomicU64,
     machine: Mutex<Machine>,
-    waiters: Mutex<Vec<Waker>>,
+    /// Held while announcing, so that subscribers see transitions in the order they happened.
+    announcing: Mutex<()>,
+    /// Gate-mode services waiting for the breaker to admit calls, by waiter id.
+    waiters: Mutex<HashMap<u64, Waker>>,
+    next_waiter: AtomicU64,
     pub(crate) transitions: broadcast::Sender<Transition>,
     pub(crate) driver: Arc<Notify>,
     pub(crate) driver_alive: AtomicBool,
@@ -85,21 +90,20 @@ impl Shared {
         let origin = Instant::now();
         let machine = Machine::new(&settings, name, random, origin);
         let fast = machine.initially_fast(&settings);
-        let mode = Arc::new(CachePadded(AtomicU64::new(word(
-            0,
-            BreakerState::Closed,
-            fast,
-        ))));
+        let initial_mode = word(0, BreakerState::Closed, fast);
+        let mode = Arc::new(CachePadded(AtomicU64::new(initial_mode)));
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new_cyclic(|this| Shared {
             id,
-            cells: Mutex::new(Cells::default()),
+            cells: Mutex::new(Cells::new(initial_mode)),
             mode,
             settings,
             origin,
             open_until: AtomicU64::new(0),
             machine: Mutex::new(machine),
-            waiters: Mutex::new(Vec::new()),
+            announcing: Mutex::new(()),
+            waiters: Mutex::new(HashMap::new()),
+            next_waiter: AtomicU64::new(0),
             transitions,
             driver: Arc::new(Notify::new()),
             driver_alive: AtomicBool::new(false),
@@ -127,21 +131,34 @@ impl Shared {
         self.mode.load(Ordering::Acquire)
     }
 
+    /// Publishes a new mode word, to admission and to every thread's cell.
     pub(crate) fn store_mode(&self, word: u64) {
+        let mut cells = self.cells();
         self.mode.store(word, Ordering::Release);
+        cells.publish(word);
     }
 
-    /// Drops the fast flag without the lock (used when the driver disappears).
+    /// Drops the fast flag (used when the driver disappears, so possibly under the machine
+    /// lock: it takes only the cells' lock, which nests inside it).
     pub(crate) fn clear_fast(&self) {
-        self.mode.fetch_and(!FAST, Ordering::AcqRel);
+        let mut cells = self.cells();
+        let word = self.mode.fetch_and(!FAST, Ordering::AcqRel) & !FAST;
+        cells.publish(word);
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Machine> {
+    /// Locks the state machine. Transitions made under the lock are announced, and gate
+    /// waiters woken, when it is released.
+    pub(crate) fn lock(&self) -> Locked<'_> {
         // A panic while holding the lock cannot leave the machine half-updated in a way that
         // matters more than refusing service would, so poisoning is ignored.
-        self.machine
+        let guard = self
+            .machine
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Locked {
+            shared: self,
+            guard: Some(guard),
+        }
     }
 
     pub(crate) fn set_open_until(&self, until: Instant) {
@@ -211,36 +228,60 @@ impl Shared {
                         settled: false,
                     })
                 }
-                None => Admission::Reject(CircuitOpen::new(BreakerState::HalfOpen, Duration::ZERO)),
+                None => {
+                    // A decision is due by the time the oldest probe would time out.
+                    let decided_by =
+                        machine
+                            .probes
+                            .oldest_start()
+                            .map_or(Duration::ZERO, |started| {
+                                (started + self.settings.half_open_timeout)
+                                    .saturating_duration_since(now)
+                            });
+                    Admission::Reject(CircuitOpen::new(BreakerState::HalfOpen, decided_by))
+                }
             },
         }
     }
 
     /// Gate-mode admission: `Pending` (with the task registered for a wake-up) instead of a
     /// rejection, so that a balancer skips this endpoint until it may take traffic again.
-    pub(crate) fn poll_admit(&self, cx: &mut Context<'_>) -> Poll<Admission> {
-        if let admitted @ (Admission::Pass(_) | Admission::Probe(_)) = self.admit() {
-            return Poll::Ready(admitted);
-        }
-        self.register(cx.waker());
+    ///
+    /// Without a tokio runtime nothing could wake the task, so it is rejected instead.
+    pub(crate) fn poll_admit(
+        &self,
+        cx: &mut Context<'_>,
+        waiter: &mut Option<Waiter>,
+    ) -> Poll<Admission> {
+        let rejection = match self.admit() {
+            Admission::Reject(rejection) => rejection,
+            admitted => return Poll::Ready(admitted),
+        };
         // The driver turns the breaker half-open and wakes us; make sure one runs.
-        self.ensure_driver();
+        if !self.ensure_driver() {
+            return Poll::Ready(Admission::Reject(rejection));
+        }
+        let Some(this) = self.this.upgrade() else {
+            return Poll::Ready(Admission::Reject(rejection));
+        };
+        let waiter = waiter.get_or_insert_with(|| Waiter {
+            id: this.next_waiter.fetch_add(1, Ordering::Relaxed),
+            shared: this,
+        });
+        self.waiters().insert(waiter.id, cx.waker().clone());
         match self.admit() {
             Admission::Reject(_) => Poll::Pending,
             admitted => Poll::Ready(admitted),
         }
     }
 
-    fn register(&self, waker: &Waker) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if !waiters.iter().any(|w| w.will_wake(waker)) {
-            waiters.push(waker.clone());
-        }
+    fn waiters(&self) -> MutexGuard<'_, HashMap<u64, Waker>> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn wake_waiters(&self) {
-        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
-        for waker in waiters {
+        let waiters = std::mem::take(&mut *self.waiters());
+        for waker in waiters.into_values() {
             waker.wake();
         }
     }
@@ -313,5 +354,66 @@ impl Drop for ProbePermit {
         if !self.settled {
             self.shared.release_probe(self.generation, self.id);
         }
+    }
+}
+
+/// The locked state machine; on release, announces transitions and wakes gate waiters.
+pub(crate) struct Locked<'a> {
+    shared: &'a Shared,
+    guard: Option<MutexGuard<'a, Machine>>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = Machine;
+
+    fn deref(&self) -> &Machine {
+        self.guard.as_ref().expect("the guard is held until drop")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut Machine {
+        self.guard.as_mut().expect("the guard is held until drop")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(mut machine) = self.guard.take() else {
+            return;
+        };
+        if machine.announcements.is_empty() && !machine.wake {
+            return;
+        }
+        let announcements = std::mem::take(&mut machine.announcements);
+        let wake = std::mem::replace(&mut machine.wake, false);
+        // Taken before the machine is released, so announcements keep their order.
+        let order = self
+            .shared
+            .announcing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        drop(machine);
+        for announcement in announcements {
+            announcement.emit(&self.shared.transitions);
+        }
+        if wake {
+            self.shared.wake_waiters();
+        }
+        drop(order);
+    }
+}
+
+/// A gate-mode service's place among its breaker's waiters: one waker at most, removed when
+/// the service is dropped, so tasks that give up leave nothing behind.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.shared.waiters().remove(&self.id);
     }
 }

@@ -198,34 +198,45 @@ thread_local! {
 /// shutting down.
 #[inline(always)]
 fn with_entry<R>(id: u64, known: Option<&Shared>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+    let mut f = Some(f);
+    // The hit path alone, small enough to inline into every caller.
+    let hit = LOCAL
+        .try_with(|local| {
+            let current = local.slots[slot_of(id)].try_borrow().ok()?;
+            let entry = current.as_ref().filter(|entry| entry.breaker == id)?;
+            f.take().map(|f| f(entry))
+        })
+        .ok()
+        .flatten();
+    match (hit, f) {
+        (Some(result), _) => Some(result),
+        (None, Some(f)) => with_entry_after_miss(id, known, f),
+        (None, None) => None,
+    }
+}
+
+fn slot_of(id: u64) -> usize {
+    (id as usize) % SLOTS
+}
+
+/// Fills the cache slot, outside any borrow (it takes the breaker's locks), then runs `f`.
+#[cold]
+#[inline(never)]
+fn with_entry_after_miss<R>(
+    id: u64,
+    known: Option<&Shared>,
+    f: impl FnOnce(&Entry) -> R,
+) -> Option<R> {
     LOCAL
         .try_with(|local| {
-            let slot = &local.slots[(id as usize) % SLOTS];
-            if let Ok(current) = slot.try_borrow() {
-                if let Some(entry) = current.as_ref().filter(|entry| entry.breaker == id) {
-                    return Some(f(entry));
-                }
-            }
-            refill(local, slot, id, known)?;
+            let slot = &local.slots[slot_of(id)];
+            let entry = fill(local.token(), id, known)?;
+            *slot.try_borrow_mut().ok()? = Some(entry);
             let current = slot.try_borrow().ok()?;
             current.as_ref().map(f)
         })
         .ok()
         .flatten()
-}
-
-/// Fills a cache slot on a miss, outside any borrow: it takes the breaker's locks.
-#[cold]
-#[inline(never)]
-fn refill(
-    local: &Local,
-    slot: &RefCell<Option<Entry>>,
-    id: u64,
-    known: Option<&Shared>,
-) -> Option<()> {
-    let entry = fill(local.token(), id, known)?;
-    *slot.try_borrow_mut().ok()? = Some(entry);
-    Some(())
 }
 
 /// Runs `f` with the calling thread's cell for breaker `id`.

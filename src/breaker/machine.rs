@@ -145,6 +145,7 @@ fn new_window(settings: &Settings, totals: Totals, epoch: u64) -> Window {
 
 /// A snapshot of a breaker's counters.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct BreakerMetrics {
     /// The state when the snapshot was taken.
     pub state: BreakerState,

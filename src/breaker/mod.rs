@@ -72,6 +72,22 @@
 //! rejects and wakes the task when it turns half-open, so that a balancer routes around the
 //! endpoint with no special case.
 //!
+//! ## Where it goes in a stack
+//!
+//! Put timeouts *inside* the breaker, so that a call that times out is a failure the breaker
+//! sees: `ServiceBuilder::new().layer(breaker).timeout(limit).service(client)`. A timeout
+//! outside it cancels the call, and cancelled calls are never counted.
+//!
+//! ## Runtime
+//!
+//! The breaker needs no runtime to be built. Its driver (one small task per breaker) is
+//! spawned on the tokio runtime of the first call that needs it; that runtime must have time
+//! enabled. Without any runtime the breaker still works, applying time-driven transitions on
+//! the next call, and gate mode fails fast instead of waiting for a wake-up nobody would send.
+//! A breaker used from several runtimes at once (a `static` shared by parallel tests) follows
+//! the clock of the runtime its driver runs on; when that runtime shuts down, the next runtime
+//! to use the breaker takes over.
+//!
 //! ## One breaker per host
 //!
 //! [`KeyedCircuitBreakerLayer`] keeps a breaker per key computed from the request, bounded in

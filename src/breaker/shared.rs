@@ -133,6 +133,9 @@ impl Shared {
 
     /// Publishes a new mode word, to admission and to every thread's cell.
     pub(crate) fn store_mode(&self, word: u64) {
+        if self.mode.load(Ordering::Acquire) == word {
+            return;
+        }
         let mut cells = self.cells();
         self.mode.store(word, Ordering::Release);
         cells.publish(word);

@@ -60,6 +60,7 @@ impl fmt::Display for BreakerState {
 /// One change of a breaker's state, as delivered to
 /// [`BreakerHandle::subscribe`](super::BreakerHandle::subscribe) receivers.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Transition {
     /// The breaker's name (for a keyed breaker, the key).
     pub breaker: Arc<str>,

@@ -339,6 +339,22 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_document_deserializes_to_the_documented_defaults() {
+        let config: BreakerConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(config, BreakerConfig::default());
+        assert_eq!(config.failure_rate, 0.5);
+        assert_eq!(config.window, WindowConfig::Count { size: 100 });
+        assert_eq!(config.minimum_calls, 20);
+        assert_eq!(config.slow_call_duration, None);
+        assert_eq!(config.slow_call_rate, 1.0);
+        assert_eq!(config.open_for, Duration::from_secs(10));
+        assert_eq!(config.open_for_max, Duration::from_secs(120));
+        assert_eq!(config.open_backoff, 2.0);
+        assert_eq!(config.half_open_calls, 5);
+        assert_eq!(config.half_open_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
     fn config_round_trips_through_serde() {
         let config = BreakerConfig {
             window: WindowConfig::Time {

@@ -124,3 +124,60 @@ fn a_subscriber_may_read_the_breaker_while_handling_its_event() {
         .recv_timeout(Duration::from_secs(10))
         .expect("deadlock: the event was emitted under the breaker's lock");
 }
+
+/// Resets the breaker from inside the event announcing that it opened.
+struct ResetsTheBreaker(Arc<std::sync::OnceLock<meshkit::breaker::BreakerHandle>>);
+
+impl Subscriber for ResetsTheBreaker {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        if let Some(handle) = self.0.get() {
+            if *event.metadata().level() == tracing::Level::WARN {
+                handle.reset();
+            }
+        }
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_subscriber_may_change_the_breaker_while_handling_its_event() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let handle = Arc::new(std::sync::OnceLock::new());
+        let _guard = tracing::subscriber::set_default(ResetsTheBreaker(handle.clone()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = runtime.block_on(async {
+            let layer = CircuitBreakerLayer::new(BreakerConfig {
+                window: WindowConfig::Count { size: 10 },
+                minimum_calls: 2,
+                ..BreakerConfig::default()
+            })
+            .unwrap();
+            handle.set(layer.handle()).unwrap();
+            let mut service = layer.layer(backend());
+            send_n(&mut service, Call::Fail, 2).await;
+            layer.handle().state()
+        });
+        done.send(state).unwrap();
+    });
+    let state = finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("deadlock: a transition made while announcing another");
+    assert_eq!(
+        state,
+        meshkit::breaker::BreakerState::Closed,
+        "the subscriber reset it"
+    );
+}

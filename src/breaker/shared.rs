@@ -390,21 +390,34 @@ impl Drop for Locked<'_> {
         }
         let announcements = std::mem::take(&mut machine.announcements);
         let wake = std::mem::replace(&mut machine.wake, false);
-        // Taken before the machine is released, so announcements keep their order.
-        let order = self
-            .shared
-            .announcing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        // Taken before the machine is released, so announcements keep their order. A
+        // subscriber that changes the breaker from inside an announcement announces directly.
+        let order = if ANNOUNCING.get() {
+            None
+        } else {
+            Some(
+                self.shared
+                    .announcing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            )
+        };
         drop(machine);
+        let outer = ANNOUNCING.replace(true);
         for announcement in announcements {
             announcement.emit(&self.shared.transitions);
         }
         if wake {
             self.shared.wake_waiters();
         }
+        ANNOUNCING.set(outer);
         drop(order);
     }
+}
+
+thread_local! {
+    /// Whether this thread is announcing transitions (holding some breaker's `announcing`).
+    static ANNOUNCING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A gate-mode service's place among its breaker's waiters: one waker at most, removed when

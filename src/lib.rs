@@ -23,6 +23,7 @@
 //! | Module | What it gives you |
 //! |---|---|
 //! | [`breaker`] | Circuit breaking with true sliding windows, gate mode and per-key breakers |
+//! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
 //! | [`classify`] | What counts as success, failure or neither, shared by every layer |
 //! | [`error`] | Finding meshkit's errors in a `source()` chain |
 //! | [`duration`] | Humantime durations (`"250ms"`) in configs |
@@ -42,6 +43,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod backoff;
 pub mod breaker;
 pub mod classify;
 pub mod config;

@@ -29,6 +29,18 @@ pub trait RandomSource: Send + Sync + fmt::Debug {
     }
 }
 
+impl<T: RandomSource + ?Sized> RandomSource for std::sync::Arc<T> {
+    fn next_u64(&self) -> u64 {
+        (**self).next_u64()
+    }
+}
+
+impl<T: RandomSource + ?Sized> RandomSource for &T {
+    fn next_u64(&self) -> u64 {
+        (**self).next_u64()
+    }
+}
+
 /// A small, fast, lock-free generator (SplitMix64). Not for cryptography.
 #[derive(Debug)]
 pub struct SplitMix64 {

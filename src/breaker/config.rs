@@ -1,5 +1,6 @@
 //! The breaker's configuration and its validation into runtime settings.
 
+use crate::backoff::{Backoff, BackoffKind, Jitter};
 use crate::config::{duration_in_range, int_in_range, rate_in_unit_interval, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -205,18 +206,23 @@ impl Settings {
             || (self.slow_call_duration.is_some() && slow as f64 / calls >= self.slow_call_rate)
     }
 
-    /// The length of the `openings`-th consecutive open period (1-based), before jitter.
+    /// The length of the `openings`-th consecutive open period (1-based): exponential growth
+    /// from `open_for` by `open_backoff`, capped at `open_for_max`, and for repeated openings
+    /// up to 10% shorter (`jitter_unit` in `[0, 1)`), so that breakers that opened together do
+    /// not all probe together. Never shorter than `open_for`.
     pub(crate) fn open_period(&self, openings: u32, jitter_unit: f64) -> Duration {
-        let exponent = openings.saturating_sub(1).min(1_000) as i32;
-        let base = self.open_for.as_secs_f64();
-        let max = self.open_for_max.as_secs_f64();
-        let grown = (base * self.open_backoff.powi(exponent)).min(max);
-        if openings <= 1 || grown <= base {
+        let growth = Backoff {
+            kind: BackoffKind::Exponential,
+            base: self.open_for,
+            multiplier: self.open_backoff,
+            max: self.open_for_max,
+            jitter: Jitter::None,
+        }
+        .growth(openings);
+        if openings <= 1 || growth <= self.open_for {
             return self.open_for;
         }
-        // Up to 10% less, so breakers that opened together do not all probe together.
-        let jittered = (grown * (1.0 - 0.1 * jitter_unit)).clamp(base, max);
-        Duration::from_secs_f64(jittered)
+        growth.mul_f64(1.0 - 0.1 * jitter_unit).max(self.open_for)
     }
 }
 

@@ -17,6 +17,9 @@ impl Drop for Alive {
             // Never takes the machine lock: this may run inside a spawn made under it.
             shared.driver_alive.store(false, Ordering::Release);
             shared.clear_fast();
+            // Gate waiters were counting on this driver; let them poll again, which starts a
+            // driver on their own runtime.
+            shared.wake_waiters();
         }
     }
 }

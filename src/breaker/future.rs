@@ -279,8 +279,8 @@ fn count_fast_success(breaker: u64, admitted: u64) -> bool {
         }
         fast
     })
-    // `None`: the breaker is gone, nothing left to count.
-    .unwrap_or(true)
+    // `None`: the breaker is gone, or this thread is exiting; the slow path sorts it out.
+    .unwrap_or(false)
 }
 
 fn is_slow(slow_at: Option<Instant>) -> bool {
@@ -291,7 +291,14 @@ fn is_slow(slow_at: Option<Instant>) -> bool {
 #[cold]
 #[inline(never)]
 fn record_closed(breaker: u64, admitted: u64, outcome: Outcome, slow: bool) {
-    if let Some((cell, shared)) = local::owned(breaker) {
-        shared.record_closed(&cell, admitted, outcome == Outcome::Failure, slow);
+    let failed = outcome == Outcome::Failure;
+    match local::owned(breaker) {
+        Some((cell, shared)) => shared.record_closed(Some(&cell), admitted, failed, slow),
+        // This thread's locals are gone (it is exiting): count without a cell.
+        None => {
+            if let Some(shared) = local::lookup(breaker) {
+                shared.record_closed(None, admitted, failed, slow);
+            }
+        }
     }
 }

@@ -390,15 +390,15 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Registry<K> {
                 .retain(|_, entry| now.saturating_duration_since(entry.last_used) < idle_timeout);
             entries.last_sweep = Some(now);
         }
+        let mut evicted = None;
         if entries.map.len() >= self.max_keys {
-            let oldest = entries
+            evicted = entries
                 .map
                 .iter()
                 .min_by_key(|(_, entry)| entry.last_used)
                 .map(|(key, _)| key.clone());
-            if let Some(oldest) = oldest {
-                entries.map.remove(&oldest);
-                tracing::debug!(key = ?oldest, "keyed circuit breaker evicted least recently used key");
+            if let Some(oldest) = &evicted {
+                entries.map.remove(oldest);
             }
         }
         let shared = Shared::new(
@@ -414,6 +414,11 @@ impl<K: Hash + Eq + Clone + fmt::Debug> Registry<K> {
                 last_used: now,
             },
         );
+        drop(entries);
+        // Logged with the lock released: a subscriber may look at the handle.
+        if let Some(oldest) = evicted {
+            tracing::debug!(key = ?oldest, "keyed circuit breaker evicted least recently used key");
+        }
         shared
     }
 }

@@ -157,7 +157,8 @@ pub(crate) fn unregister(id: u64) {
         .remove(&id);
 }
 
-fn lookup(id: u64) -> Option<Arc<Shared>> {
+/// The live breaker with this id.
+pub(crate) fn lookup(id: u64) -> Option<Arc<Shared>> {
     REGISTRY
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -32,8 +32,8 @@ pub(crate) struct Machine {
     ticking: bool,
     pub(crate) name: Arc<str>,
     pub(crate) random: Arc<dyn RandomSource>,
-    /// Transitions to announce once the lock is released.
-    pub(crate) announcements: Vec<Announcement>,
+    /// Whether transitions were queued for announcement under this hold of the lock.
+    pub(crate) announce: bool,
     /// Whether gate-mode waiters must be woken once the lock is released.
     pub(crate) wake: bool,
 }
@@ -122,15 +122,15 @@ impl Machine {
             ticking: false,
             name,
             random,
-            announcements: Vec::new(),
+            announce: false,
             wake: false,
         }
     }
 
-    /// A fresh count window may take the fast path at once; a time window waits for its driver.
-    pub(crate) fn initially_fast(&self, settings: &Settings) -> bool {
-        matches!(self.window, Window::Count(_))
-            && !settings.trips(settings.minimum_calls.max(1), 0, 0)
+    /// A fresh window holds fewer than `minimum_calls` calls: successes take the slow path
+    /// until it does (see `Shared::fast_allowed`).
+    pub(crate) fn initially_fast(&self, _settings: &Settings) -> bool {
+        false
     }
 }
 
@@ -173,7 +173,7 @@ impl Shared {
     /// Totals since creation: calls from the per-thread cells, failures and slow calls from the machine.
     fn totals(&self, machine: &Machine) -> Totals {
         Totals {
-            calls: self.cells().calls(),
+            calls: self.cells().calls() + self.orphan_calls(),
             failures: machine.failures,
             slow: machine.slow,
         }
@@ -210,19 +210,23 @@ impl Shared {
         machine.window.counts(totals)
     }
 
-    /// Whether closed-state successes may skip the lock: only if no success could trip the
-    /// breaker before something re-evaluates (successes only lower the rates, except by
-    /// lifting the window to `minimum_calls`), and, for a time window, a driver keeps ticking.
+    /// Whether closed-state successes may skip the lock: only once the window holds
+    /// `minimum_calls` calls (below that, the success that completes the minimum may trip
+    /// the breaker and must be evaluated), and, for a time window, while a driver ticks it.
+    ///
+    /// Past the minimum a success can only lower the rates, so a success counted without the
+    /// lock while another thread evaluates a failure is equivalent to it finishing just after
+    /// that failure: no interleaving can keep a breaker closed that some serial order opens.
     fn fast_allowed(&self, machine: &Machine, counts: WindowCounts) -> bool {
         let ticking = match machine.window {
             Window::Count(_) => true,
             Window::Time(_) => machine.ticking && self.driver_alive.load(Ordering::Acquire),
         };
-        let calls_after = (counts.calls + 1).max(self.settings.minimum_calls);
         ticking
+            && counts.calls >= self.settings.minimum_calls
             && !self
                 .settings
-                .trips(calls_after, counts.failures, counts.slow)
+                .trips(counts.calls + 1, counts.failures, counts.slow)
     }
 
     fn publish(&self, machine: &Machine, fast: bool) {
@@ -231,7 +235,13 @@ impl Shared {
     }
 
     /// Records a finished closed-state call that could not take the fast path.
-    pub(crate) fn record_closed(&self, cell: &Cell, admitted: u64, failed: bool, slow: bool) {
+    pub(crate) fn record_closed(
+        &self,
+        cell: Option<&Cell>,
+        admitted: u64,
+        failed: bool,
+        slow: bool,
+    ) {
         let mut machine = self.lock();
         if machine.generation != generation_of(admitted) || machine.state != BreakerState::Closed {
             return;
@@ -239,7 +249,10 @@ impl Shared {
         let now = Instant::now();
         // Bring the window to now first, so that this call lands in the current bucket.
         self.current_counts(&mut machine, now);
-        cell.count_call();
+        match cell {
+            Some(cell) => cell.count_call(),
+            None => self.count_orphan_call(),
+        }
         machine.failures += u64::from(failed);
         machine.slow += u64::from(slow);
         let totals = self.totals(&machine);
@@ -396,7 +409,8 @@ impl Shared {
         // wakers are other people's code, which must be free to call back into the breaker.
         machine.wake = true;
         if from != to {
-            machine.announcements.push(Announcement {
+            machine.announce = true;
+            self.queue_announcement(Announcement {
                 transition: Transition {
                     breaker: machine.name.clone(),
                     from,

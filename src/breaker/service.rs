@@ -127,7 +127,16 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A reserved probe slot is kept until `call`; anything else is decided afresh.
+        // A reserved probe slot is kept until `call`, unless its half-open period is over;
+        // anything else is decided afresh.
+        if self
+            .probe
+            .as_ref()
+            .is_some_and(|probe| probe.generation() != generation_of(self.shared.mode()))
+        {
+            self.probe = None;
+            self.admitted = UNDECIDED;
+        }
         if self.probe.is_none() {
             let word = self.mode.load(Ordering::Acquire);
             if passes(word) {

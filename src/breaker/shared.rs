@@ -10,11 +10,12 @@
 
 use super::config::Settings;
 use super::local::{self, Cell, Cells};
+use super::machine::Announcement;
 use super::machine::Machine;
 use super::{BreakerState, CircuitOpen, Transition};
 use crate::padded::CachePadded;
 use crate::random::RandomSource;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
@@ -64,13 +65,17 @@ pub(crate) struct Shared {
     /// Names this breaker in the thread-local caches of [`super::local`].
     pub(crate) id: u64,
     cells: Mutex<Cells>,
+    /// Calls recorded by threads whose thread-locals were already gone (exiting threads).
+    orphan_calls: AtomicU64,
     pub(crate) settings: Settings,
     pub(crate) origin: Instant,
     /// End of the open period, in nanoseconds since `origin`; meaningful in `Open`.
     open_until: AtomicU64,
     machine: Mutex<Machine>,
-    /// Held while announcing, so that subscribers see transitions in the order they happened.
-    announcing: Mutex<()>,
+    /// Transitions waiting to be announced, in the order they happened.
+    announcements: Mutex<VecDeque<Announcement>>,
+    /// Set while a thread emits announcements.
+    announcing: AtomicBool,
     /// Gate-mode services waiting for the breaker to admit calls, by waiter id.
     waiters: Mutex<HashMap<u64, Waker>>,
     next_waiter: AtomicU64,
@@ -96,12 +101,14 @@ impl Shared {
         let shared = Arc::new_cyclic(|this| Shared {
             id,
             cells: Mutex::new(Cells::new(initial_mode)),
+            orphan_calls: AtomicU64::new(0),
             mode,
             settings,
             origin,
             open_until: AtomicU64::new(0),
             machine: Mutex::new(machine),
-            announcing: Mutex::new(()),
+            announcements: Mutex::new(VecDeque::new()),
+            announcing: AtomicBool::new(false),
             waiters: Mutex::new(HashMap::new()),
             next_waiter: AtomicU64::new(0),
             transitions,
@@ -120,6 +127,14 @@ impl Shared {
     /// The cell the thread holding `token` counts its calls in.
     pub(crate) fn cell_for(&self, token: &Arc<()>) -> Arc<Cell> {
         self.cells().for_thread(token)
+    }
+
+    pub(crate) fn count_orphan_call(&self) {
+        self.orphan_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn orphan_calls(&self) -> u64 {
+        self.orphan_calls.load(Ordering::Relaxed)
     }
 
     pub(crate) fn cells(&self) -> MutexGuard<'_, Cells> {
@@ -385,39 +400,67 @@ impl Drop for Locked<'_> {
         let Some(mut machine) = self.guard.take() else {
             return;
         };
-        if machine.announcements.is_empty() && !machine.wake {
-            return;
-        }
-        let announcements = std::mem::take(&mut machine.announcements);
+        let announce = std::mem::replace(&mut machine.announce, false);
         let wake = std::mem::replace(&mut machine.wake, false);
-        // Taken before the machine is released, so announcements keep their order. A
-        // subscriber that changes the breaker from inside an announcement announces directly.
-        let order = if ANNOUNCING.get() {
-            None
-        } else {
-            Some(
-                self.shared
-                    .announcing
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            )
-        };
         drop(machine);
-        let outer = ANNOUNCING.replace(true);
-        for announcement in announcements {
-            announcement.emit(&self.shared.transitions);
-        }
+        // Subscribers and wakers are other people's code: run them with no lock held, so
+        // that they may call back into the breaker, even to change it.
         if wake {
             self.shared.wake_waiters();
         }
-        ANNOUNCING.set(outer);
-        drop(order);
+        if announce {
+            self.shared.announce();
+        }
     }
 }
 
-thread_local! {
-    /// Whether this thread is announcing transitions (holding some breaker's `announcing`).
-    static ANNOUNCING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// Clears the announcing flag even if a subscriber panics.
+struct Announcing<'a>(&'a AtomicBool);
+
+impl Drop for Announcing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Shared {
+    /// Queues a transition for announcement; called under the machine lock, so the queue
+    /// holds transitions in the order they happened.
+    pub(crate) fn queue_announcement(&self, announcement: Announcement) {
+        self.queue().push_back(announcement);
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Announcement>> {
+        self.announcements.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Emits queued transitions in order. One thread emits at a time; a thread that finds
+    /// another emitting leaves its transitions to it (including a transition made by a
+    /// subscriber from inside an announcement, which is emitted right after that one).
+    fn announce(&self) {
+        loop {
+            if self
+                .announcing
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+            {
+                return;
+            }
+            let emitting = Announcing(&self.announcing);
+            loop {
+                let next = self.queue().pop_front();
+                match next {
+                    Some(announcement) => announcement.emit(&self.transitions),
+                    None => break,
+                }
+            }
+            drop(emitting);
+            // A transition queued after our last look, by a thread that saw us emitting.
+            if self.queue().is_empty() {
+                return;
+            }
+        }
+    }
 }
 
 /// A gate-mode service's place among its breaker's waiters: one waker at most, removed when

@@ -1,0 +1,468 @@
+//! Races, deadlock freedom and runtime changes: the breaker under concurrent use.
+
+mod support;
+
+use meshkit::breaker::{
+    BreakerConfig, BreakerHandle, BreakerState, CircuitBreakerLayer, WindowConfig,
+};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use support::{backend, send_n, Call};
+use tower::{Layer, Service, ServiceExt};
+use tracing::{span, Event, Metadata, Subscriber};
+
+// ---------------------------------------------------------------------------------------------
+// 1. Deadlock: machine -> announcing (Locked::drop) vs announcing -> machine (a subscriber
+//    reading the breaker from inside an announcement), across two threads.
+
+/// On the "opened" event: tells the test it is announcing, waits a little so that another
+/// thread can take the machine lock and queue behind `announcing`, then reads the breaker.
+struct ReadsMetricsWhenOpened {
+    handle: Arc<OnceLock<BreakerHandle>>,
+    entered: Mutex<Option<mpsc::Sender<()>>>,
+}
+
+impl Subscriber for ReadsMetricsWhenOpened {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return;
+        }
+        if let Some(tx) = self.entered.lock().unwrap().take() {
+            tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            // Same thing the existing single-threaded test does: read the breaker.
+            let _ = self.handle.get().unwrap().metrics();
+        }
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_subscriber_reading_the_breaker_does_not_deadlock_with_a_concurrent_transition() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 10 },
+        minimum_calls: 2,
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let handle = layer.handle();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+
+    let cell = Arc::new(OnceLock::new());
+    cell.set(handle.clone()).unwrap();
+    let subscriber = ReadsMetricsWhenOpened {
+        handle: cell,
+        entered: Mutex::new(Some(entered_tx)),
+    };
+    let done_a = done_tx.clone();
+    // Thread A: opens the breaker; its subscriber reads the breaker while announcing.
+    std::thread::spawn(move || {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut service = layer.layer(backend());
+            send_n(&mut service, Call::Fail, 2).await;
+        });
+        done_a.send("A").unwrap();
+    });
+    // Thread B: an operator resets the breaker while A is announcing.
+    let handle_b = handle.clone();
+    std::thread::spawn(move || {
+        entered_rx.recv().unwrap();
+        handle_b.reset();
+        done_tx.send("B").unwrap();
+    });
+    for _ in 0..2 {
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("deadlock: A holds `announcing` and waits for the machine; B holds the machine and waits for `announcing`");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Gate mode: a probe slot reserved by poll_ready that went stale (the half-open period it
+//    was reserved in ended) keeps poll_ready Ready while the breaker is open, and call fails.
+
+#[tokio::test(start_paused = true)]
+async fn gated_poll_ready_stays_pending_once_a_reserved_probe_went_stale() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 4 },
+        minimum_calls: 2,
+        open_for: Duration::from_secs(10),
+        half_open_calls: 1,
+        half_open_timeout: Duration::from_secs(1),
+        ..BreakerConfig::default()
+    })
+    .unwrap()
+    .gate();
+    let breaker = layer.handle();
+    let mut service = layer.layer(backend());
+    send_n(&mut service, Call::Fail, 2).await;
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(breaker.state(), BreakerState::HalfOpen);
+
+    service.ready().await.unwrap(); // reserves the probe slot; the request comes later
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        breaker.state(),
+        BreakerState::Open,
+        "the reservation timed out"
+    );
+
+    // Gate mode promises Pending while the breaker rejects.
+    let ready = futures::poll!(std::future::poll_fn(|cx| service.poll_ready(cx)));
+    let call = if ready.is_ready() {
+        Some(service.call(Call::Succeed).await)
+    } else {
+        None
+    };
+    assert!(
+        ready.is_pending(),
+        "gate mode: poll_ready returned {ready:?} while open; the call then gave {call:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Gate mode: a task waiting on runtime B is never woken if the driver's runtime A shuts
+//    down (the docs: "when that runtime shuts down, the next runtime to use the breaker takes
+//    over"). Nothing wakes the parked task, so nothing on B ever uses the breaker again.
+
+#[test]
+fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 4 },
+        minimum_calls: 2,
+        open_for: Duration::from_millis(200),
+        half_open_calls: 1,
+        ..BreakerConfig::default()
+    })
+    .unwrap()
+    .gate();
+    let breaker = layer.handle();
+    let runtime_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut service_a = layer.layer(backend());
+    runtime_a.block_on(send_n(&mut service_a, Call::Fail, 2));
+    assert_eq!(breaker.state(), BreakerState::Open); // the driver now runs on A
+
+    let runtime_b = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let woke = runtime_b.block_on(async {
+        let mut service_b = layer.layer(backend());
+        let waiting = tokio::spawn(async move {
+            service_b.ready().await.unwrap();
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await; // the task parks as a gate waiter
+        }
+        assert!(!waiting.is_finished());
+        // Runtime A ends (a parallel test finishing, say).
+        std::thread::spawn(move || drop(runtime_a)).join().unwrap();
+        tokio::time::timeout(Duration::from_secs(3), waiting)
+            .await
+            .is_ok()
+    });
+    assert!(
+        woke,
+        "the gated task on runtime B was still pending 3 s after a 200 ms open period (state now {:?})",
+        breaker.state()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Fast-path check-then-act: a success that saw FAST, racing a failure on another thread,
+//    is counted after the failure read the totals and after FAST was cleared, so the call that
+//    lifts the window to minimum_calls is never evaluated.
+//    Every serial order of {warm-up success, s, f} opens the breaker (1 failure of 3 >= 0.3).
+
+#[test]
+// Spins for real nanoseconds between two OS threads: no tokio clock is involved.
+#[allow(clippy::disallowed_types)]
+fn a_success_racing_a_failure_never_leaves_the_breaker_closed() {
+    use std::sync::Barrier;
+    use std::task::{Context, Poll, Waker};
+    type Svc = meshkit::breaker::CircuitBreaker<support::Backend>;
+
+    fn ready_call(service: &mut Svc, call: Call) -> <Svc as Service<Call>>::Future {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(service.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        service.call(call)
+    }
+    fn finish(mut future: <Svc as Service<Call>>::Future) {
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(std::pin::Pin::new(&mut future).poll(&mut cx).is_ready());
+    }
+    use std::future::Future;
+
+    const TRIALS: usize = 5_000;
+    let start = Arc::new(Barrier::new(2));
+    let (to_a, from_main_a) = mpsc::channel::<(Svc, u64)>();
+    let (to_b, from_main_b) = mpsc::channel::<Svc>();
+    let (done, finished) = mpsc::channel::<()>();
+    let (start_a, done_a) = (start.clone(), done.clone());
+    let a = std::thread::spawn(move || {
+        for (mut service, delay_ns) in from_main_a {
+            finish(ready_call(&mut service, Call::Succeed)); // warm-up: this thread's cell exists
+            let s = ready_call(&mut service, Call::Succeed); // admitted with FAST
+            start_a.wait();
+            let t = std::time::Instant::now();
+            while (t.elapsed().as_nanos() as u64) < delay_ns {
+                std::hint::spin_loop();
+            }
+            finish(s);
+            done_a.send(()).unwrap();
+        }
+    });
+    let b = std::thread::spawn(move || {
+        for mut service in from_main_b {
+            let f = ready_call(&mut service, Call::Fail);
+            start.wait();
+            finish(f);
+            done.send(()).unwrap();
+        }
+    });
+    let mut stayed_closed = 0;
+    for trial in 0..TRIALS {
+        let layer = CircuitBreakerLayer::new(BreakerConfig {
+            window: WindowConfig::Count { size: 10 },
+            minimum_calls: 3,
+            failure_rate: 0.3,
+            ..BreakerConfig::default()
+        })
+        .unwrap();
+        let handle = layer.handle();
+        let service = layer.layer(backend());
+        to_a.send((service.clone(), (trial as u64 * 7) % 3000))
+            .unwrap();
+        to_b.send(service).unwrap();
+        finished.recv().unwrap();
+        finished.recv().unwrap();
+        let m = handle.metrics();
+        if m.state == BreakerState::Closed {
+            stayed_closed += 1;
+            if stayed_closed == 1 {
+                eprintln!("trial {trial}: closed with {m:?}");
+            }
+        }
+    }
+    drop((to_a, to_b));
+    a.join().unwrap();
+    b.join().unwrap();
+    assert_eq!(
+        stayed_closed, 0,
+        "{stayed_closed} of {TRIALS} trials ended closed with 3 calls and 1 failure (rate 0.3, minimum 3)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Keyed: the eviction event is emitted under the registry lock; a subscriber that looks at
+//    the keyed handle from inside it deadlocks.
+
+struct ReadsKeysOnDebug(Arc<OnceLock<meshkit::breaker::KeyedBreakerHandle<u32>>>);
+
+impl Subscriber for ReadsKeysOnDebug {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        if *event.metadata().level() == tracing::Level::DEBUG {
+            if let Some(handle) = self.0.get() {
+                let _ = handle.len();
+            }
+        }
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_subscriber_may_read_the_keyed_handle_when_a_key_is_evicted() {
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let cell = Arc::new(OnceLock::new());
+        let _guard = tracing::subscriber::set_default(ReadsKeysOnDebug(cell.clone()));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let layer = meshkit::breaker::KeyedCircuitBreakerLayer::new(
+                BreakerConfig::default(),
+                |key: &u32| *key,
+            )
+            .unwrap()
+            .max_keys(1)
+            .unwrap();
+            cell.set(layer.handle()).unwrap();
+            let mut service = layer.layer(tower::service_fn(|_: u32| async {
+                Ok::<(), tower::BoxError>(())
+            }));
+            service.ready().await.unwrap().call(1).await.unwrap();
+            service.ready().await.unwrap().call(2).await.unwrap(); // evicts key 1
+        });
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(5))
+        .expect("deadlock: the eviction event is emitted under the keyed registry's lock");
+}
+
+// Controls: the same setups without the trigger pass.
+
+#[test]
+fn a_gated_waiter_on_another_runtime_is_woken_while_the_drivers_runtime_lives() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 4 },
+        minimum_calls: 2,
+        open_for: Duration::from_millis(200),
+        half_open_calls: 1,
+        ..BreakerConfig::default()
+    })
+    .unwrap()
+    .gate();
+    let runtime_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut service_a = layer.layer(backend());
+    runtime_a.block_on(send_n(&mut service_a, Call::Fail, 2));
+    let runtime_b = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let woke = runtime_b.block_on(async {
+        let mut service_b = layer.layer(backend());
+        let waiting = tokio::spawn(async move {
+            service_b.ready().await.unwrap();
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::timeout(Duration::from_secs(3), waiting)
+            .await
+            .is_ok()
+    });
+    assert!(woke);
+    drop(runtime_a);
+}
+
+#[test]
+fn a_subscriber_reading_the_breaker_alone_is_fine() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 10 },
+        minimum_calls: 2,
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let handle = layer.handle();
+    let (entered_tx, _entered_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let cell = Arc::new(OnceLock::new());
+    cell.set(handle.clone()).unwrap();
+    let subscriber = ReadsMetricsWhenOpened {
+        handle: cell,
+        entered: Mutex::new(Some(entered_tx)),
+    };
+    std::thread::spawn(move || {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut service = layer.layer(backend());
+            send_n(&mut service, Call::Fail, 2).await;
+        });
+        done_tx.send(()).unwrap();
+    });
+    done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Ordering: a transition made from inside an announcement (the case commit 3879fd2 made
+//    deadlock-free) is broadcast BEFORE the transition being announced, so receivers end up
+//    believing the breaker is open while it is closed.
+
+struct ResetsOnOpen(Arc<OnceLock<BreakerHandle>>);
+
+impl Subscriber for ResetsOnOpen {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        if let Some(handle) = self.0.get() {
+            if *event.metadata().level() == tracing::Level::WARN {
+                handle.reset();
+            }
+        }
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_transition_made_while_announcing_is_broadcast_after_it() {
+    let cell = Arc::new(OnceLock::new());
+    let _guard = tracing::subscriber::set_default(ResetsOnOpen(cell.clone()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let layer = CircuitBreakerLayer::new(BreakerConfig {
+            window: WindowConfig::Count { size: 10 },
+            minimum_calls: 2,
+            ..BreakerConfig::default()
+        })
+        .unwrap();
+        cell.set(layer.handle()).unwrap();
+        let mut transitions = layer.handle().subscribe();
+        let mut service = layer.layer(backend());
+        send_n(&mut service, Call::Fail, 2).await;
+        let mut seen = Vec::new();
+        while let Ok(t) = transitions.try_recv() {
+            seen.push((t.from, t.to));
+        }
+        assert_eq!(layer.handle().state(), BreakerState::Closed);
+        assert_eq!(
+            seen,
+            vec![
+                (BreakerState::Closed, BreakerState::Open),
+                (BreakerState::Open, BreakerState::Closed)
+            ],
+            "transitions broadcast in the wrong order; the last one says {:?} but the breaker is Closed",
+            seen.last().map(|t| t.1)
+        );
+    });
+}

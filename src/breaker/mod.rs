@@ -41,9 +41,10 @@
 //!
 //! ## States
 //!
-//! - **Closed**: calls pass and are recorded. A success costs two plain atomic reads and an
-//!   increment of a counter only the calling thread writes: no lock, no read-modify-write,
-//!   no clock read, no allocation. Failures and slow calls take a short lock.
+//! - **Closed**: calls pass and are recorded. Once the window holds `minimum_calls` calls, a
+//!   success costs two plain atomic reads and an increment of a counter only the calling
+//!   thread writes: no lock, no read-modify-write, no clock read, no allocation. Failures,
+//!   slow calls and the first `minimum_calls` calls of a window take a short lock.
 //! - **Open**: calls fail fast with [`CircuitOpen`], which carries the time left. When the
 //!   period ends the breaker turns half-open by itself (a background task on the tokio runtime
 //!   drives time, even without calls). Each opening that follows a failed half-open test lasts

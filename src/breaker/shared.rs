@@ -5,8 +5,8 @@
 //! (see [`super::local`]).
 //! Everything else (failures, slow calls, probes, transitions) goes through the [`Machine`]
 //! behind a mutex, which successes in the closed state never take while the mode word carries
-//! the `FAST` flag. The flag is set only when no success could trip the breaker before the
-//! next failure, tick or transition re-evaluates it (see `Shared::fast_allowed`).
+//! the `FAST` flag. The flag is set only once the window holds `minimum_calls` calls, when a
+//! success can only lower the rates (see `Shared::fast_allowed`).
 
 use super::config::Settings;
 use super::local::{self, Cell, Cells};

@@ -31,7 +31,7 @@ pub struct CircuitBreaker<S, C = DefaultClassifier> {
     mode: Arc<ModeCell>,
     classifier: C,
     options: Options,
-    /// The mode word `poll_ready` admitted the next call under, or `UNDECIDED`/`REJECTED`.
+    /// The mode word `poll_ready` admitted the next call under, or `UNDECIDED`/`HELD`.
     /// Kept apart from the rare cases below so that the hot path moves one `u64`.
     admitted: u64,
     /// A half-open probe slot reserved by `poll_ready`.
@@ -127,27 +127,12 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A reserved probe slot is kept until `call`, unless its half-open period is over;
-        // anything else is decided afresh.
-        if self
-            .probe
-            .as_ref()
-            .is_some_and(|probe| probe.generation() != generation_of(self.shared.mode()))
-        {
-            self.probe = None;
-            self.admitted = UNDECIDED;
-        }
-        if self.probe.is_none() {
-            let word = self.mode.load(Ordering::Acquire);
-            if passes(word) {
-                if self.admitted == HELD {
-                    // An earlier `poll_ready` decided to reject; that no longer holds.
-                    self.rejection = None;
-                }
-                self.admitted = word;
-            } else if self.decide_held(cx).is_pending() {
-                return Poll::Pending;
-            }
+        let word = self.mode.load(Ordering::Acquire);
+        if self.admitted != HELD && passes(word) {
+            // The common case: closed (or disabled), nothing reserved or decided before.
+            self.admitted = word;
+        } else if self.decide(word, cx).is_pending() {
+            return Poll::Pending;
         }
         if self.admitted == HELD && self.rejection.is_some() {
             // `call` will fail fast; no need to reserve capacity in the inner service.
@@ -182,7 +167,28 @@ where
 }
 
 impl<S, C> CircuitBreaker<S, C> {
-    /// The rare cases of `poll_ready`: the breaker is not closed or disabled.
+    /// `poll_ready` off the common path: a probe slot or rejection held from an earlier
+    /// `poll_ready`, or a breaker that is not closed.
+    #[cold]
+    #[inline(never)]
+    fn decide(&mut self, word: u64, cx: &mut Context<'_>) -> Poll<()> {
+        // A reserved probe slot is kept until `call`, unless its half-open period is over.
+        if let Some(probe) = &self.probe {
+            if probe.generation() == generation_of(word) {
+                return Poll::Ready(());
+            }
+            self.probe = None;
+        }
+        if passes(word) {
+            // An earlier decision to reject no longer holds.
+            self.rejection = None;
+            self.admitted = word;
+            return Poll::Ready(());
+        }
+        self.decide_held(cx)
+    }
+
+    /// The breaker is not closed or disabled: reject, wait (gate mode) or reserve a probe.
     #[cold]
     #[inline(never)]
     fn decide_held(&mut self, cx: &mut Context<'_>) -> Poll<()> {

@@ -179,14 +179,17 @@ where
                 future,
                 breaker,
                 admitted,
-            } => (
-                ready!(future.poll(cx)).map_err(Into::into),
-                Tracking::Closed {
-                    breaker: *breaker,
-                    admitted: *admitted,
-                    slow_at: None,
-                },
-            ),
+            } => {
+                let result = ready!(future.poll(cx)).map_err(Into::into);
+                let outcome = classify(this.classifier, *this.count_rejections, &result);
+                // The hot path: a success counted on this thread's own cell, if still armed.
+                let counted =
+                    outcome == Outcome::Success && count_fast_success(*breaker, *admitted);
+                if !counted && outcome != Outcome::Ignored {
+                    record_closed(*breaker, *admitted, outcome, false);
+                }
+                return Poll::Ready(result);
+            }
             KindProjection::ClosedTimed {
                 future,
                 breaker,
@@ -212,14 +215,23 @@ where
                 },
             ),
         };
-        let outcome = match &result {
-            Err(error) if !*this.count_rejections && crate::error::is_rejection(&**error) => {
-                Outcome::Ignored
-            }
-            _ => this.classifier.classify(&result),
-        };
+        let outcome = classify(this.classifier, *this.count_rejections, &result);
         tracking.finish(outcome);
         Poll::Ready(result)
+    }
+}
+
+/// The outcome of a finished call: meshkit's own rejections are ignored unless counted, the
+/// classifier decides the rest.
+#[inline]
+fn classify<T, C: Classify<T, BoxError>>(
+    classifier: &C,
+    count_rejections: bool,
+    result: &Result<T, BoxError>,
+) -> Outcome {
+    match result {
+        Err(error) if !count_rejections && crate::error::is_rejection(&**error) => Outcome::Ignored,
+        _ => classifier.classify(result),
     }
 }
 
@@ -227,16 +239,6 @@ impl Tracking {
     #[inline]
     fn finish(self, outcome: Outcome) {
         match self {
-            Tracking::Closed {
-                breaker,
-                admitted,
-                slow_at: None,
-            } if outcome == Outcome::Success => {
-                // The hot path: a success counted on this thread's own cell, if still armed.
-                if !count_fast_success(breaker, admitted) {
-                    record_closed(breaker, admitted, outcome, false);
-                }
-            }
             Tracking::Closed {
                 breaker,
                 admitted,

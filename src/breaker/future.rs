@@ -1,5 +1,6 @@
 use super::local;
-use super::shared::{generation_of, ProbePermit, Shared, FAST};
+use super::probe::ProbePermit;
+use super::shared::{generation_of, Shared, FAST};
 use super::CircuitOpen;
 use crate::classify::{Classify, Outcome};
 use pin_project_lite::pin_project;

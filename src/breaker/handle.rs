@@ -1,4 +1,4 @@
-use super::machine::BreakerMetrics;
+use super::metrics::BreakerMetrics;
 use super::shared::Shared;
 use super::{BreakerState, Transition};
 use std::fmt;

@@ -1,9 +1,11 @@
 //! The breaker's state machine: what happens, under the lock, when calls finish, time passes
 //! or an operator steps in.
 
+use super::announce::Announcement;
 use super::config::Settings;
 use super::local::Cell;
-use super::shared::{generation_of, word, ProbePermit, Shared};
+use super::probe::{ProbePermit, Probes};
+use super::shared::{generation_of, word, Shared};
 use super::window::{CountWindow, TimeWindow, Totals, Window, WindowCounts};
 use super::{BreakerState, Transition, WindowConfig};
 use crate::random::RandomSource;
@@ -36,67 +38,6 @@ pub(crate) struct Machine {
     pub(crate) announce: bool,
     /// Whether gate-mode waiters must be woken once the lock is released.
     pub(crate) wake: bool,
-}
-
-/// A transition waiting to be logged and broadcast.
-#[derive(Debug)]
-pub(crate) struct Announcement {
-    transition: Transition,
-    openings: u32,
-    open_for: Duration,
-}
-
-impl Announcement {
-    pub(crate) fn emit(self, subscribers: &tokio::sync::broadcast::Sender<Transition>) {
-        let Transition { from, to, .. } = self.transition;
-        let name = &*self.transition.breaker;
-        match to {
-            BreakerState::Open | BreakerState::ForcedOpen => tracing::warn!(
-                breaker = name, %from, %to, openings = self.openings, open_for = ?self.open_for,
-                "circuit breaker opened"
-            ),
-            _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
-        }
-        // No receivers is fine: nobody subscribed.
-        let _ = subscribers.send(self.transition);
-    }
-}
-
-/// Half-open bookkeeping for the current half-open period.
-#[derive(Debug, Default)]
-pub(crate) struct Probes {
-    next_id: u64,
-    /// Probes sent and not finished, with their start times.
-    in_flight: Vec<(u64, Instant)>,
-    pub(crate) completed: u32,
-    pub(crate) failures: u32,
-    pub(crate) slow: u32,
-}
-
-impl Probes {
-    pub(crate) fn admit(&mut self, settings: &Settings, now: Instant) -> Option<u64> {
-        let used = self.in_flight.len() as u32 + self.completed;
-        if used >= settings.half_open_calls {
-            return None;
-        }
-        self.next_id += 1;
-        self.in_flight.push((self.next_id, now));
-        Some(self.next_id)
-    }
-
-    fn finish(&mut self, id: u64) -> bool {
-        let before = self.in_flight.len();
-        self.in_flight.retain(|&(probe, _)| probe != id);
-        self.in_flight.len() != before
-    }
-
-    pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
-    pub(crate) fn oldest_start(&self) -> Option<Instant> {
-        self.in_flight.iter().map(|&(_, started)| started).min()
-    }
 }
 
 fn time_bucket_width(duration: Duration) -> Duration {
@@ -143,32 +84,6 @@ fn new_window(settings: &Settings, totals: Totals, epoch: u64) -> Window {
     }
 }
 
-/// A snapshot of a breaker's counters.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct BreakerMetrics {
-    /// The state when the snapshot was taken.
-    pub state: BreakerState,
-    /// Calls in the sliding window (closed), or probes finished (half-open); 0 otherwise.
-    pub calls: u64,
-    /// Failed calls among `calls`.
-    pub failures: u64,
-    /// Slow calls among `calls` (0 unless `slow_call_duration` is set).
-    pub slow_calls: u64,
-    /// `failures / calls`, or `None` while `calls` is 0.
-    pub failure_rate: Option<f64>,
-    /// `slow_calls / calls`, or `None` while `calls` is 0.
-    pub slow_call_rate: Option<f64>,
-    /// Calls rejected with `CircuitOpen` since the breaker was created.
-    pub rejected: u64,
-    /// Consecutive openings since the breaker last closed.
-    pub openings: u32,
-    /// Time left in the open period, when open.
-    pub open_remaining: Option<Duration>,
-    /// Probes running now (half-open only).
-    pub probes_in_flight: usize,
-}
-
 impl Shared {
     /// Totals since creation: calls from the per-thread cells, failures and slow calls from the machine.
     fn totals(&self, machine: &Machine) -> Totals {
@@ -201,7 +116,7 @@ impl Shared {
     }
 
     /// Brings a time window up to `now` and returns the window's contents.
-    fn current_counts(&self, machine: &mut Machine, now: Instant) -> WindowCounts {
+    pub(crate) fn current_counts(&self, machine: &mut Machine, now: Instant) -> WindowCounts {
         let totals = self.totals(machine);
         let epoch = self.epoch(now);
         if let Window::Time(window) = &mut machine.window {
@@ -410,16 +325,16 @@ impl Shared {
         machine.wake = true;
         if from != to {
             machine.announce = true;
-            self.queue_announcement(Announcement {
-                transition: Transition {
+            self.queue_announcement(Announcement::new(
+                Transition {
                     breaker: machine.name.clone(),
                     from,
                     to,
                     at: now,
                 },
-                openings: machine.openings,
-                open_for: machine.open_until.saturating_duration_since(now),
-            });
+                machine.openings,
+                machine.open_until.saturating_duration_since(now),
+            ));
         }
     }
 
@@ -441,35 +356,6 @@ impl Shared {
         let mut machine = self.lock();
         if machine.state != to || to == BreakerState::Closed {
             self.transition(&mut machine, to, Instant::now());
-        }
-    }
-
-    pub(crate) fn metrics(&self) -> BreakerMetrics {
-        let now = Instant::now();
-        let mut machine = self.lock();
-        self.refresh(&mut machine, now);
-        let counts = match machine.state {
-            BreakerState::Closed => self.current_counts(&mut machine, now),
-            BreakerState::HalfOpen => WindowCounts {
-                calls: u64::from(machine.probes.completed),
-                failures: u64::from(machine.probes.failures),
-                slow: u64::from(machine.probes.slow),
-            },
-            _ => WindowCounts::default(),
-        };
-        let rate = |part: u64| (counts.calls > 0).then(|| part as f64 / counts.calls as f64);
-        BreakerMetrics {
-            state: machine.state,
-            calls: counts.calls,
-            failures: counts.failures,
-            slow_calls: counts.slow,
-            failure_rate: rate(counts.failures),
-            slow_call_rate: rate(counts.slow),
-            rejected: self.cells().rejected(),
-            openings: machine.openings,
-            open_remaining: (machine.state == BreakerState::Open)
-                .then(|| machine.open_until.saturating_duration_since(now)),
-            probes_in_flight: machine.probes.in_flight(),
         }
     }
 }

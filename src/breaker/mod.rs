@@ -94,6 +94,7 @@
 //! [`KeyedCircuitBreakerLayer`] keeps a breaker per key computed from the request, bounded in
 //! number, so one bad host does not trip the breaker for the others.
 
+mod announce;
 mod config;
 mod driver;
 mod error;
@@ -103,6 +104,8 @@ mod keyed;
 mod layer;
 mod local;
 mod machine;
+mod metrics;
+mod probe;
 mod service;
 mod shared;
 mod state;
@@ -117,6 +120,6 @@ pub use keyed::{
     DEFAULT_MAX_KEYS,
 };
 pub use layer::CircuitBreakerLayer;
-pub use machine::BreakerMetrics;
+pub use metrics::BreakerMetrics;
 pub use service::CircuitBreaker;
 pub use state::{BreakerState, Transition};

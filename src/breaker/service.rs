@@ -1,5 +1,6 @@
 use super::future::ResponseFuture;
-use super::shared::{generation_of, state_of, Admission, ModeCell, ProbePermit, Shared, Waiter};
+use super::probe::ProbePermit;
+use super::shared::{generation_of, state_of, Admission, ModeCell, Shared, Waiter};
 use super::{BreakerHandle, BreakerState, CircuitOpen};
 use crate::classify::{Classify, DefaultClassifier};
 use std::fmt;

@@ -8,10 +8,11 @@
 //! the `FAST` flag. The flag is set only once the window holds `minimum_calls` calls, when a
 //! success can only lower the rates (see `Shared::fast_allowed`).
 
+use super::announce::{Announcement, Locked};
 use super::config::Settings;
 use super::local::{self, Cell, Cells};
-use super::machine::Announcement;
 use super::machine::Machine;
+use super::probe::ProbePermit;
 use super::{BreakerState, CircuitOpen, Transition};
 use crate::padded::CachePadded;
 use crate::random::RandomSource;
@@ -73,9 +74,9 @@ pub(crate) struct Shared {
     open_until: AtomicU64,
     machine: Mutex<Machine>,
     /// Transitions waiting to be announced, in the order they happened.
-    announcements: Mutex<VecDeque<Announcement>>,
+    pub(super) announcements: Mutex<VecDeque<Announcement>>,
     /// Set while a thread emits announcements.
-    announcing: AtomicBool,
+    pub(super) announcing: AtomicBool,
     /// Gate-mode services waiting for the breaker to admit calls, by waiter id.
     waiters: Mutex<HashMap<u64, Waker>>,
     next_waiter: AtomicU64,
@@ -173,10 +174,7 @@ impl Shared {
             .machine
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        Locked {
-            shared: self,
-            guard: Some(guard),
-        }
+        Locked::new(self, guard)
     }
 
     pub(crate) fn set_open_until(&self, until: Instant) {
@@ -236,15 +234,13 @@ impl Shared {
                 Some(id) => {
                     // The driver times the probe out if it outlives `half_open_timeout`.
                     self.driver.notify_one();
-                    Admission::Probe(ProbePermit {
-                        shared: self
-                            .this
+                    Admission::Probe(ProbePermit::new(
+                        self.this
                             .upgrade()
                             .expect("admitting through a live breaker"),
-                        generation: machine.generation,
+                        machine.generation,
                         id,
-                        settled: false,
-                    })
+                    ))
                 }
                 None => {
                     // A decision is due by the time the oldest probe would time out.
@@ -333,133 +329,6 @@ impl Drop for Shared {
         // Lets the driver notice that the breaker is gone and exit.
         self.driver.notify_one();
         local::unregister(self.id);
-    }
-}
-
-/// A half-open probe slot. Dropping it unsettled (the call was cancelled, or never sent)
-/// gives the slot back without counting anything.
-#[derive(Debug)]
-pub(crate) struct ProbePermit {
-    shared: Arc<Shared>,
-    generation: u64,
-    id: u64,
-    settled: bool,
-}
-
-impl ProbePermit {
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    pub(crate) fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Marks the probe as accounted for, so dropping the permit does not release it again.
-    pub(crate) fn settle(&mut self) {
-        self.settled = true;
-    }
-
-    /// Records the probe's outcome (`None`: ignored) and settles the permit.
-    pub(crate) fn finish(mut self, failed: Option<bool>, slow: bool) {
-        let shared = self.shared.clone();
-        shared.record_probe(&mut self, failed, slow);
-    }
-}
-
-impl Drop for ProbePermit {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.shared.release_probe(self.generation, self.id);
-        }
-    }
-}
-
-/// The locked state machine; on release, announces transitions and wakes gate waiters.
-pub(crate) struct Locked<'a> {
-    shared: &'a Shared,
-    guard: Option<MutexGuard<'a, Machine>>,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = Machine;
-
-    fn deref(&self) -> &Machine {
-        self.guard.as_ref().expect("the guard is held until drop")
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut Machine {
-        self.guard.as_mut().expect("the guard is held until drop")
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        let Some(mut machine) = self.guard.take() else {
-            return;
-        };
-        let announce = std::mem::replace(&mut machine.announce, false);
-        let wake = std::mem::replace(&mut machine.wake, false);
-        drop(machine);
-        // Subscribers and wakers are other people's code: run them with no lock held, so
-        // that they may call back into the breaker, even to change it.
-        if wake {
-            self.shared.wake_waiters();
-        }
-        if announce {
-            self.shared.announce();
-        }
-    }
-}
-
-/// Clears the announcing flag even if a subscriber panics.
-struct Announcing<'a>(&'a AtomicBool);
-
-impl Drop for Announcing<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
-impl Shared {
-    /// Queues a transition for announcement; called under the machine lock, so the queue
-    /// holds transitions in the order they happened.
-    pub(crate) fn queue_announcement(&self, announcement: Announcement) {
-        self.queue().push_back(announcement);
-    }
-
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Announcement>> {
-        self.announcements.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Emits queued transitions in order. One thread emits at a time; a thread that finds
-    /// another emitting leaves its transitions to it (including a transition made by a
-    /// subscriber from inside an announcement, which is emitted right after that one).
-    fn announce(&self) {
-        loop {
-            if self
-                .announcing
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-            {
-                return;
-            }
-            let emitting = Announcing(&self.announcing);
-            loop {
-                let next = self.queue().pop_front();
-                match next {
-                    Some(announcement) => announcement.emit(&self.transitions),
-                    None => break,
-                }
-            }
-            drop(emitting);
-            // A transition queued after our last look, by a thread that saw us emitting.
-            if self.queue().is_empty() {
-                return;
-            }
-        }
     }
 }
 

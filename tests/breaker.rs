@@ -10,7 +10,7 @@ use meshkit::classify::Outcome;
 use meshkit::random::SplitMix64;
 use std::sync::Arc;
 use std::time::Duration;
-use support::{backend, is_open, send, send_n, Backend, Call};
+use support::{backend, finishes_within, is_open, paused_runtime, send, send_n, Backend, Call};
 use tokio::time::{sleep, Instant};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
@@ -766,14 +766,8 @@ async fn a_probe_reserved_too_long_is_not_sent_once_the_breaker_reopened() {
 
 #[test]
 fn a_time_window_keeps_ticking_after_years_of_uptime() {
-    let (done, finished) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+    finishes_within(Duration::from_secs(10), "the driver must not spin", || {
+        paused_runtime().block_on(async {
             let layer = layer(BreakerConfig {
                 window: WindowConfig::Time {
                     duration: Duration::from_secs(1),
@@ -787,9 +781,5 @@ fn a_time_window_keeps_ticking_after_years_of_uptime() {
             send_n(&mut service, Call::Succeed, 3).await;
             sleep(Duration::from_millis(50)).await;
         });
-        done.send(()).unwrap();
     });
-    finished
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the driver must not spin");
 }

@@ -8,9 +8,12 @@ use meshkit::breaker::{
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use support::{backend, send_n, Call};
+use support::{
+    backend, finishes_within, opens_on_second_failure, resets_the_breaker_when_it_opens, runtime,
+    send_n, Call, OnEvent,
+};
 use tower::{Layer, Service, ServiceExt};
-use tracing::{span, Event, Metadata, Subscriber};
+use tracing::Event;
 
 // ---------------------------------------------------------------------------------------------
 // 1. Deadlock: machine -> announcing (Locked::drop) vs announcing -> machine (a subscriber
@@ -18,79 +21,54 @@ use tracing::{span, Event, Metadata, Subscriber};
 
 /// On the "opened" event: tells the test it is announcing, waits a little so that another
 /// thread can take the machine lock and queue behind `announcing`, then reads the breaker.
-struct ReadsMetricsWhenOpened {
-    handle: Arc<OnceLock<BreakerHandle>>,
-    entered: Mutex<Option<mpsc::Sender<()>>>,
-}
-
-impl Subscriber for ReadsMetricsWhenOpened {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-        span::Id::from_u64(1)
-    }
-    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, event: &Event<'_>) {
+fn reads_metrics_when_opened(
+    handle: BreakerHandle,
+    entered: mpsc::Sender<()>,
+) -> OnEvent<impl Fn(&Event<'_>) + Send + Sync + 'static> {
+    let entered = Mutex::new(Some(entered));
+    OnEvent(move |event: &Event<'_>| {
         if *event.metadata().level() != tracing::Level::WARN {
             return;
         }
-        if let Some(tx) = self.entered.lock().unwrap().take() {
+        if let Some(tx) = entered.lock().unwrap().take() {
             tx.send(()).unwrap();
             std::thread::sleep(Duration::from_millis(300));
             // Same thing the existing single-threaded test does: read the breaker.
-            let _ = self.handle.get().unwrap().metrics();
+            let _ = handle.metrics();
         }
-    }
-    fn enter(&self, _: &span::Id) {}
-    fn exit(&self, _: &span::Id) {}
+    })
+}
+
+/// Opens the breaker behind `layer` with two failures, on a runtime of its own, while
+/// `subscriber` is the thread's default.
+fn open_with(layer: CircuitBreakerLayer, subscriber: impl tracing::Subscriber + Send + Sync) {
+    let _guard = tracing::subscriber::set_default(subscriber);
+    runtime().block_on(async {
+        let mut service = layer.layer(backend());
+        send_n(&mut service, Call::Fail, 2).await;
+    });
 }
 
 #[test]
 fn a_subscriber_reading_the_breaker_does_not_deadlock_with_a_concurrent_transition() {
-    let layer = CircuitBreakerLayer::new(BreakerConfig {
-        window: WindowConfig::Count { size: 10 },
-        minimum_calls: 2,
-        ..BreakerConfig::default()
-    })
-    .unwrap();
+    let layer = opens_on_second_failure();
     let handle = layer.handle();
     let (entered_tx, entered_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-
-    let cell = Arc::new(OnceLock::new());
-    cell.set(handle.clone()).unwrap();
-    let subscriber = ReadsMetricsWhenOpened {
-        handle: cell,
-        entered: Mutex::new(Some(entered_tx)),
-    };
-    let done_a = done_tx.clone();
-    // Thread A: opens the breaker; its subscriber reads the breaker while announcing.
-    std::thread::spawn(move || {
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut service = layer.layer(backend());
-            send_n(&mut service, Call::Fail, 2).await;
-        });
-        done_a.send("A").unwrap();
-    });
-    // Thread B: an operator resets the breaker while A is announcing.
-    let handle_b = handle.clone();
-    std::thread::spawn(move || {
-        entered_rx.recv().unwrap();
-        handle_b.reset();
-        done_tx.send("B").unwrap();
-    });
-    for _ in 0..2 {
-        done_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("deadlock: A holds `announcing` and waits for the machine; B holds the machine and waits for `announcing`");
-    }
+    let subscriber = reads_metrics_when_opened(handle.clone(), entered_tx);
+    finishes_within(
+        Duration::from_secs(5),
+        "deadlock: A holds `announcing` and waits for the machine; B holds the machine and waits for `announcing`",
+        move || {
+            // Thread B: an operator resets the breaker while A is announcing.
+            let b = std::thread::spawn(move || {
+                entered_rx.recv().unwrap();
+                handle.reset();
+            });
+            // Thread A: opens the breaker; its subscriber reads the breaker while announcing.
+            open_with(layer, subscriber);
+            b.join().unwrap();
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -142,8 +120,14 @@ async fn gated_poll_ready_stays_pending_once_a_reserved_probe_went_stale() {
 //    down (the docs: "when that runtime shuts down, the next runtime to use the breaker takes
 //    over"). Nothing wakes the parked task, so nothing on B ever uses the breaker again.
 
-#[test]
-fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
+/// A gated breaker (open for 200 ms) opened by two failures through a service on runtime A,
+/// a one-worker multi-thread runtime, which now runs its driver. Returns the layer, runtime A
+/// and the service used on it.
+fn gated_and_opened_on_runtime_a() -> (
+    CircuitBreakerLayer,
+    tokio::runtime::Runtime,
+    meshkit::breaker::CircuitBreaker<support::Backend>,
+) {
     let layer = CircuitBreakerLayer::new(BreakerConfig {
         window: WindowConfig::Count { size: 4 },
         minimum_calls: 2,
@@ -153,7 +137,6 @@ fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
     })
     .unwrap()
     .gate();
-    let breaker = layer.handle();
     let runtime_a = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -161,20 +144,31 @@ fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
         .unwrap();
     let mut service_a = layer.layer(backend());
     runtime_a.block_on(send_n(&mut service_a, Call::Fail, 2));
+    (layer, runtime_a, service_a)
+}
+
+/// Spawns, on the current runtime, a task waiting for a new service of `layer` to be ready,
+/// and yields until it parks as a gate waiter.
+async fn park_a_gated_waiter(layer: &CircuitBreakerLayer) -> tokio::task::JoinHandle<()> {
+    let mut service_b = layer.layer(backend());
+    let waiting = tokio::spawn(async move {
+        service_b.ready().await.unwrap();
+    });
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    waiting
+}
+
+#[test]
+fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
+    let (layer, runtime_a, _service_a) = gated_and_opened_on_runtime_a();
+    let breaker = layer.handle();
     assert_eq!(breaker.state(), BreakerState::Open); // the driver now runs on A
 
-    let runtime_b = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime_b = runtime();
     let woke = runtime_b.block_on(async {
-        let mut service_b = layer.layer(backend());
-        let waiting = tokio::spawn(async move {
-            service_b.ready().await.unwrap();
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await; // the task parks as a gate waiter
-        }
+        let waiting = park_a_gated_waiter(&layer).await;
         assert!(!waiting.is_finished());
         // Runtime A ends (a parallel test finishing, say).
         std::thread::spawn(move || drop(runtime_a)).join().unwrap();
@@ -278,92 +272,51 @@ fn a_success_racing_a_failure_never_leaves_the_breaker_closed() {
 // 5. Keyed: the eviction event is emitted under the registry lock; a subscriber that looks at
 //    the keyed handle from inside it deadlocks.
 
-struct ReadsKeysOnDebug(Arc<OnceLock<meshkit::breaker::KeyedBreakerHandle<u32>>>);
-
-impl Subscriber for ReadsKeysOnDebug {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-        span::Id::from_u64(1)
-    }
-    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, event: &Event<'_>) {
-        if *event.metadata().level() == tracing::Level::DEBUG {
-            if let Some(handle) = self.0.get() {
-                let _ = handle.len();
-            }
-        }
-    }
-    fn enter(&self, _: &span::Id) {}
-    fn exit(&self, _: &span::Id) {}
-}
-
 #[test]
 fn a_subscriber_may_read_the_keyed_handle_when_a_key_is_evicted() {
-    let (done, finished) = mpsc::channel();
-    std::thread::spawn(move || {
-        let cell = Arc::new(OnceLock::new());
-        let _guard = tracing::subscriber::set_default(ReadsKeysOnDebug(cell.clone()));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let layer = meshkit::breaker::KeyedCircuitBreakerLayer::new(
-                BreakerConfig::default(),
-                |key: &u32| *key,
-            )
-            .unwrap()
-            .max_keys(1)
-            .unwrap();
-            cell.set(layer.handle()).unwrap();
-            let mut service = layer.layer(tower::service_fn(|_: u32| async {
-                Ok::<(), tower::BoxError>(())
+    finishes_within(
+        Duration::from_secs(5),
+        "deadlock: the eviction event is emitted under the keyed registry's lock",
+        || {
+            let cell = Arc::new(OnceLock::<meshkit::breaker::KeyedBreakerHandle<u32>>::new());
+            // Reads the keyed handle from inside every DEBUG event (eviction is one).
+            let _guard = tracing::subscriber::set_default(OnEvent({
+                let cell = cell.clone();
+                move |event: &Event<'_>| {
+                    if *event.metadata().level() == tracing::Level::DEBUG {
+                        if let Some(handle) = cell.get() {
+                            let _ = handle.len();
+                        }
+                    }
+                }
             }));
-            service.ready().await.unwrap().call(1).await.unwrap();
-            service.ready().await.unwrap().call(2).await.unwrap(); // evicts key 1
-        });
-        done.send(()).unwrap();
-    });
-    finished
-        .recv_timeout(Duration::from_secs(5))
-        .expect("deadlock: the eviction event is emitted under the keyed registry's lock");
+            runtime().block_on(async {
+                let layer = meshkit::breaker::KeyedCircuitBreakerLayer::new(
+                    BreakerConfig::default(),
+                    |key: &u32| *key,
+                )
+                .unwrap()
+                .max_keys(1)
+                .unwrap();
+                cell.set(layer.handle()).unwrap();
+                let mut service = layer.layer(tower::service_fn(|_: u32| async {
+                    Ok::<(), tower::BoxError>(())
+                }));
+                service.ready().await.unwrap().call(1).await.unwrap();
+                service.ready().await.unwrap().call(2).await.unwrap(); // evicts key 1
+            });
+        },
+    );
 }
 
 // Controls: the same setups without the trigger pass.
 
 #[test]
 fn a_gated_waiter_on_another_runtime_is_woken_while_the_drivers_runtime_lives() {
-    let layer = CircuitBreakerLayer::new(BreakerConfig {
-        window: WindowConfig::Count { size: 4 },
-        minimum_calls: 2,
-        open_for: Duration::from_millis(200),
-        half_open_calls: 1,
-        ..BreakerConfig::default()
-    })
-    .unwrap()
-    .gate();
-    let runtime_a = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut service_a = layer.layer(backend());
-    runtime_a.block_on(send_n(&mut service_a, Call::Fail, 2));
-    let runtime_b = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (layer, runtime_a, _service_a) = gated_and_opened_on_runtime_a();
+    let runtime_b = runtime();
     let woke = runtime_b.block_on(async {
-        let mut service_b = layer.layer(backend());
-        let waiting = tokio::spawn(async move {
-            service_b.ready().await.unwrap();
-        });
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        let waiting = park_a_gated_waiter(&layer).await;
         tokio::time::timeout(Duration::from_secs(3), waiting)
             .await
             .is_ok()
@@ -374,34 +327,14 @@ fn a_gated_waiter_on_another_runtime_is_woken_while_the_drivers_runtime_lives() 
 
 #[test]
 fn a_subscriber_reading_the_breaker_alone_is_fine() {
-    let layer = CircuitBreakerLayer::new(BreakerConfig {
-        window: WindowConfig::Count { size: 10 },
-        minimum_calls: 2,
-        ..BreakerConfig::default()
-    })
-    .unwrap();
-    let handle = layer.handle();
+    let layer = opens_on_second_failure();
     let (entered_tx, _entered_rx) = mpsc::channel();
-    let (done_tx, done_rx) = mpsc::channel();
-    let cell = Arc::new(OnceLock::new());
-    cell.set(handle.clone()).unwrap();
-    let subscriber = ReadsMetricsWhenOpened {
-        handle: cell,
-        entered: Mutex::new(Some(entered_tx)),
-    };
-    std::thread::spawn(move || {
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let mut service = layer.layer(backend());
-            send_n(&mut service, Call::Fail, 2).await;
-        });
-        done_tx.send(()).unwrap();
-    });
-    done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let subscriber = reads_metrics_when_opened(layer.handle(), entered_tx);
+    finishes_within(
+        Duration::from_secs(5),
+        "deadlock: a subscriber reading the breaker with no one else around",
+        move || open_with(layer, subscriber),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -409,43 +342,12 @@ fn a_subscriber_reading_the_breaker_alone_is_fine() {
 //    deadlock-free) is broadcast BEFORE the transition being announced, so receivers end up
 //    believing the breaker is open while it is closed.
 
-struct ResetsOnOpen(Arc<OnceLock<BreakerHandle>>);
-
-impl Subscriber for ResetsOnOpen {
-    fn enabled(&self, _: &Metadata<'_>) -> bool {
-        true
-    }
-    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
-        span::Id::from_u64(1)
-    }
-    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
-    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, event: &Event<'_>) {
-        if let Some(handle) = self.0.get() {
-            if *event.metadata().level() == tracing::Level::WARN {
-                handle.reset();
-            }
-        }
-    }
-    fn enter(&self, _: &span::Id) {}
-    fn exit(&self, _: &span::Id) {}
-}
-
 #[test]
 fn a_transition_made_while_announcing_is_broadcast_after_it() {
     let cell = Arc::new(OnceLock::new());
-    let _guard = tracing::subscriber::set_default(ResetsOnOpen(cell.clone()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let layer = CircuitBreakerLayer::new(BreakerConfig {
-            window: WindowConfig::Count { size: 10 },
-            minimum_calls: 2,
-            ..BreakerConfig::default()
-        })
-        .unwrap();
+    let _guard = tracing::subscriber::set_default(resets_the_breaker_when_it_opens(cell.clone()));
+    runtime().block_on(async {
+        let layer = opens_on_second_failure();
         cell.set(layer.handle()).unwrap();
         let mut transitions = layer.handle().subscribe();
         let mut service = layer.layer(backend());

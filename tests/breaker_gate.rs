@@ -4,7 +4,8 @@
 mod support;
 
 use meshkit::breaker::{
-    BreakerConfig, BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen, WindowConfig,
+    BreakerConfig, BreakerHandle, BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitOpen,
+    WindowConfig,
 };
 use meshkit::random::SplitMix64;
 use std::future::Future;
@@ -68,6 +69,20 @@ async fn drive_open(service: &mut Gated, handle: &mut Handle) {
     for _ in 0..2 {
         exchange(service, handle, true).await.unwrap_err();
     }
+}
+
+/// Two spawned clones of one gated service, after the first drove the breaker open and its
+/// open period passed; with the breaker's handle and the mock's.
+async fn two_clones_past_the_open_period() -> (BreakerHandle, Gated, Gated, Handle) {
+    let layer = gate();
+    let breaker = layer.handle();
+    let (inner, mut handle) = mock::pair::<&'static str, ()>();
+    let service = layer.layer(inner);
+    let mut first = Spawn::new(service.clone());
+    let second = Spawn::new(service);
+    drive_open(&mut first, &mut handle).await;
+    tokio::time::sleep(OPEN_FOR).await;
+    (breaker, first, second, handle)
 }
 
 /// Lets spawned tasks (the breaker's driver) run at the current paused instant.
@@ -138,14 +153,7 @@ async fn poll_ready_is_pending_while_open_and_wakes_when_half_open() {
 
 #[tokio::test(start_paused = true)]
 async fn a_gated_clone_waits_while_another_holds_the_only_probe_and_wakes_when_it_closes() {
-    let layer = gate();
-    let breaker = layer.handle();
-    let (inner, mut handle) = mock::pair::<&'static str, ()>();
-    let service = layer.layer(inner);
-    let mut first = Spawn::new(service.clone());
-    let mut second = Spawn::new(service);
-    drive_open(&mut first, &mut handle).await;
-    tokio::time::sleep(OPEN_FOR).await;
+    let (breaker, mut first, mut second, mut handle) = two_clones_past_the_open_period().await;
     assert_eq!(breaker.state(), BreakerState::HalfOpen);
 
     assert_ready_ok!(poll_ready(&mut first));
@@ -165,14 +173,7 @@ async fn a_gated_clone_waits_while_another_holds_the_only_probe_and_wakes_when_i
 
 #[tokio::test(start_paused = true)]
 async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
-    let layer = gate();
-    let breaker = layer.handle();
-    let (inner, mut handle) = mock::pair::<&'static str, ()>();
-    let service = layer.layer(inner);
-    let mut first = Spawn::new(service.clone());
-    let mut second = Spawn::new(service);
-    drive_open(&mut first, &mut handle).await;
-    tokio::time::sleep(OPEN_FOR).await;
+    let (breaker, mut first, mut second, _handle) = two_clones_past_the_open_period().await;
 
     assert_ready_ok!(poll_ready(&mut first));
     assert_pending!(poll_ready(&mut second));
@@ -189,14 +190,7 @@ async fn a_gated_clone_is_woken_when_a_reserved_probe_slot_is_given_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failed_probe_keeps_gated_services_pending_until_the_next_half_open() {
-    let layer = gate();
-    let breaker = layer.handle();
-    let (inner, mut handle) = mock::pair::<&'static str, ()>();
-    let service = layer.layer(inner);
-    let mut first = Spawn::new(service.clone());
-    let mut second = Spawn::new(service);
-    drive_open(&mut first, &mut handle).await;
-    tokio::time::sleep(OPEN_FOR).await;
+    let (breaker, mut first, mut second, mut handle) = two_clones_past_the_open_period().await;
 
     exchange(&mut first, &mut handle, true).await.unwrap_err();
     assert_eq!(breaker.state(), BreakerState::Open);

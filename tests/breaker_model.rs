@@ -6,21 +6,13 @@ mod support;
 use meshkit::breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer, WindowConfig};
 use proptest::prelude::*;
 use std::time::Duration;
-use support::{backend, send, Call};
+use support::{backend, paused_runtime, send, Call};
 use tower::Layer;
 
 /// The rule, stated naively: open once the window holds `minimum` calls and
 /// `failures / calls >= rate`.
 fn trips(calls: usize, failures: usize, minimum: usize, rate: f64) -> bool {
     calls >= minimum && calls > 0 && failures as f64 / calls as f64 >= rate
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap()
 }
 
 proptest! {
@@ -35,7 +27,7 @@ proptest! {
     ) {
         let minimum = 1 + minimum_seed % size;
         let rate = f64::from(rate_tenths) / 10.0;
-        runtime().block_on(async {
+        paused_runtime().block_on(async {
             let layer = CircuitBreakerLayer::new(BreakerConfig {
                 failure_rate: rate,
                 window: WindowConfig::Count { size },
@@ -70,7 +62,7 @@ proptest! {
         steps in proptest::collection::vec((any::<bool>(), 0u64..3_000), 1..150),
     ) {
         let rate = f64::from(rate_tenths) / 10.0;
-        runtime().block_on(async {
+        paused_runtime().block_on(async {
             let layer = CircuitBreakerLayer::new(BreakerConfig {
                 failure_rate: rate,
                 window: WindowConfig::Time { duration: Duration::from_secs(seconds) },

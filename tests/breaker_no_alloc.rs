@@ -3,12 +3,15 @@
 //! A counting global allocator records every allocation in a per-thread counter, so that
 //! allocations made by other test threads (or the harness) cannot disturb the measurement.
 
+mod support;
+
 use meshkit::breaker::{BreakerConfig, BreakerState, CircuitBreakerLayer, WindowConfig};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::future::Ready;
 use std::time::Duration;
+use support::runtime;
 use tower::{Layer, Service, ServiceExt};
 
 struct CountingAllocator;
@@ -98,11 +101,7 @@ where
 /// Allocations made by `MEASURED` closed-state successes through a warm breaker built from
 /// `config`, and the breaker's state afterwards.
 fn allocations_of_warm_successes(config: BreakerConfig) -> (usize, BreakerState, u64) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    runtime().block_on(async {
         let layer = CircuitBreakerLayer::new(config).unwrap();
         let handle = layer.handle();
         let mut service = layer.layer(Echo);

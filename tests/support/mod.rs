@@ -1,11 +1,16 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use meshkit::breaker::{BreakerConfig, BreakerHandle, CircuitBreakerLayer, WindowConfig};
+use std::fmt::{Debug, Write as _};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{mpsc, Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{BoxError, Service, ServiceExt};
+use tracing::field::{Field, Visit};
+use tracing::{span, Event, Metadata, Subscriber};
 
 /// What the test backend does with a request.
 #[derive(Clone, Copy, Debug)]
@@ -77,4 +82,101 @@ where
 /// Whether `result` is a rejection by a breaker.
 pub fn is_open(result: &Result<(), BoxError>) -> bool {
     matches!(result, Err(err) if err.downcast_ref::<meshkit::breaker::CircuitOpen>().is_some())
+}
+
+/// A breaker that opens on its second failure: a count window of 10, `minimum_calls` 2.
+pub fn opens_on_second_failure() -> CircuitBreakerLayer {
+    CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 10 },
+        minimum_calls: 2,
+        ..BreakerConfig::default()
+    })
+    .unwrap()
+}
+
+/// A current-thread runtime with every driver enabled.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A current-thread runtime with every driver enabled and its clock paused.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// Runs `f` on a thread of its own and returns what it returns; panics with `what` if it has
+/// not finished within `limit` (a deadlock, a spin), and with `f`'s own panic if it panicked.
+pub fn finishes_within<T: Send + 'static>(
+    limit: Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (done, finished) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    match finished.recv_timeout(limit) {
+        Ok(value) => value,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} (not finished within {limit:?})"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the thread ended without sending its result"),
+        },
+    }
+}
+
+/// A `tracing` subscriber that hands every event to a closure; spans are accepted and ignored.
+pub struct OnEvent<F>(pub F);
+
+impl<F> Subscriber for OnEvent<F>
+where
+    F: Fn(&Event<'_>) + Send + Sync + 'static,
+{
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        span::Id::from_u64(1)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, event: &Event<'_>) {
+        (self.0)(event)
+    }
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+/// An event's level and fields as text: `WARN breaker="billing" from=closed to=open `.
+pub fn describe_event(event: &Event<'_>) -> String {
+    struct Fields(String);
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+            let _ = write!(self.0, "{}={:?} ", field.name(), value);
+        }
+    }
+    let mut fields = Fields(format!("{} ", event.metadata().level()));
+    event.record(&mut fields);
+    fields.0
+}
+
+/// A subscriber that resets the breaker in `cell`, once it is set, from inside the WARN event
+/// announcing that it opened.
+pub fn resets_the_breaker_when_it_opens(
+    cell: Arc<OnceLock<BreakerHandle>>,
+) -> OnEvent<impl Fn(&Event<'_>) + Send + Sync + 'static> {
+    OnEvent(move |event: &Event<'_>| {
+        if let Some(handle) = cell.get() {
+            if *event.metadata().level() == tracing::Level::WARN {
+                handle.reset();
+            }
+        }
+    })
 }

@@ -11,7 +11,7 @@ use meshkit::random::SplitMix64;
 use std::sync::Arc;
 use std::time::Duration;
 use support::{backend, finishes_within, is_open, paused_runtime, send, send_n, Backend, Call};
-use tokio::time::{sleep, Instant};
+use tokio::time::sleep;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 fn count_window(size: u32, minimum_calls: u32) -> BreakerConfig {
@@ -662,8 +662,6 @@ async fn concurrent_tasks_on_many_threads_see_one_consistent_window() {
     assert_eq!(handle.state(), BreakerState::Closed);
     let _ = send(&mut service, Call::Fail).await;
     assert_eq!(handle.state(), BreakerState::Open);
-    let start = Instant::now();
-    assert!(start.elapsed() < Duration::from_secs(60));
 }
 
 #[test]

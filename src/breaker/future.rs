@@ -56,10 +56,11 @@ pin_project! {
 
 /// What a finished call looks like to the breaker.
 enum Tracking {
+    /// A closed-state call tracked for slowness (the untimed kind finishes in `poll`).
     Closed {
         breaker: u64,
         admitted: u64,
-        slow_at: Option<Instant>,
+        slow_at: Instant,
     },
     Probe {
         permit: Option<ProbePermit>,
@@ -183,12 +184,7 @@ where
             } => {
                 let result = ready!(future.poll(cx)).map_err(Into::into);
                 let outcome = classify(this.classifier, *this.count_rejections, &result);
-                // The hot path: a success counted on this thread's own cell, if still armed.
-                let counted =
-                    outcome == Outcome::Success && count_fast_success(*breaker, *admitted);
-                if !counted && outcome != Outcome::Ignored {
-                    record_closed(*breaker, *admitted, outcome, false);
-                }
+                finish_closed(*breaker, *admitted, outcome, false);
                 return Poll::Ready(result);
             }
             KindProjection::ClosedTimed {
@@ -201,7 +197,7 @@ where
                 Tracking::Closed {
                     breaker: *breaker,
                     admitted: *admitted,
-                    slow_at: Some(*slow_at),
+                    slow_at: *slow_at,
                 },
             ),
             KindProjection::Probe {
@@ -244,15 +240,7 @@ impl Tracking {
                 breaker,
                 admitted,
                 slow_at,
-            } => {
-                let slow = is_slow(slow_at);
-                if outcome == Outcome::Success && !slow && count_fast_success(breaker, admitted) {
-                    return;
-                }
-                if outcome != Outcome::Ignored {
-                    record_closed(breaker, admitted, outcome, slow);
-                }
-            }
+            } => finish_closed(breaker, admitted, outcome, Instant::now() >= slow_at),
             Tracking::Probe { permit, slow_at } => {
                 if let Some(permit) = permit {
                     let failed = match outcome {
@@ -264,6 +252,16 @@ impl Tracking {
                 }
             }
         }
+    }
+}
+
+/// Records a finished closed-state call: a non-slow success on this thread's own cell when
+/// the breaker is still armed for it (the hot path), anything else through the lock.
+#[inline(always)]
+fn finish_closed(breaker: u64, admitted: u64, outcome: Outcome, slow: bool) {
+    let counted = outcome == Outcome::Success && !slow && count_fast_success(breaker, admitted);
+    if !counted && outcome != Outcome::Ignored {
+        record_closed(breaker, admitted, outcome, slow);
     }
 }
 

@@ -104,23 +104,20 @@ impl Cells {
     /// Calls counted by every thread so far.
     pub(crate) fn calls(&mut self) -> u64 {
         self.prune();
-        self.retired_calls
-            + self
-                .live
-                .iter()
-                .map(|cell| cell.calls.load(Ordering::Relaxed))
-                .sum::<u64>()
+        self.retired_calls + self.live_sum(|cell| &cell.calls)
     }
 
     /// Rejections counted by every thread so far.
     pub(crate) fn rejected(&mut self) -> u64 {
         self.prune();
-        self.retired_rejected
-            + self
-                .live
-                .iter()
-                .map(|cell| cell.rejected.load(Ordering::Relaxed))
-                .sum::<u64>()
+        self.retired_rejected + self.live_sum(|cell| &cell.rejected)
+    }
+
+    fn live_sum(&self, counter: impl Fn(&Cell) -> &AtomicU64) -> u64 {
+        self.live
+            .iter()
+            .map(|cell| counter(cell).load(Ordering::Relaxed))
+            .sum()
     }
 
     /// The cell owned by the thread holding `token`, created on first use.

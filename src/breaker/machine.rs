@@ -5,7 +5,7 @@ use super::announce::Announcement;
 use super::config::Settings;
 use super::local::Cell;
 use super::probe::{ProbePermit, Probes};
-use super::shared::{generation_of, word, Shared};
+use super::shared::{generation_of, state_of, word, Shared};
 use super::window::{CountWindow, TimeWindow, Totals, Window, WindowCounts};
 use super::{BreakerState, Transition, WindowConfig};
 use crate::random::RandomSource;
@@ -66,12 +66,6 @@ impl Machine {
             announce: false,
             wake: false,
         }
-    }
-
-    /// A fresh window holds fewer than `minimum_calls` calls: successes take the slow path
-    /// until it does (see `Shared::fast_allowed`).
-    pub(crate) fn initially_fast(&self, _settings: &Settings) -> bool {
-        false
     }
 }
 
@@ -314,11 +308,9 @@ impl Shared {
             }
             BreakerState::ForcedOpen | BreakerState::Disabled => {}
         }
-        let fast = to == BreakerState::Closed && {
-            let counts = machine.window.counts(self.totals(machine));
-            self.fast_allowed(machine, counts)
-        };
-        self.publish(machine, fast);
+        // A fresh closed window holds fewer than `minimum_calls` calls, so no state starts
+        // armed for the fast path; the slow path arms it once the window fills.
+        self.publish(machine, false);
         self.driver.notify_one();
         // Announced and woken once the lock is released (see `Locked`): subscribers and
         // wakers are other people's code, which must be free to call back into the breaker.
@@ -341,7 +333,7 @@ impl Shared {
     /// The current state, applying any transition that time has made due.
     pub(crate) fn current_state(&self) -> BreakerState {
         let word = self.mode();
-        match super::shared::state_of(word) {
+        match state_of(word) {
             BreakerState::Open | BreakerState::HalfOpen => {
                 let mut machine = self.lock();
                 self.refresh(&mut machine, Instant::now());

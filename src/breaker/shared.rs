@@ -95,8 +95,8 @@ impl Shared {
     ) -> Arc<Self> {
         let origin = Instant::now();
         let machine = Machine::new(&settings, name, random, origin);
-        let fast = machine.initially_fast(&settings);
-        let initial_mode = word(0, BreakerState::Closed, fast);
+        // Not armed: successes take the slow path until the window holds `minimum_calls`.
+        let initial_mode = word(0, BreakerState::Closed, false);
         let mode = Arc::new(CachePadded(AtomicU64::new(initial_mode)));
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new_cyclic(|this| Shared {

@@ -1,8 +1,9 @@
 //! Classification of a call's result into an [`Outcome`] that resilience layers record.
 //!
 //! Every meshkit capability that reacts to success and failure (the circuit breaker today,
-//! retries and outlier ejection later) asks a [`Classify`] implementation what a result means.
-//! Closures implement the trait, so a custom rule is one line:
+//! retries, hedging and outlier ejection) asks a [`Classify`] implementation what a result means.
+//! Retry layers ask a [`ClassifyRetry`] implementation whether to try again. Closures implement
+//! both traits, so a custom rule is one line:
 //!
 //! ```
 //! use meshkit::classify::{Classify, Outcome};
@@ -63,6 +64,66 @@ impl<Res, E> Classify<Res, E> for DefaultClassifier {
     }
 }
 
+/// Whether a finished try should be tried again, as a retry layer asks it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RetryDecision {
+    /// Return this result to the caller.
+    Stop,
+    /// Try again after the layer's backoff.
+    Retry,
+    /// Try again, but not before this long: the server's delay hint (an HTTP `Retry-After`).
+    /// The layer waits at least this, and returns the result as is when the hint exceeds its
+    /// `max_retry_after`.
+    RetryAfter(std::time::Duration),
+}
+
+/// Decides whether a finished try is worth repeating: the retry side of [`Classify`].
+///
+/// Implemented for every `Fn(&Result<Res, E>) -> RetryDecision`, so closures work directly:
+///
+/// ```
+/// use meshkit::classify::{ClassifyRetry, RetryDecision};
+/// use std::time::Duration;
+///
+/// // Retry a 503 after the hint the server sent, and nothing else.
+/// let classifier = |result: &Result<(u16, Option<u64>), std::io::Error>| match result {
+///     Ok((503, Some(secs))) => RetryDecision::RetryAfter(Duration::from_secs(*secs)),
+///     Ok((503, None)) => RetryDecision::Retry,
+///     _ => RetryDecision::Stop,
+/// };
+/// assert_eq!(classifier.classify_retry(&Ok((200, None))), RetryDecision::Stop);
+/// ```
+pub trait ClassifyRetry<Res, E> {
+    /// Decides about one finished try.
+    fn classify_retry(&self, result: &Result<Res, E>) -> RetryDecision;
+}
+
+impl<F, Res, E> ClassifyRetry<Res, E> for F
+where
+    F: Fn(&Result<Res, E>) -> RetryDecision,
+{
+    fn classify_retry(&self, result: &Result<Res, E>) -> RetryDecision {
+        self(result)
+    }
+}
+
+/// The retry classifier every layer uses unless told otherwise: errors are retried, responses
+/// are not.
+///
+/// Retry layers check for meshkit's own rejections (an open breaker, a shed request) before
+/// asking any classifier and never retry them unless configured to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DefaultRetryClassifier;
+
+impl<Res, E> ClassifyRetry<Res, E> for DefaultRetryClassifier {
+    fn classify_retry(&self, result: &Result<Res, E>) -> RetryDecision {
+        match result {
+            Ok(_) => RetryDecision::Stop,
+            Err(_) => RetryDecision::Retry,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +134,20 @@ mod tests {
         let err: Result<(), ()> = Err(());
         assert_eq!(DefaultClassifier.classify(&ok), Outcome::Success);
         assert_eq!(DefaultClassifier.classify(&err), Outcome::Failure);
+    }
+
+    #[test]
+    fn default_retry_classifier_retries_errors_only() {
+        let ok: Result<(), ()> = Ok(());
+        let err: Result<(), ()> = Err(());
+        assert_eq!(
+            DefaultRetryClassifier.classify_retry(&ok),
+            RetryDecision::Stop
+        );
+        assert_eq!(
+            DefaultRetryClassifier.classify_retry(&err),
+            RetryDecision::Retry
+        );
     }
 
     #[test]

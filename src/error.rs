@@ -15,7 +15,9 @@
 //! # let _ = is_open_circuit;
 //! ```
 
+use std::any::Any;
 use std::error::Error;
+use tower::BoxError;
 
 /// Returns the first error of type `E` in `err`'s `source()` chain, `err` itself included.
 pub fn find<'a, E>(err: &'a (dyn Error + 'static)) -> Option<&'a E>
@@ -49,6 +51,25 @@ pub fn is_rejection(err: &(dyn Error + 'static)) -> bool {
     is::<crate::breaker::CircuitOpen>(err)
 }
 
+/// [`is_rejection`] for an error of any type: recognises meshkit's rejections when `err` is a
+/// boxed error (as tower stacks pass them) or one of meshkit's error types itself.
+///
+/// Layers that pass their inner error type through unchanged (retries, hedging) use this, as
+/// they cannot ask an arbitrary `E` for its `source()` chain.
+pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
+    let any: &dyn Any = err;
+    if let Some(boxed) = any.downcast_ref::<BoxError>() {
+        return is_rejection(&**boxed);
+    }
+    if let Some(boxed) = any.downcast_ref::<Box<dyn Error + Send + 'static>>() {
+        return is_rejection(&**boxed);
+    }
+    if let Some(boxed) = any.downcast_ref::<Box<dyn Error + 'static>>() {
+        return is_rejection(&**boxed);
+    }
+    any.is::<crate::breaker::CircuitOpen>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +101,18 @@ mod tests {
         let found = find::<crate::breaker::CircuitOpen>(&wrapped).expect("in the chain");
         assert_eq!(found.retry_after(), Duration::from_secs(3));
         assert!(is_rejection(&wrapped));
+    }
+
+    #[test]
+    fn rejections_are_found_in_boxed_and_bare_values() {
+        let open =
+            || crate::breaker::CircuitOpen::new(crate::breaker::BreakerState::Open, Duration::ZERO);
+        let boxed: BoxError = Box::new(Wrapper(Box::new(open())));
+        assert!(is_rejection_value(&boxed));
+        assert!(is_rejection_value(&open()));
+        assert!(!is_rejection_value(&std::io::Error::other("reset")));
+        let io: BoxError = Box::new(std::io::Error::other("reset"));
+        assert!(!is_rejection_value(&io));
     }
 
     #[test]

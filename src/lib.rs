@@ -51,6 +51,9 @@ pub mod duration;
 pub mod error;
 mod padded;
 pub mod random;
+mod registry;
+pub mod retry;
+mod striped;
 
 pub use config::ConfigError;
 

@@ -13,10 +13,10 @@
 //! breaker's current generation and fast flag on the cache line it is about to write anyway.
 
 use super::shared::Shared;
+use crate::registry::Registry;
 use std::cell::{OnceCell, RefCell};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, Weak};
 
 /// Thread-local cache slots; breakers whose ids collide evict each other (correct, slower).
 const SLOTS: usize = 64;
@@ -138,29 +138,11 @@ impl Cells {
 }
 
 /// Every live breaker by id, for threads that meet a breaker's id before its cell.
-static REGISTRY: LazyLock<Mutex<HashMap<u64, Weak<Shared>>>> = LazyLock::new(Default::default);
-
-pub(crate) fn register(id: u64, shared: Weak<Shared>) {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, shared);
-}
-
-pub(crate) fn unregister(id: u64) {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-}
+pub(crate) static REGISTRY: Registry<Shared> = Registry::new();
 
 /// The live breaker with this id.
 pub(crate) fn lookup(id: u64) -> Option<Arc<Shared>> {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id)
-        .and_then(Weak::upgrade)
+    REGISTRY.get(id)
 }
 
 struct Entry {

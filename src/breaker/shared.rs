@@ -45,9 +45,6 @@ pub(crate) fn word(generation: u64, state: BreakerState, fast: bool) -> u64 {
 
 pub(crate) type ModeCell = CachePadded<AtomicU64>;
 
-/// Ids that name breakers in thread-local caches; never reused.
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
 /// What admission decided for one call.
 #[derive(Debug)]
 pub(crate) enum Admission {
@@ -98,7 +95,7 @@ impl Shared {
         // Not armed: successes take the slow path until the window holds `minimum_calls`.
         let initial_mode = word(0, BreakerState::Closed, false);
         let mode = Arc::new(CachePadded(AtomicU64::new(initial_mode)));
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = local::REGISTRY.next_id();
         let shared = Arc::new_cyclic(|this| Shared {
             id,
             cells: Mutex::new(Cells::new(initial_mode)),
@@ -117,7 +114,7 @@ impl Shared {
             driver_alive: AtomicBool::new(false),
             this: this.clone(),
         });
-        local::register(id, Arc::downgrade(&shared));
+        local::REGISTRY.insert(id, Arc::downgrade(&shared));
         shared
     }
 
@@ -328,7 +325,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Lets the driver notice that the breaker is gone and exit.
         self.driver.notify_one();
-        local::unregister(self.id);
+        local::REGISTRY.remove(self.id);
     }
 }
 

@@ -1,0 +1,457 @@
+//! [`RetryBudget`]: retries allowed as a fraction of recent first tries, counted lock-free.
+
+use super::config::BudgetConfig;
+use crate::padded::CachePadded;
+use crate::striped::StripedCounter;
+use crate::ConfigError;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, Instant};
+
+/// Buckets a `ttl` is cut into.
+const BUCKETS_PER_TTL: u32 = 10;
+/// Marks kept: one per bucket of the window, plus the bucket being filled.
+const MARKS: usize = BUCKETS_PER_TTL as usize + 1;
+
+/// No driver task exists (or it ended with its runtime).
+const NO_DRIVER: u8 = 0;
+/// A driver task ages the window.
+const RUNNING: u8 = 1;
+/// The driver sleeps until a deposit: the window is empty, there is nothing to age.
+const PARKED: u8 = 2;
+
+/// A shared allowance of retries: at most `ratio` × the first tries of the last `ttl`, plus
+/// `min_per_sec` × `ttl`, counting retries that are still waiting out their backoff.
+///
+/// Every first try [deposits](Self::deposit); every retry (or hedge) must
+/// [withdraw](Self::withdraw) before it is scheduled, and is refused once the window's
+/// withdrawals reach the allowance. Clones share one budget.
+///
+/// Accounting is lock-free. A deposit is a plain store on a cache line that only the calling
+/// thread writes (see the `striped` counter), so calls on many cores do not contend; a
+/// withdrawal is one compare-and-swap. Time is cut into buckets of `ttl / 10`; a small task on
+/// the tokio runtime of the first deposit marks each bucket's start, and parks while the
+/// window is empty. The window therefore spans between `ttl` and `1.1 × ttl`.
+///
+/// It also implements tower's [`Budget`](tower::retry::budget::Budget), so it can bound a
+/// plain `tower::retry::Retry` too.
+///
+/// ```
+/// use meshkit::retry::{BudgetConfig, RetryBudget};
+/// use std::time::Duration;
+///
+/// let budget = RetryBudget::new(BudgetConfig::Limited {
+///     ratio: 0.5,
+///     min_per_sec: 0,
+///     ttl: Duration::from_secs(10),
+/// })?;
+/// for _ in 0..4 {
+///     budget.deposit();
+/// }
+/// assert!(budget.withdraw());
+/// assert!(budget.withdraw());
+/// assert!(!budget.withdraw(), "four first tries at ratio 0.5 allow two retries");
+/// let snapshot = budget.snapshot();
+/// assert_eq!((snapshot.deposits, snapshot.withdrawals, snapshot.refusals), (4, 2, 1));
+/// # Ok::<(), meshkit::ConfigError>(())
+/// ```
+#[derive(Clone)]
+pub struct RetryBudget {
+    inner: Arc<Inner>,
+}
+
+/// Counts of a [`RetryBudget`] since it was created, and what it allows now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BudgetSnapshot {
+    /// First tries recorded.
+    pub deposits: u64,
+    /// Retries and hedges allowed.
+    pub withdrawals: u64,
+    /// Retries and hedges refused.
+    pub refusals: u64,
+    /// Withdrawals the budget would allow right now; `None` when unlimited.
+    pub available: Option<u64>,
+}
+
+struct Inner {
+    deposits: StripedCounter,
+    /// Read by every deposit: kept apart from the lines withdrawals write.
+    driver: CachePadded<AtomicU8>,
+    withdrawals: CachePadded<AtomicU64>,
+    refusals: AtomicU64,
+    limit: Option<Limit>,
+    wake: Arc<Notify>,
+}
+
+/// The bound of a limited budget and its window of bucket marks.
+struct Limit {
+    ratio: f64,
+    /// `min_per_sec × ttl`: retries allowed whatever the traffic.
+    reserve: u64,
+    origin: Instant,
+    bucket: Duration,
+    /// The bucket whose start was last marked.
+    epoch: AtomicU64,
+    /// Totals at the start of each recent bucket, indexed by `epoch % MARKS`.
+    marks: [Mark; MARKS],
+    /// Held only to mark buckets (deposits and withdrawals never take it): the totals at the
+    /// last mark.
+    marking: Mutex<(u64, u64)>,
+}
+
+#[derive(Default)]
+struct Mark {
+    deposits: AtomicU64,
+    withdrawals: AtomicU64,
+}
+
+impl RetryBudget {
+    /// A budget as `config` describes.
+    ///
+    /// Needs no runtime: the task that ages the window starts with the first deposit made on
+    /// a tokio runtime.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `ratio`, `min_per_sec` or `ttl` when out of range.
+    pub fn new(config: BudgetConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let limit = match config {
+            BudgetConfig::Unlimited => None,
+            BudgetConfig::Limited {
+                ratio,
+                min_per_sec,
+                ttl,
+            } => Some(Limit {
+                ratio,
+                reserve: (f64::from(min_per_sec) * ttl.as_secs_f64()) as u64,
+                origin: Instant::now(),
+                bucket: ttl / BUCKETS_PER_TTL,
+                epoch: AtomicU64::new(0),
+                marks: Default::default(),
+                marking: Mutex::new((0, 0)),
+            }),
+        };
+        let driver = if limit.is_some() { NO_DRIVER } else { RUNNING };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                deposits: StripedCounter::default(),
+                driver: CachePadded(AtomicU8::new(driver)),
+                withdrawals: CachePadded::default(),
+                refusals: AtomicU64::new(0),
+                limit,
+                wake: Arc::new(Notify::new()),
+            }),
+        })
+    }
+
+    /// A budget that never refuses (it still counts).
+    pub fn unlimited() -> Self {
+        Self::new(BudgetConfig::Unlimited).expect("an unlimited budget is always valid")
+    }
+
+    /// Records one first try.
+    #[inline]
+    pub fn deposit(&self) {
+        self.inner.deposits.increment();
+        if self.inner.driver.load(Ordering::Relaxed) != RUNNING {
+            start_driver(&self.inner);
+        }
+    }
+
+    /// Takes one retry from the budget: `true` if allowed (and counted), `false` if refused
+    /// (also counted).
+    pub fn withdraw(&self) -> bool {
+        let inner = &*self.inner;
+        let Some(limit) = &inner.limit else {
+            inner.withdrawals.fetch_add(1, Ordering::AcqRel);
+            return true;
+        };
+        if inner.driver.load(Ordering::Relaxed) != RUNNING {
+            start_driver(&self.inner);
+        }
+        let (allowed, base_withdrawals) = inner.allowance(limit, Instant::now());
+        let mut withdrawals = inner.withdrawals.load(Ordering::Acquire);
+        loop {
+            if withdrawals.saturating_sub(base_withdrawals) >= allowed {
+                inner.refusals.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            match inner.withdrawals.compare_exchange_weak(
+                withdrawals,
+                withdrawals + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => withdrawals = actual,
+            }
+        }
+    }
+
+    /// Counts since creation and the allowance right now.
+    pub fn snapshot(&self) -> BudgetSnapshot {
+        let inner = &*self.inner;
+        let withdrawals = inner.withdrawals.load(Ordering::Acquire);
+        let available = inner.limit.as_ref().map(|limit| {
+            let (allowed, base) = inner.allowance(limit, Instant::now());
+            allowed.saturating_sub(withdrawals.saturating_sub(base))
+        });
+        BudgetSnapshot {
+            deposits: inner.deposits.sum(),
+            withdrawals,
+            refusals: inner.refusals.load(Ordering::Relaxed),
+            available,
+        }
+    }
+}
+
+impl Inner {
+    /// Withdrawals the window allows, and the withdrawal total at the window's start.
+    fn allowance(&self, limit: &Limit, now: Instant) -> (u64, u64) {
+        let epoch = self.mark(limit, now);
+        let base = &limit.marks[(epoch as usize + 1) % MARKS];
+        let recent = self
+            .deposits
+            .sum()
+            .saturating_sub(base.deposits.load(Ordering::Acquire));
+        let allowed = (limit.ratio * recent as f64) as u64 + limit.reserve;
+        (allowed, base.withdrawals.load(Ordering::Acquire))
+    }
+
+    /// Marks the start of every bucket begun since the last mark; returns the current bucket.
+    ///
+    /// On time (the driver marks each bucket as it starts), a bucket's mark is the totals now.
+    /// After a gap (the driver parked, or none runs), nothing says when in the gap the calls
+    /// since the last mark happened: they are dated to the current bucket, which keeps them in
+    /// the window as long as possible (never banks old first tries as fresh allowance for
+    /// longer than one `ttl` past their time, and never lets a retry leave early).
+    fn mark(&self, limit: &Limit, now: Instant) -> u64 {
+        let target = limit.epoch_at(now);
+        let current = limit.epoch.load(Ordering::Acquire);
+        if target <= current {
+            return current;
+        }
+        let Ok(mut last) = limit.marking.try_lock() else {
+            return current;
+        };
+        let current = limit.epoch.load(Ordering::Acquire);
+        if target <= current {
+            return current;
+        }
+        let totals = (
+            self.deposits.sum(),
+            self.withdrawals.load(Ordering::Acquire),
+        );
+        let (deposits, withdrawals) = if target == current + 1 { totals } else { *last };
+        *last = totals;
+        let first = (current + 1).max(target.saturating_sub(MARKS as u64 - 1));
+        for epoch in first..=target {
+            let mark = &limit.marks[epoch as usize % MARKS];
+            mark.deposits.store(deposits, Ordering::Release);
+            mark.withdrawals.store(withdrawals, Ordering::Release);
+        }
+        limit.epoch.store(target, Ordering::Release);
+        target
+    }
+
+    /// Whether nothing was deposited or withdrawn within the window.
+    fn window_is_empty(&self, limit: &Limit, epoch: u64) -> bool {
+        let base = &limit.marks[(epoch as usize + 1) % MARKS];
+        self.deposits.sum() == base.deposits.load(Ordering::Acquire)
+            && self.withdrawals.load(Ordering::Acquire) == base.withdrawals.load(Ordering::Acquire)
+    }
+
+    /// Ages the window; returns when to do it next, `None` to park until a deposit.
+    fn drive(&self, now: Instant) -> Option<Instant> {
+        let limit = self.limit.as_ref()?;
+        let epoch = self.mark(limit, now);
+        if self.window_is_empty(limit, epoch) {
+            self.driver.store(PARKED, Ordering::SeqCst);
+            // A deposit that saw `RUNNING` just before the store above is caught here.
+            if self.window_is_empty(limit, epoch) {
+                return None;
+            }
+            self.driver.store(RUNNING, Ordering::SeqCst);
+        }
+        Some(limit.start_of(epoch + 1))
+    }
+}
+
+impl Limit {
+    fn epoch_at(&self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(elapsed / self.bucket.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn start_of(&self, epoch: u64) -> Instant {
+        let nanos = self.bucket.as_nanos().saturating_mul(u128::from(epoch));
+        self.origin + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets a parked driver notice that the budget is gone and exit.
+        self.wake.notify_one();
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn start_driver(inner: &Arc<Inner>) {
+    match inner.driver.load(Ordering::Acquire) {
+        PARKED
+            if inner
+                .driver
+                .compare_exchange(PARKED, RUNNING, Ordering::SeqCst, Ordering::Acquire)
+                .is_ok() =>
+        {
+            inner.wake.notify_one();
+        }
+        NO_DRIVER => {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            if inner
+                .driver
+                .compare_exchange(NO_DRIVER, RUNNING, Ordering::SeqCst, Ordering::Acquire)
+                .is_ok()
+            {
+                let alive = Alive(Arc::downgrade(inner));
+                let (budget, wake) = (Arc::downgrade(inner), inner.wake.clone());
+                runtime.spawn(async move {
+                    let _alive = alive;
+                    drive(budget, wake).await;
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+async fn drive(budget: Weak<Inner>, wake: Arc<Notify>) {
+    loop {
+        // Hold the budget only while marking, so that dropping it ends this task.
+        let next = match budget.upgrade() {
+            Some(inner) => inner.drive(Instant::now()),
+            None => return,
+        };
+        match next {
+            Some(at) => sleep_until(at).await,
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// Marks the driver gone when its task ends or its runtime drops it, so that the next deposit
+/// starts another.
+struct Alive(Weak<Inner>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.driver.store(NO_DRIVER, Ordering::SeqCst);
+        }
+    }
+}
+
+impl tower::retry::budget::Budget for RetryBudget {
+    fn deposit(&self) {
+        RetryBudget::deposit(self);
+    }
+
+    fn withdraw(&self) -> bool {
+        RetryBudget::withdraw(self)
+    }
+}
+
+impl fmt::Debug for RetryBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snapshot = self.snapshot();
+        f.debug_struct("RetryBudget")
+            .field("deposits", &snapshot.deposits)
+            .field("withdrawals", &snapshot.withdrawals)
+            .field("refusals", &snapshot.refusals)
+            .field("available", &snapshot.available)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(ratio: f64, min_per_sec: u32, ttl_secs: u64) -> RetryBudget {
+        RetryBudget::new(BudgetConfig::Limited {
+            ratio,
+            min_per_sec,
+            ttl: Duration::from_secs(ttl_secs),
+        })
+        .unwrap()
+    }
+
+    fn withdraw_all(budget: &RetryBudget) -> u64 {
+        let mut n = 0;
+        while budget.withdraw() {
+            n += 1;
+        }
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reserve_alone_allows_min_per_sec_times_ttl() {
+        let budget = budget(0.2, 3, 10);
+        assert_eq!(withdraw_all(&budget), 30);
+        assert_eq!(budget.snapshot().refusals, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn withdrawals_leave_the_window_after_ttl() {
+        let budget = budget(0.0, 1, 10);
+        assert_eq!(withdraw_all(&budget), 10);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(withdraw_all(&budget), 0, "the first ten still count");
+        tokio::time::sleep(Duration::from_millis(6_500)).await;
+        assert_eq!(withdraw_all(&budget), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deposits_leave_the_window_after_ttl() {
+        let budget = budget(1.0, 0, 10);
+        for _ in 0..5 {
+            budget.deposit();
+        }
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(budget.snapshot().available, Some(5));
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(budget.snapshot().available, Some(0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_long_quiet_spell_does_not_bank_old_deposits() {
+        let budget = budget(0.5, 0, 10);
+        for _ in 0..1000 {
+            budget.deposit();
+        }
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        budget.deposit();
+        budget.deposit();
+        assert_eq!(withdraw_all(&budget), 1);
+    }
+
+    #[test]
+    fn unlimited_never_refuses_but_counts() {
+        let budget = RetryBudget::unlimited();
+        budget.deposit();
+        for _ in 0..100 {
+            assert!(budget.withdraw());
+        }
+        let snapshot = budget.snapshot();
+        assert_eq!(snapshot.withdrawals, 100);
+        assert_eq!(snapshot.available, None);
+    }
+}

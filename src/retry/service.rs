@@ -1,0 +1,182 @@
+//! [`Retry`]: the service, and the state its in-flight calls find again by id.
+
+use super::budget::RetryBudget;
+use super::config::RetryConfig;
+use super::future::ResponseFuture;
+use super::replay::Replay;
+use super::TimedOut;
+use crate::classify::{ClassifyRetry, DefaultRetryClassifier};
+use crate::random::RandomSource;
+use crate::registry::Registry;
+use crate::retry::CloneRequest;
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::Service;
+
+/// Every live retry service's shared state, for in-flight calls that hold only its id.
+pub(crate) static RETRIES: Registry<Shared> = Registry::new();
+
+/// What a retry service and its clones share; calls reach it by id on their retry path.
+pub(crate) struct Shared {
+    pub(crate) config: RetryConfig,
+    pub(crate) limits: Limits,
+    pub(crate) budget: RetryBudget,
+    pub(crate) random: Arc<dyn RandomSource>,
+    pub(crate) name: Arc<str>,
+}
+
+/// The part of the config every call carries, so that a call that succeeds at once never
+/// looks anything up.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    pub(crate) id: u64,
+    pub(crate) max_attempts: u32,
+    pub(crate) per_try_timeout: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) retry_rejections: bool,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        config: RetryConfig,
+        budget: RetryBudget,
+        random: Arc<dyn RandomSource>,
+        name: Arc<str>,
+        retry_rejections: bool,
+    ) -> Arc<Self> {
+        let limits = Limits {
+            id: RETRIES.next_id(),
+            max_attempts: config.max_attempts,
+            per_try_timeout: config.per_try_timeout,
+            deadline: config.deadline,
+            retry_rejections,
+        };
+        let shared = Arc::new(Self {
+            config,
+            limits,
+            budget,
+            random,
+            name,
+        });
+        RETRIES.insert(limits.id, Arc::downgrade(&shared));
+        shared
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        RETRIES.remove(self.limits.id);
+    }
+}
+
+/// Retries failed calls to `S` with backoff, within a budget, a deadline and the server's
+/// delay hints.
+///
+/// Built by [`RetryLayer`](super::RetryLayer). Each call is a first try (deposited in the
+/// budget); if the classifier `C` asks for a retry and attempts, budget and deadline allow it,
+/// the request copied by `K` is sent again after the backoff. The caller gets the last response
+/// or error exactly as `S` produced it; the only error this service makes is [`TimedOut`],
+/// converted with `From`.
+///
+/// `S` must be `Clone` (as hyper, reqwest and tonic clients are): each call keeps a clone to
+/// send its retries through.
+pub struct Retry<S, C = DefaultRetryClassifier, K = CloneRequest> {
+    inner: S,
+    shared: Arc<Shared>,
+    classifier: C,
+    replay: K,
+}
+
+impl<S, C, K> Retry<S, C, K> {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, classifier: C, replay: K) -> Self {
+        Self {
+            inner,
+            shared,
+            classifier,
+            replay,
+        }
+    }
+
+    /// The budget this service draws on.
+    pub fn budget(&self) -> &RetryBudget {
+        &self.shared.budget
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, C, K, Req> Service<Req> for Retry<S, C, K>
+where
+    S: Service<Req> + Clone,
+    S::Error: From<TimedOut> + 'static,
+    C: ClassifyRetry<S::Response, S::Error> + Clone,
+    K: Replay<Req> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, Req, C, K>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> Self::Future {
+        let shared = &*self.shared;
+        shared.budget.deposit();
+        let limits = shared.limits;
+        let spare = if limits.max_attempts > 1 {
+            self.replay.replay(&request)
+        } else {
+            None
+        };
+        let service = spare.as_ref().map(|_| self.inner.clone());
+        let call = self.inner.call(request);
+        ResponseFuture::new(
+            call,
+            service,
+            spare,
+            self.classifier.clone(),
+            self.replay.clone(),
+            limits,
+        )
+    }
+}
+
+impl<S: Clone, C: Clone, K: Clone> Clone for Retry<S, C, K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+            classifier: self.classifier.clone(),
+            replay: self.replay.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, K> fmt::Debug for Retry<S, C, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("name", &self.shared.name)
+            .field("inner", &self.inner)
+            .field("max_attempts", &self.shared.limits.max_attempts)
+            .field("budget", &self.shared.budget)
+            .finish_non_exhaustive()
+    }
+}

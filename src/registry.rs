@@ -6,24 +6,25 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// Every live `T` by id. Entries are weak: the owner unregisters on drop.
 #[derive(Debug)]
 pub(crate) struct Registry<T> {
-    next: AtomicU64,
     live: Mutex<BTreeMap<u64, Weak<T>>>,
 }
 
 impl<T> Registry<T> {
     pub(crate) const fn new() -> Self {
         Self {
-            next: AtomicU64::new(1),
             live: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// A fresh id, never handed out before by this registry.
+    /// A fresh id, never handed out before by any registry (ids key one thread-local cache
+    /// shared by every kind of state, see [`crate::keepalive`]), never 0.
     pub(crate) fn next_id(&self) -> u64 {
-        self.next.fetch_add(1, Ordering::Relaxed)
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
     }
 
     pub(crate) fn insert(&self, id: u64, value: Weak<T>) {

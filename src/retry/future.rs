@@ -1,7 +1,7 @@
 //! [`ResponseFuture`]: one call's tries, waits and timeouts.
 
 use super::replay::Replay;
-use super::service::{Limits, RETRIES};
+use super::service::{find, Limits};
 use super::TimedOut;
 use crate::classify::{ClassifyRetry, RetryDecision};
 use crate::error::is_rejection_value;
@@ -240,7 +240,7 @@ where
         RetryDecision::Retry => None,
         RetryDecision::RetryAfter(hint) => Some(hint),
     };
-    let shared = RETRIES.get(limits.id)?;
+    let shared = find(limits.id)?;
     let service = &*shared.name;
     if attempt >= limits.max_attempts {
         tracing::info!(service, attempt, "retries exhausted");

@@ -16,7 +16,12 @@ use std::time::Duration;
 use tower::Service;
 
 /// Every live retry service's shared state, for in-flight calls that hold only its id.
-pub(crate) static RETRIES: Registry<Shared> = Registry::new();
+static RETRIES: Registry<Shared> = Registry::new();
+
+/// The shared state with this id, if it still exists (see [`crate::keepalive`]).
+pub(crate) fn find(id: u64) -> Option<Arc<Shared>> {
+    crate::keepalive::find(id).or_else(|| RETRIES.get(id))
+}
 
 /// What a retry service and its clones share; calls reach it by id on their retry path.
 pub(crate) struct Shared {
@@ -139,6 +144,7 @@ where
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let shared = &*self.shared;
+        crate::keepalive::keep(shared.limits.id, &self.shared);
         shared.budget.deposit();
         let limits = shared.limits;
         let spare = if limits.max_attempts > 1 {

@@ -1,0 +1,88 @@
+//! Tracing events of the retry layer. In their own binary: tracing caches each callsite's
+//! interest process-wide, so tests without a subscriber running beside them would hide events.
+
+mod support;
+
+use meshkit::random::SplitMix64;
+use meshkit::retry::{Backoff, BackoffKind, BudgetConfig, Jitter, RetryConfig, RetryLayer};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::OnEvent;
+use tower::{BoxError, Layer, ServiceExt};
+
+fn config(max_attempts: u32, budget: BudgetConfig) -> RetryConfig {
+    RetryConfig {
+        max_attempts,
+        backoff: Backoff {
+            kind: BackoffKind::Constant,
+            base: Duration::from_millis(5),
+            multiplier: 2.0,
+            max: Duration::from_millis(5),
+            jitter: Jitter::None,
+        },
+        budget,
+        ..RetryConfig::default()
+    }
+}
+
+/// Runs `calls` failing calls through a retry layer built from `config`; returns the events.
+fn events_of(config: RetryConfig, calls: usize) -> Vec<String> {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = OnEvent({
+        let events = events.clone();
+        move |event: &tracing::Event<'_>| {
+            events.lock().unwrap().push(support::describe_event(event));
+        }
+    });
+    let runtime = support::paused_runtime();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let service = RetryLayer::new(config)
+                .unwrap()
+                .name("users")
+                .random(Arc::new(SplitMix64::seeded(1)))
+                .layer(tower::service_fn(|()| async {
+                    Err::<(), _>(BoxError::from("down"))
+                }));
+            for _ in 0..calls {
+                service.clone().oneshot(()).await.unwrap_err();
+            }
+        });
+    });
+    let events = events.lock().unwrap().clone();
+    events
+}
+
+#[test]
+fn retries_and_exhaustion_are_traced_with_the_attempt_number() {
+    let events = events_of(config(2, BudgetConfig::default()), 1);
+    assert!(
+        events.iter().any(|e| e.starts_with("DEBUG")
+            && e.contains("service=\"users\"")
+            && e.contains("attempt=2")
+            && e.contains("retrying")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("INFO")
+            && e.contains("attempt=2")
+            && e.contains("retries exhausted")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn budget_refusals_are_traced_with_the_attempt_number() {
+    let budget = BudgetConfig::Limited {
+        ratio: 0.0,
+        min_per_sec: 1,
+        ttl: Duration::from_secs(1),
+    };
+    let events = events_of(config(3, budget), 1);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("attempt=2") && e.contains("retry budget refused")),
+        "{events:?}"
+    );
+}

@@ -40,12 +40,16 @@ use std::future::Ready;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::*;
 use criterion::measurement::WallTime;
 use criterion::{
-    black_box, criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
+    criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode, Throughput,
 };
 use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use meshkit::breaker::{BreakerConfig, CircuitBreakerLayer, WindowConfig};
 
@@ -56,27 +60,6 @@ use tower_resilience::circuitbreaker::{
 // ---------------------------------------------------------------------------
 // The trivial service
 // ---------------------------------------------------------------------------
-
-/// Always ready, echoes the request.
-#[derive(Clone, Copy, Debug, Default)]
-struct Trivial;
-
-impl Service<u64> for Trivial {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, req: u64) -> Self::Future {
-        std::future::ready(Ok(req))
-    }
-}
-
 // ---------------------------------------------------------------------------
 // failsafe adapter: not a tower layer, so we guard the inner future with
 // `failsafe::futures::CircuitBreaker::call` — i.e. "guarded call of the same
@@ -184,106 +167,6 @@ fn failsafe_svc() -> Failsafe<FailsafePolicy> {
     );
     let cb = failsafe::Config::new().failure_policy(policy).build();
     Failsafe { inner: Trivial, cb }
-}
-
-// ---------------------------------------------------------------------------
-// Drivers
-// ---------------------------------------------------------------------------
-
-/// `iters` sequential `ready().await` + `call(..).await` on the same `&mut` service.
-async fn drive<S>(svc: &mut S, iters: u64)
-where
-    S: Service<u64, Response = u64>,
-    S::Error: Debug,
-{
-    for i in 0..iters {
-        let ready = svc.ready().await.expect("service not ready");
-        let fut = ready.call(black_box(i));
-        let out = fut.await.expect("call failed");
-        black_box(out);
-    }
-}
-
-fn current_thread_rt() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn multi_thread_rt() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// One long-lived service per benchmark (built lazily inside the runtime so
-/// that filtered-out benchmarks cost nothing), driven on a current-thread runtime.
-fn bench_single<S, F>(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, id: &str, make: F)
-where
-    F: FnOnce() -> S,
-    S: Service<u64, Response = u64>,
-    S::Error: Debug,
-{
-    let mut make = Some(make);
-    let mut svc: Option<S> = None;
-    g.bench_function(id, |b| {
-        let svc = svc.get_or_insert_with(|| {
-            let make = make.take().unwrap();
-            rt.block_on(async move { make() })
-        });
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                drive(svc, iters).await;
-                start.elapsed()
-            })
-        });
-    });
-}
-
-/// `tasks` spawned tasks on the 2-worker runtime, each with its own clone of
-/// ONE shared-state service, each doing `iters` calls. Returns wall time.
-fn bench_tasks<S, F>(
-    g: &mut BenchmarkGroup<'_, WallTime>,
-    rt: &Runtime,
-    id: &str,
-    tasks: usize,
-    make: F,
-) where
-    F: FnOnce() -> S,
-    S: Service<u64, Response = u64> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Debug + Send + 'static,
-{
-    let mut make = Some(make);
-    let mut svc: Option<S> = None;
-    g.bench_function(id, |b| {
-        let svc = svc.get_or_insert_with(|| {
-            let make = make.take().unwrap();
-            rt.block_on(async move { make() })
-        });
-        b.iter_custom(|iters| {
-            let clones: Vec<S> = (0..tasks).map(|_| svc.clone()).collect();
-            rt.block_on(async move {
-                let start = Instant::now();
-                let handles: Vec<_> = clones
-                    .into_iter()
-                    .map(|mut s| {
-                        tokio::spawn(async move {
-                            drive(&mut s, iters).await;
-                        })
-                    })
-                    .collect();
-                for h in handles {
-                    h.await.expect("bench task panicked");
-                }
-                start.elapsed()
-            })
-        });
-    });
 }
 
 /// Per-call cost after the breaker has already served `prewarm` calls.

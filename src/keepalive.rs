@@ -3,16 +3,16 @@
 //!
 //! A call future that holds an `Arc` pays an atomic increment and decrement (about 12 ns here,
 //! and a contended cache line when two cores share the layer). Futures hold the state's id
-//! instead and find the state again, on their slow path, through [`find`]. The state must then
-//! outlive the service that made the call (`oneshot` drops the service while its future
-//! runs): each thread that makes calls keeps a strong reference in a small direct-mapped
-//! thread-local cache, filled by [`keep`] on the call path (a compare on a hit).
+//! instead and find the state again, on their slow path, through [`find`] (or the state's
+//! registry). The state must then outlive the services that made the calls: `oneshot` drops
+//! its service while the call runs. So services hold the state through an [`Owner`], which on
+//! drop hands its reference to a small direct-mapped thread-local cache ([`keep`]) instead of
+//! releasing it: nothing is paid per call.
 //!
-//! A state therefore lives until every thread that called through it has evicted it (another
-//! state with a colliding id) or exited. If a call's thread evicts the state and every service
-//! is dropped before the call reaches its slow path, the state is gone and the slow path does
-//! without it (a retry is not made); that takes more than [`SLOTS`] states in use on one
-//! thread at once.
+//! A state therefore lives until the threads that dropped its services have evicted it (another
+//! state with a colliding id dropped there) or exited. If that happens before an in-flight
+//! call reaches its slow path, the state is gone and the call does without it (it is not
+//! retried); that takes more than [`SLOTS`] services dropped on one thread in the meantime.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -66,6 +66,40 @@ fn keep_after_miss(id: u64, value: Kept) {
     drop(evicted);
 }
 
+/// Shared state with an id, whose last references survive in the dropping thread's cache.
+#[derive(Debug)]
+pub(crate) struct Owner<T: Any + Send + Sync> {
+    id: u64,
+    value: Arc<T>,
+}
+
+impl<T: Any + Send + Sync> Owner<T> {
+    pub(crate) fn new(id: u64, value: Arc<T>) -> Self {
+        Self { id, value }
+    }
+}
+
+impl<T: Any + Send + Sync> Clone for Owner<T> {
+    fn clone(&self) -> Self {
+        Self::new(self.id, self.value.clone())
+    }
+}
+
+impl<T: Any + Send + Sync> std::ops::Deref for Owner<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T: Any + Send + Sync> Drop for Owner<T> {
+    fn drop(&mut self) {
+        keep(self.id, &self.value);
+    }
+}
+
 /// The state with this id if this thread keeps it.
 pub(crate) fn find<T: Any + Send + Sync>(id: u64) -> Option<Arc<T>> {
     SLOTS_
@@ -84,6 +118,16 @@ pub(crate) fn find<T: Any + Send + Sync>(id: u64) -> Option<Arc<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropping_the_last_owner_keeps_the_value_on_this_thread() {
+        let owner = Owner::new(5, Arc::new(String::from("retry state")));
+        let weak = Arc::downgrade(&owner.value);
+        drop(owner.clone());
+        drop(owner);
+        assert!(weak.upgrade().is_some());
+        assert!(find::<String>(5).is_some());
+    }
 
     #[test]
     fn a_kept_value_outlives_its_other_owners_until_evicted() {

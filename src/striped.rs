@@ -14,19 +14,19 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-/// Stripes per counter; threads beyond this many share.
+/// Stripes per counter, a power of two; threads beyond this many share.
 pub(crate) const STRIPES: usize = 64;
 
 /// A monotonic counter striped by thread.
 #[derive(Debug)]
 pub(crate) struct StripedCounter {
-    stripes: Box<[CachePadded<AtomicU64>]>,
+    stripes: Box<[CachePadded<AtomicU64>; STRIPES]>,
 }
 
 impl Default for StripedCounter {
     fn default() -> Self {
         Self {
-            stripes: (0..STRIPES).map(|_| CachePadded::default()).collect(),
+            stripes: Box::new(std::array::from_fn(|_| CachePadded::default())),
         }
     }
 }
@@ -36,7 +36,7 @@ impl StripedCounter {
     #[inline]
     pub(crate) fn increment(&self) {
         let slot = thread_slot();
-        let stripe = &self.stripes[slot.index % STRIPES];
+        let stripe = &self.stripes[slot.index & (STRIPES - 1)];
         if slot.exclusive {
             stripe.store(stripe.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         } else {

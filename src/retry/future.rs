@@ -1,7 +1,7 @@
 //! [`ResponseFuture`]: one call's tries, waits and timeouts.
 
 use super::replay::Replay;
-use super::service::{find, Limits};
+use super::service::{find, Shared};
 use super::TimedOut;
 use crate::classify::{ClassifyRetry, RetryDecision};
 use crate::error::is_rejection_value;
@@ -11,35 +11,124 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::time::{sleep, Instant, Sleep};
+use tokio::time::{sleep, sleep_until, Instant, Sleep};
 use tower::Service;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): the current try, or the wait before the
     /// next one.
     ///
-    /// A call that succeeds at once allocates nothing and reads no clock unless a timeout or
-    /// deadline is configured. Dropping the future cancels the current try and any retry.
+    /// Small on purpose: what only a retry or a timeout needs lives behind one box, allocated
+    /// when first needed, so a call that succeeds at once allocates nothing and reads no clock
+    /// (unless a timeout or deadline is configured). Dropping the future cancels the current
+    /// try and any retry.
+    #[project = Projection]
     pub struct ResponseFuture<S, Req, C, K>
     where
         S: Service<Req>,
     {
         #[pin]
         call: Option<S::Future>,
-        // The current try's timeout, or the wait before the next try.
-        timer: Option<Pin<Box<Sleep>>>,
-        // What the timer means when it fires during a try.
-        timer_error: Option<TimedOut>,
-        phase: Phase,
         // The service retries are sent through, and the copy of the request they send.
         service: Option<S>,
         spare: Option<Req>,
         classifier: C,
         replay: K,
-        limits: Limits,
-        attempt: u32,
-        previous_delay: Option<Duration>,
-        deadline_at: Option<Instant>,
+        // The retry service's shared state, found again by id on the slow path.
+        id: u64,
+        // `None` while the first try runs without a timer: the fast path.
+        slow: SlowState,
+    }
+}
+
+/// The box of [`Slow`] state, whose drop stays out of the way of calls that never made one.
+struct SlowState(Option<Box<Slow>>);
+
+impl Drop for SlowState {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(slow) = self.0.take() {
+            drop_slow(slow);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_slow(slow: Box<Slow>) {
+    drop(slow);
+}
+
+/// The config a call's [`Slow`] state starts from.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timeouts {
+    pub(crate) per_try: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) max_attempts: u32,
+}
+
+/// A call's state once it waits, retries or keeps time.
+struct Slow {
+    phase: Phase,
+    /// The try in flight or last finished, from 1.
+    attempt: u32,
+    max_attempts: u32,
+    /// The current try's timeout, or the wait before the next try.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// What the timer means when it fires during a try.
+    timer_error: Option<TimedOut>,
+    per_try_timeout: Option<Duration>,
+    deadline: Option<Duration>,
+    deadline_at: Option<Instant>,
+    previous_delay: Option<Duration>,
+}
+
+impl Slow {
+    fn new(timeouts: Timeouts) -> Box<Self> {
+        let mut slow = Box::new(Self {
+            phase: Phase::Calling,
+            attempt: 1,
+            max_attempts: timeouts.max_attempts,
+            timer: None,
+            timer_error: None,
+            per_try_timeout: timeouts.per_try,
+            deadline: timeouts.deadline,
+            deadline_at: None,
+            previous_delay: None,
+        });
+        if timeouts.per_try.is_some() || timeouts.deadline.is_some() {
+            let now = Instant::now();
+            slow.deadline_at = timeouts.deadline.map(|deadline| now + deadline);
+            slow.arm_try(now);
+        }
+        slow
+    }
+
+    /// Arms the timer for a try starting at `now`: the per-try timeout or what is left of the
+    /// deadline, whichever ends first.
+    fn arm_try(&mut self, now: Instant) {
+        let per_try = self
+            .per_try_timeout
+            .map(|timeout| (now + timeout, TimedOut::new(timeout, false)));
+        let deadline = self
+            .deadline_at
+            .zip(self.deadline)
+            .map(|(at, total)| (at, TimedOut::new(total, true)));
+        let earliest = match (per_try, deadline) {
+            (Some(a), Some(b)) => Some(if b.0 <= a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        self.timer = earliest.map(|(at, _)| Box::pin(sleep_until(at)));
+        self.timer_error = earliest.map(|(_, error)| error);
+    }
+
+    /// Whether the try timer has fired; registers for a wake-up if not.
+    fn try_timer_fired(&mut self, cx: &mut Context<'_>) -> Option<TimedOut> {
+        let timer = self.timer.as_mut()?;
+        timer.as_mut().poll(cx).is_ready().then(|| {
+            self.timer = None;
+            self.timer_error.take().expect("a try timer has an error")
+        })
     }
 }
 
@@ -51,70 +140,40 @@ enum Phase {
     Waiting,
     /// Waiting for the service to be ready for the next try.
     Readying,
+    /// The last try finished; its result is returned.
+    Done,
 }
 
 impl<S, Req, C, K> ResponseFuture<S, Req, C, K>
 where
     S: Service<Req>,
 {
+    /// `timeouts` is `Some` only when a per-try timeout or a deadline is configured.
+    #[inline]
     pub(crate) fn new(
         call: S::Future,
         service: Option<S>,
         spare: Option<Req>,
         classifier: C,
         replay: K,
-        limits: Limits,
+        id: u64,
+        timeouts: Option<Timeouts>,
     ) -> Self {
-        let mut future = Self {
+        Self {
             call: Some(call),
-            timer: None,
-            timer_error: None,
-            phase: Phase::Calling,
             service,
             spare,
             classifier,
             replay,
-            limits,
-            attempt: 1,
-            previous_delay: None,
-            deadline_at: None,
-        };
-        if limits.per_try_timeout.is_some() || limits.deadline.is_some() {
-            let now = Instant::now();
-            future.deadline_at = limits.deadline.map(|deadline| now + deadline);
-            (future.timer, future.timer_error) = try_timer(&limits, future.deadline_at, now);
+            id,
+            slow: SlowState(timeouts.map(Slow::new)),
         }
-        future
-    }
-}
-
-/// The timer for a try starting at `now`: the per-try timeout or what is left of the deadline,
-/// whichever ends first, with the error it stands for.
-fn try_timer(
-    limits: &Limits,
-    deadline_at: Option<Instant>,
-    now: Instant,
-) -> (Option<Pin<Box<Sleep>>>, Option<TimedOut>) {
-    let per_try = limits
-        .per_try_timeout
-        .map(|timeout| (now + timeout, TimedOut::new(timeout, false)));
-    let deadline = deadline_at
-        .zip(limits.deadline)
-        .map(|(at, total)| (at, TimedOut::new(total, true)));
-    let earliest = match (per_try, deadline) {
-        (Some(a), Some(b)) => Some(if b.0 <= a.0 { b } else { a }),
-        (a, b) => a.or(b),
-    };
-    match earliest {
-        Some((at, error)) => (Some(Box::pin(tokio::time::sleep_until(at))), Some(error)),
-        None => (None, None),
     }
 }
 
 /// Rounds a server's hint up to the timer's resolution, so the retry never comes early.
 fn round_up_to_millis(hint: Duration) -> Duration {
-    let nanos = hint.as_nanos();
-    let millis = nanos.div_ceil(1_000_000);
+    let millis = hint.as_nanos().div_ceil(1_000_000);
     Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
@@ -127,133 +186,180 @@ where
 {
     type Output = Result<S::Response, S::Error>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        loop {
-            match *this.phase {
-                Phase::Calling => {
-                    let call = this
-                        .call
-                        .as_mut()
-                        .as_pin_mut()
-                        .expect("retry future polled after completion");
-                    let result = match call.poll(cx) {
-                        Poll::Ready(result) => result,
-                        Poll::Pending => {
-                            let expired = this
-                                .timer
-                                .as_mut()
-                                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
-                            if !expired {
-                                return Poll::Pending;
-                            }
-                            let error = this.timer_error.expect("a try timer has an error");
-                            if error.is_deadline() {
-                                this.call.set(None);
-                                *this.timer = None;
-                                return Poll::Ready(Err(error.into()));
-                            }
-                            Err(error.into())
+        // The first try with no timer: small enough to inline into the caller.
+        if this.slow.0.is_none() {
+            let call = this
+                .call
+                .as_mut()
+                .as_pin_mut()
+                .expect("retry future polled after completion");
+            let result = ready!(call.poll(cx));
+            this.call.set(None);
+            let decision = this.classifier.classify_retry(&result);
+            if decision == RetryDecision::Stop {
+                return Poll::Ready(result);
+            }
+            if let Some(result) = after_try(&mut this, result, decision) {
+                return Poll::Ready(result);
+            }
+        }
+        poll_slow(&mut this, cx)
+    }
+}
+
+type Output<S, Req> = Result<<S as Service<Req>>::Response, <S as Service<Req>>::Error>;
+
+/// After a try that the classifier would retry: schedules the retry (and returns `None`), or
+/// hands `result` back to be returned.
+#[inline(never)]
+fn after_try<S, Req, C, K>(
+    this: &mut Projection<'_, S, Req, C, K>,
+    result: Output<S, Req>,
+    decision: RetryDecision,
+) -> Option<Output<S, Req>>
+where
+    S: Service<Req>,
+    S::Error: 'static,
+{
+    let attempt = this.slow.0.as_ref().map_or(1, |slow| slow.attempt);
+    let delay = find(*this.id).and_then(|shared| {
+        let rejected = matches!(&result, Err(error) if is_rejection_value(error));
+        if rejected && !shared.limits.retry_rejections {
+            return None;
+        }
+        if attempt >= shared.limits.max_attempts {
+            tracing::info!(service = &*shared.name, attempt, "retries exhausted");
+            return None;
+        }
+        if this.spare.is_none() {
+            tracing::debug!(
+                service = &*shared.name,
+                attempt,
+                "request cannot be replayed; not retried"
+            );
+            return None;
+        }
+        schedule(decision, &shared, attempt, &mut this.slow.0)
+    });
+    let Some(delay) = delay else {
+        if let Some(slow) = this.slow.0.as_mut() {
+            slow.phase = Phase::Done;
+        }
+        return Some(result);
+    };
+    let slow = this
+        .slow
+        .0
+        .as_mut()
+        .expect("schedule keeps a retry's state");
+    slow.timer = (!delay.is_zero()).then(|| Box::pin(sleep(delay)));
+    slow.phase = Phase::Waiting;
+    None
+}
+
+/// Everything but a first try without timers: timeouts, waits, readiness and later tries.
+#[inline(never)]
+fn poll_slow<S, Req, C, K>(
+    this: &mut Projection<'_, S, Req, C, K>,
+    cx: &mut Context<'_>,
+) -> Poll<Output<S, Req>>
+where
+    S: Service<Req>,
+    S::Error: From<TimedOut> + 'static,
+    C: ClassifyRetry<S::Response, S::Error>,
+    K: Replay<Req>,
+{
+    loop {
+        let slow = this.slow.0.as_mut().expect("a slow call has its state");
+        match slow.phase {
+            Phase::Calling => {
+                let call = this.call.as_mut().as_pin_mut().expect("a try is in flight");
+                let result = match call.poll(cx) {
+                    Poll::Ready(result) => result,
+                    Poll::Pending => match slow.try_timer_fired(cx) {
+                        None => return Poll::Pending,
+                        Some(error) if error.is_deadline() => {
+                            this.call.set(None);
+                            slow.phase = Phase::Done;
+                            return Poll::Ready(Err(error.into()));
                         }
-                    };
-                    this.call.set(None);
-                    *this.timer = None;
-                    let Some(delay) = decide(
-                        &result,
-                        this.classifier,
-                        this.limits,
-                        *this.attempt,
-                        this.previous_delay,
-                        this.spare.is_some() && this.service.is_some(),
-                        *this.deadline_at,
-                    ) else {
-                        return Poll::Ready(result);
-                    };
-                    drop(result);
-                    *this.timer = (!delay.is_zero()).then(|| Box::pin(sleep(delay)));
-                    *this.phase = Phase::Waiting;
+                        Some(error) => Err(error.into()),
+                    },
+                };
+                this.call.set(None);
+                slow.timer = None;
+                slow.phase = Phase::Done;
+                let decision = this.classifier.classify_retry(&result);
+                if decision == RetryDecision::Stop {
+                    return Poll::Ready(result);
                 }
-                Phase::Waiting => {
-                    if let Some(timer) = this.timer.as_mut() {
-                        ready!(timer.as_mut().poll(cx));
-                    }
-                    // While the service gets ready, only the deadline can end the call.
-                    *this.timer = this
-                        .deadline_at
-                        .map(|at| Box::pin(tokio::time::sleep_until(at)));
-                    *this.phase = Phase::Readying;
-                }
-                Phase::Readying => {
-                    let service = this.service.as_mut().expect("a retry has a service");
-                    match service.poll_ready(cx) {
-                        Poll::Ready(Ok(())) => {}
-                        Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                        Poll::Pending => {
-                            if let Some(timer) = this.timer.as_mut() {
-                                ready!(timer.as_mut().poll(cx));
-                                let total = this.limits.deadline.unwrap_or_default();
-                                return Poll::Ready(Err(TimedOut::new(total, true).into()));
-                            }
-                            return Poll::Pending;
-                        }
-                    }
-                    let request = this.spare.take().expect("a retry has a request");
-                    *this.attempt += 1;
-                    if *this.attempt < this.limits.max_attempts {
-                        *this.spare = this.replay.replay(&request);
-                    }
-                    this.call.set(Some(service.call(request)));
-                    (*this.timer, *this.timer_error) =
-                        if this.limits.per_try_timeout.is_some() || this.deadline_at.is_some() {
-                            try_timer(this.limits, *this.deadline_at, Instant::now())
-                        } else {
-                            (None, None)
-                        };
-                    *this.phase = Phase::Calling;
+                if let Some(result) = after_try(this, result, decision) {
+                    return Poll::Ready(result);
                 }
             }
+            Phase::Waiting => {
+                if let Some(timer) = slow.timer.as_mut() {
+                    ready!(timer.as_mut().poll(cx));
+                }
+                // While the service gets ready, only the deadline can end the call.
+                slow.timer = slow.deadline_at.map(|at| Box::pin(sleep_until(at)));
+                slow.phase = Phase::Readying;
+            }
+            Phase::Readying => {
+                let service = this.service.as_mut().expect("a retry has a service");
+                match service.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                    Poll::Pending => {
+                        if let Some(timer) = slow.timer.as_mut() {
+                            ready!(timer.as_mut().poll(cx));
+                            let total = slow.deadline.unwrap_or_default();
+                            return Poll::Ready(Err(TimedOut::new(total, true).into()));
+                        }
+                        return Poll::Pending;
+                    }
+                }
+                let request = this.spare.take().expect("a retry has a request");
+                slow.attempt += 1;
+                if slow.attempt < slow.max_attempts {
+                    *this.spare = this.replay.replay(&request);
+                }
+                this.call.set(Some(service.call(request)));
+                slow.timer = None;
+                if slow.per_try_timeout.is_some() || slow.deadline_at.is_some() {
+                    slow.arm_try(Instant::now());
+                }
+                slow.phase = Phase::Calling;
+            }
+            Phase::Done => panic!("retry future polled after completion"),
         }
     }
 }
 
-/// After try `attempt` finished with `result`: the wait before the next try, or `None` to
-/// return `result`. A retry it allows has been withdrawn from the budget.
-fn decide<Res, E, C>(
-    result: &Result<Res, E>,
-    classifier: &C,
-    limits: &Limits,
+/// After try `attempt` finished with a result the classifier would retry (and a copy of the
+/// request is at hand): the wait before the next try, or `None` to return the result. A retry
+/// it allows has been withdrawn from the budget.
+fn schedule(
+    decision: RetryDecision,
+    shared: &Shared,
     attempt: u32,
-    previous_delay: &mut Option<Duration>,
-    replayable: bool,
-    deadline_at: Option<Instant>,
-) -> Option<Duration>
-where
-    E: 'static,
-    C: ClassifyRetry<Res, E>,
-{
-    let decision = match result {
-        Err(error) if !limits.retry_rejections && is_rejection_value(error) => RetryDecision::Stop,
-        _ => classifier.classify_retry(result),
-    };
+    slow: &mut Option<Box<Slow>>,
+) -> Option<Duration> {
     let hint = match decision {
         RetryDecision::Stop => return None,
         RetryDecision::Retry => None,
         RetryDecision::RetryAfter(hint) => Some(hint),
     };
-    let shared = find(limits.id)?;
     let service = &*shared.name;
-    if attempt >= limits.max_attempts {
-        tracing::info!(service, attempt, "retries exhausted");
-        return None;
-    }
-    if !replayable {
-        tracing::debug!(service, attempt, "request cannot be replayed; not retried");
-        return None;
-    }
+    let previous_delay = slow.as_ref().and_then(|slow| slow.previous_delay);
+    let deadline_at = slow.as_ref().and_then(|slow| slow.deadline_at);
     let mut delay = shared
         .config
         .backoff
-        .delay(attempt, *previous_delay, &*shared.random);
+        .delay(attempt, previous_delay, &*shared.random);
     if let Some(hint) = hint {
         if hint > shared.config.max_retry_after {
             tracing::info!(
@@ -282,7 +388,13 @@ where
         return None;
     }
     tracing::debug!(service, attempt = attempt + 1, ?delay, "retrying");
-    *previous_delay = Some(delay);
+    let timeouts = Timeouts {
+        per_try: None,
+        deadline: None,
+        max_attempts: shared.limits.max_attempts,
+    };
+    slow.get_or_insert_with(|| Slow::new(timeouts))
+        .previous_delay = Some(delay);
     Some(delay)
 }
 
@@ -291,9 +403,10 @@ where
     S: Service<Req>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slow = self.slow.0.as_ref();
         f.debug_struct("ResponseFuture")
-            .field("phase", &self.phase)
-            .field("attempt", &self.attempt)
+            .field("phase", &slow.map_or(Phase::Calling, |slow| slow.phase))
+            .field("attempt", &slow.map_or(1, |slow| slow.attempt))
             .finish_non_exhaustive()
     }
 }

@@ -2,17 +2,17 @@
 
 use super::budget::RetryBudget;
 use super::config::RetryConfig;
-use super::future::ResponseFuture;
+use super::future::{ResponseFuture, Timeouts};
 use super::replay::Replay;
 use super::TimedOut;
 use crate::classify::{ClassifyRetry, DefaultRetryClassifier};
+use crate::keepalive::Owner;
 use crate::random::RandomSource;
 use crate::registry::Registry;
 use crate::retry::CloneRequest;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tower::Service;
 
 /// Every live retry service's shared state, for in-flight calls that hold only its id.
@@ -33,14 +33,14 @@ pub(crate) struct Shared {
 }
 
 /// The part of the config every call carries, so that a call that succeeds at once never
-/// looks anything up.
+/// looks anything up. Timeouts are read from [`Shared`] when a call starts, and only if set.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Limits {
     pub(crate) id: u64,
     pub(crate) max_attempts: u32,
-    pub(crate) per_try_timeout: Option<Duration>,
-    pub(crate) deadline: Option<Duration>,
     pub(crate) retry_rejections: bool,
+    /// Whether `per_try_timeout` or `deadline` is set.
+    pub(crate) timed: bool,
 }
 
 impl Shared {
@@ -50,13 +50,12 @@ impl Shared {
         random: Arc<dyn RandomSource>,
         name: Arc<str>,
         retry_rejections: bool,
-    ) -> Arc<Self> {
+    ) -> Owner<Self> {
         let limits = Limits {
             id: RETRIES.next_id(),
             max_attempts: config.max_attempts,
-            per_try_timeout: config.per_try_timeout,
-            deadline: config.deadline,
             retry_rejections,
+            timed: config.per_try_timeout.is_some() || config.deadline.is_some(),
         };
         let shared = Arc::new(Self {
             config,
@@ -66,7 +65,7 @@ impl Shared {
             name,
         });
         RETRIES.insert(limits.id, Arc::downgrade(&shared));
-        shared
+        Owner::new(limits.id, shared)
     }
 }
 
@@ -89,13 +88,13 @@ impl Drop for Shared {
 /// send its retries through.
 pub struct Retry<S, C = DefaultRetryClassifier, K = CloneRequest> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: Owner<Shared>,
     classifier: C,
     replay: K,
 }
 
 impl<S, C, K> Retry<S, C, K> {
-    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, classifier: C, replay: K) -> Self {
+    pub(crate) fn from_parts(inner: S, shared: Owner<Shared>, classifier: C, replay: K) -> Self {
         Self {
             inner,
             shared,
@@ -141,10 +140,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Req) -> Self::Future {
         let shared = &*self.shared;
-        crate::keepalive::keep(shared.limits.id, &self.shared);
         shared.budget.deposit();
         let limits = shared.limits;
         let spare = if limits.max_attempts > 1 {
@@ -154,13 +152,19 @@ where
         };
         let service = spare.as_ref().map(|_| self.inner.clone());
         let call = self.inner.call(request);
+        let timeouts = limits.timed.then_some(Timeouts {
+            per_try: shared.config.per_try_timeout,
+            deadline: shared.config.deadline,
+            max_attempts: limits.max_attempts,
+        });
         ResponseFuture::new(
             call,
             service,
             spare,
             self.classifier.clone(),
             self.replay.clone(),
-            limits,
+            limits.id,
+            timeouts,
         )
     }
 }

@@ -1,0 +1,149 @@
+//! What every benchmark shares: trivial always-ready services and the drivers that time
+//! calls on one task or several. Included with `#[path]` by each bench file.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::fmt::Debug;
+use std::future::Ready;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use criterion::measurement::WallTime;
+use criterion::{black_box, BenchmarkGroup};
+use tokio::runtime::Runtime;
+use tower::{BoxError, Service, ServiceExt};
+
+/// Always ready, echoes the request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Trivial;
+
+impl Service<u64> for Trivial {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        std::future::ready(Ok(req))
+    }
+}
+
+/// [`Trivial`] with a boxed error, for layers that make errors of their own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrivialBoxed;
+
+impl Service<u64> for TrivialBoxed {
+    type Response = u64;
+    type Error = BoxError;
+    type Future = Ready<Result<u64, BoxError>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        std::future::ready(Ok(req))
+    }
+}
+
+pub async fn drive<S>(svc: &mut S, iters: u64)
+where
+    S: Service<u64, Response = u64>,
+    S::Error: Debug,
+{
+    for i in 0..iters {
+        let ready = svc.ready().await.expect("service not ready");
+        let fut = ready.call(black_box(i));
+        let out = fut.await.expect("call failed");
+        black_box(out);
+    }
+}
+
+pub fn current_thread_rt() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+pub fn multi_thread_rt() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One long-lived service per benchmark (built lazily inside the runtime so
+/// that filtered-out benchmarks cost nothing), driven on a current-thread runtime.
+pub fn bench_single<S, F>(g: &mut BenchmarkGroup<'_, WallTime>, rt: &Runtime, id: &str, make: F)
+where
+    F: FnOnce() -> S,
+    S: Service<u64, Response = u64>,
+    S::Error: Debug,
+{
+    let mut make = Some(make);
+    let mut svc: Option<S> = None;
+    g.bench_function(id, |b| {
+        let svc = svc.get_or_insert_with(|| {
+            let make = make.take().unwrap();
+            rt.block_on(async move { make() })
+        });
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                drive(svc, iters).await;
+                start.elapsed()
+            })
+        });
+    });
+}
+
+/// `tasks` spawned tasks on the 2-worker runtime, each with its own clone of
+/// ONE shared-state service, each doing `iters` calls. Returns wall time.
+pub fn bench_tasks<S, F>(
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    id: &str,
+    tasks: usize,
+    make: F,
+) where
+    F: FnOnce() -> S,
+    S: Service<u64, Response = u64> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Debug + Send + 'static,
+{
+    let mut make = Some(make);
+    let mut svc: Option<S> = None;
+    g.bench_function(id, |b| {
+        let svc = svc.get_or_insert_with(|| {
+            let make = make.take().unwrap();
+            rt.block_on(async move { make() })
+        });
+        b.iter_custom(|iters| {
+            let clones: Vec<S> = (0..tasks).map(|_| svc.clone()).collect();
+            rt.block_on(async move {
+                let start = Instant::now();
+                let handles: Vec<_> = clones
+                    .into_iter()
+                    .map(|mut s| {
+                        tokio::spawn(async move {
+                            drive(&mut s, iters).await;
+                        })
+                    })
+                    .collect();
+                for h in handles {
+                    h.await.expect("bench task panicked");
+                }
+                start.elapsed()
+            })
+        });
+    });
+}

@@ -49,6 +49,7 @@ pub mod classify;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod hedge;
 mod keepalive;
 mod padded;
 pub mod random;

@@ -1,4 +1,4 @@
-//! Tracing events of the retry layer. In their own binary: tracing caches each callsite's
+//! Tracing events of the retry and hedge layers. In their own binary: tracing caches each callsite's
 //! interest process-wide, so tests without a subscriber running beside them would hide events.
 
 mod support;
@@ -83,6 +83,55 @@ fn budget_refusals_are_traced_with_the_attempt_number() {
         events
             .iter()
             .any(|e| e.contains("attempt=2") && e.contains("retry budget refused")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn hedges_and_their_refusals_are_traced_with_the_attempt_number() {
+    use meshkit::hedge::{HedgeConfig, HedgeDelay, HedgeLayer};
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = OnEvent({
+        let events = events.clone();
+        move |event: &tracing::Event<'_>| {
+            events.lock().unwrap().push(support::describe_event(event));
+        }
+    });
+    let runtime = support::paused_runtime();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let config = HedgeConfig {
+                delay: HedgeDelay::Fixed(Duration::from_millis(10)),
+                budget: BudgetConfig::Limited {
+                    ratio: 0.0,
+                    min_per_sec: 1,
+                    ttl: Duration::from_secs(1),
+                },
+                ..HedgeConfig::default()
+            };
+            let service = HedgeLayer::new(config)
+                .unwrap()
+                .name("search")
+                .layer(tower::service_fn(|()| async {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok::<_, BoxError>(())
+                }));
+            service.clone().oneshot(()).await.unwrap();
+            service.oneshot(()).await.unwrap();
+        });
+    });
+    let events = events.lock().unwrap();
+    assert!(
+        events.iter().any(|e| e.starts_with("DEBUG")
+            && e.contains("service=\"search\"")
+            && e.contains("attempt=2")
+            && e.contains("hedging")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.contains("attempt=2") && e.contains("hedge budget refused")),
         "{events:?}"
     );
 }

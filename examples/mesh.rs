@@ -1,14 +1,19 @@
-//! The meshkit demo: a client survives a dependency's outage behind a circuit breaker.
+//! The meshkit demo: a client survives a dependency's outage behind retries and a circuit
+//! breaker.
 //!
 //! Run it with `cargo run --example mesh`. It needs no server and finishes in about 3 seconds.
 //!
 //! An in-process "users" backend fails every request for the first second (an outage), then
-//! recovers. A client sends a request every 5 ms through a `CircuitBreakerLayer`. The breaker
-//! opens when half the recent calls fail, rejects calls without touching the backend while
-//! open, probes with a few calls when the open period ends, and closes once the backend is
-//! healthy again. Every transition is printed as it happens, then a report.
+//! recovers, apart from a transient failure on every tenth request. A client sends a request
+//! every 5 ms through a `RetryLayer` in front of a `CircuitBreakerLayer`. Retries hide the
+//! transient failures; during the outage the retry budget stops them from multiplying the
+//! load, and once the breaker opens its rejections are not retried at all. The breaker rejects
+//! calls without touching the backend while open, probes with a few calls when the open period
+//! ends, and closes once the backend is healthy again. Every transition is printed as it
+//! happens, then a report.
 
 use meshkit::breaker::{BreakerConfig, CircuitBreakerLayer, CircuitOpen, WindowConfig};
+use meshkit::retry::{Backoff, BackoffKind, BudgetConfig, Jitter, RetryConfig, RetryLayer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,21 +28,43 @@ async fn main() -> Result<(), BoxError> {
     let started = Instant::now();
     let backend_hits = Arc::new(AtomicU64::new(0));
 
-    // The dependency: down for the first second, healthy afterwards.
+    // The dependency: down for the first second, then healthy but for a transient failure
+    // on every tenth request.
     let backend = {
         let hits = backend_hits.clone();
         tower::service_fn(move |user: u64| {
-            hits.fetch_add(1, Ordering::Relaxed);
+            let hit = hits.fetch_add(1, Ordering::Relaxed);
             async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 if started.elapsed() < OUTAGE {
                     Err::<String, BoxError>("503 from users: database unavailable".into())
+                } else if hit % 10 == 9 {
+                    Err("connection reset by peer".into())
                 } else {
                     Ok(format!("user {user}"))
                 }
             }
         })
     };
+
+    let retry = RetryLayer::new(RetryConfig {
+        max_attempts: 3,
+        backoff: Backoff {
+            kind: BackoffKind::Exponential,
+            base: Duration::from_millis(2),
+            multiplier: 2.0,
+            max: Duration::from_millis(20),
+            jitter: Jitter::Full,
+        },
+        budget: BudgetConfig::Limited {
+            ratio: 0.2,
+            min_per_sec: 5,
+            ttl: Duration::from_secs(1),
+        },
+        ..RetryConfig::default()
+    })?
+    .name("users");
+    let budget = retry.budget().clone();
 
     let breaker = CircuitBreakerLayer::new(BreakerConfig {
         failure_rate: 0.5,
@@ -65,7 +92,10 @@ async fn main() -> Result<(), BoxError> {
         }
     });
 
-    let mut client = ServiceBuilder::new().layer(breaker).service(backend);
+    let mut client = ServiceBuilder::new()
+        .layer(retry)
+        .layer(breaker)
+        .service(backend);
     let (mut ok, mut failed, mut rejected) = (0u64, 0u64, 0u64);
     println!("meshkit demo: a users backend fails for {OUTAGE:?}, then recovers\n");
     while started.elapsed() < RUN_FOR {
@@ -93,13 +123,21 @@ async fn main() -> Result<(), BoxError> {
         "requests that reached backend",
         backend_hits.load(Ordering::Relaxed)
     );
+    let retries = budget.snapshot();
+    println!("{:<32} {:>8}", "retries sent", retries.withdrawals);
+    println!(
+        "{:<32} {:>8}",
+        "retries refused by the budget", retries.refusals
+    );
     println!(
         "{:<32} {:>8}",
         "breaker state at the end",
         metrics.state.to_string()
     );
     println!(
-        "\nThe breaker spared the failing backend {rejected} requests and let traffic back in once it recovered."
+        "\nThe breaker spared the failing backend {rejected} requests and let traffic back in once it recovered;\n\
+         retries hid the transient failures, and the budget refused {} retries that would only have added load.",
+        retries.refusals
     );
     drop(handle);
     printer.abort();

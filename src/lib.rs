@@ -23,6 +23,8 @@
 //! | Module | What it gives you |
 //! |---|---|
 //! | [`breaker`] | Circuit breaking with true sliding windows, gate mode and per-key breakers |
+//! | [`retry`] | Retries with backoff, a lock-free budget, server delay hints, per-try timeouts and a deadline |
+//! | [`hedge`] | Hedged requests after a fixed or percentile delay, bounded by a budget |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
 //! | [`classify`] | What counts as success, failure or neither, shared by every layer |
 //! | [`error`] | Finding meshkit's errors in a `source()` chain |

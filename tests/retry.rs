@@ -116,15 +116,9 @@ async fn returns_the_last_error_exactly_when_attempts_run_out() {
     assert_eq!(tries.count(), 4);
 }
 
-/// An error that is not boxed: the retry layer only asks it to convert from `TimedOut`.
+/// An error type of the test's own: the retry layer asks nothing of it.
 #[derive(Debug, PartialEq)]
 struct Failed(usize);
-
-impl From<TimedOut> for Failed {
-    fn from(_: TimedOut) -> Self {
-        Failed(usize::MAX)
-    }
-}
 
 #[tokio::test(start_paused = true)]
 async fn responses_are_not_retried_by_default() {
@@ -487,4 +481,29 @@ async fn budget_refusals_end_retrying_with_the_last_error() {
         "one retry from the reserve, then refused"
     );
     assert_eq!(layer.budget().snapshot().refusals, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_an_error_type_that_cannot_carry_timeouts_the_deadline_still_stops_retries() {
+    let tries = Tries::default();
+    let inner = tower::service_fn({
+        let tries = tries.clone();
+        move |_: ()| {
+            let n = tries.record();
+            async move {
+                tokio::time::sleep(ms(30)).await;
+                Err::<(), _>(Failed(n))
+            }
+        }
+    });
+    let config = RetryConfig {
+        per_try_timeout: Some(ms(10)),
+        deadline: Some(ms(200)),
+        ..config(10, no_jitter(BackoffKind::Constant, ms(50), ms(50)))
+    };
+    let service = layer(config).layer(inner);
+    let started = Instant::now();
+    assert_eq!(service.oneshot(()).await.unwrap_err(), Failed(3));
+    // Tries at 0, 80 and 160 ms run their full 30 ms; a fourth would start after 200 ms.
+    assert_eq!(started.elapsed(), ms(190));
 }

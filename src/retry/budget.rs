@@ -454,4 +454,85 @@ mod tests {
         assert_eq!(snapshot.withdrawals, 100);
         assert_eq!(snapshot.available, None);
     }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Deposit(u32),
+        Withdraw(u32),
+        Sleep(u64),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (1u32..40).prop_map(Step::Deposit),
+            (1u32..15).prop_map(Step::Withdraw),
+            (0u64..2_500).prop_map(Step::Sleep),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Against a log of what happened and when: a withdrawal is never allowed beyond the
+        /// allowance of the window (which spans `ttl` to `1.1 × ttl`), and never refused while
+        /// well within it.
+        #[test]
+        fn withdrawals_stay_within_the_sliding_allowance(
+            ratio in proptest::sample::select(vec![0.0, 0.1, 0.5, 1.0, 2.0]),
+            min_per_sec in 0u32..4,
+            ttl_secs in 1u64..5,
+            steps in proptest::collection::vec(step(), 1..60),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let ttl = Duration::from_secs(ttl_secs);
+                let bucket = ttl / BUCKETS_PER_TTL;
+                let reserve = u64::from(min_per_sec) * ttl_secs;
+                let budget = budget(ratio, min_per_sec, ttl_secs);
+                let start = Instant::now();
+                let (mut deposits, mut withdrawals): (Vec<Duration>, Vec<Duration>) = (vec![], vec![]);
+                let count = |log: &[Duration], now: Duration, span: Duration| {
+                    log.iter().filter(|at| now.saturating_sub(**at) < span).count() as u64
+                };
+                for step in steps {
+                    match step {
+                        Step::Deposit(n) => {
+                            for _ in 0..n {
+                                budget.deposit();
+                                deposits.push(start.elapsed());
+                            }
+                        }
+                        Step::Withdraw(n) => {
+                            for _ in 0..n {
+                                let now = start.elapsed();
+                                let allowed = budget.withdraw();
+                                let wide = ttl + bucket * 2;
+                                let narrow = ttl.saturating_sub(bucket);
+                                let ceiling = (ratio * count(&deposits, now, wide) as f64) as u64 + reserve;
+                                let floor = (ratio * count(&deposits, now, narrow) as f64) as u64 + reserve;
+                                if allowed {
+                                    assert!(
+                                        count(&withdrawals, now, ttl) < ceiling,
+                                        "allowed beyond the allowance at {now:?}"
+                                    );
+                                    withdrawals.push(now);
+                                } else {
+                                    assert!(
+                                        count(&withdrawals, now, wide) >= floor,
+                                        "refused within the allowance at {now:?}"
+                                    );
+                                }
+                            }
+                        }
+                        Step::Sleep(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    }
+                }
+            });
+        }
+    }
 }

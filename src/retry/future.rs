@@ -1,5 +1,6 @@
 //! [`ResponseFuture`]: one call's tries, waits and timeouts.
 
+use super::error::into_error;
 use super::replay::Replay;
 use super::service::{find, Shared};
 use super::TimedOut;
@@ -65,6 +66,8 @@ pub(crate) struct Timeouts {
     pub(crate) per_try: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_attempts: u32,
+    /// Whether a try can be cut short (the error type can carry [`TimedOut`]).
+    pub(crate) cut: bool,
 }
 
 /// A call's state once it waits, retries or keeps time.
@@ -73,6 +76,8 @@ struct Slow {
     /// The try in flight or last finished, from 1.
     attempt: u32,
     max_attempts: u32,
+    /// Whether tries can be cut short; if not, the deadline only stops retries.
+    cut: bool,
     /// The current try's timeout, or the wait before the next try.
     timer: Option<Pin<Box<Sleep>>>,
     /// What the timer means when it fires during a try.
@@ -89,6 +94,7 @@ impl Slow {
             phase: Phase::Calling,
             attempt: 1,
             max_attempts: timeouts.max_attempts,
+            cut: timeouts.cut,
             timer: None,
             timer_error: None,
             per_try_timeout: timeouts.per_try,
@@ -107,6 +113,9 @@ impl Slow {
     /// Arms the timer for a try starting at `now`: the per-try timeout or what is left of the
     /// deadline, whichever ends first.
     fn arm_try(&mut self, now: Instant) {
+        if !self.cut {
+            return;
+        }
         let per_try = self
             .per_try_timeout
             .map(|timeout| (now + timeout, TimedOut::new(timeout, false)));
@@ -180,7 +189,7 @@ fn round_up_to_millis(hint: Duration) -> Duration {
 impl<S, Req, C, K> Future for ResponseFuture<S, Req, C, K>
 where
     S: Service<Req>,
-    S::Error: From<TimedOut> + 'static,
+    S::Error: 'static,
     C: ClassifyRetry<S::Response, S::Error>,
     K: Replay<Req>,
 {
@@ -268,7 +277,7 @@ fn poll_slow<S, Req, C, K>(
 ) -> Poll<Output<S, Req>>
 where
     S: Service<Req>,
-    S::Error: From<TimedOut> + 'static,
+    S::Error: 'static,
     C: ClassifyRetry<S::Response, S::Error>,
     K: Replay<Req>,
 {
@@ -284,9 +293,9 @@ where
                         Some(error) if error.is_deadline() => {
                             this.call.set(None);
                             slow.phase = Phase::Done;
-                            return Poll::Ready(Err(error.into()));
+                            return Poll::Ready(Err(into_error(error)));
                         }
-                        Some(error) => Err(error.into()),
+                        Some(error) => Err(into_error(error)),
                     },
                 };
                 this.call.set(None);
@@ -305,7 +314,10 @@ where
                     ready!(timer.as_mut().poll(cx));
                 }
                 // While the service gets ready, only the deadline can end the call.
-                slow.timer = slow.deadline_at.map(|at| Box::pin(sleep_until(at)));
+                slow.timer = slow
+                    .deadline_at
+                    .filter(|_| slow.cut)
+                    .map(|at| Box::pin(sleep_until(at)));
                 slow.phase = Phase::Readying;
             }
             Phase::Readying => {
@@ -317,7 +329,7 @@ where
                         if let Some(timer) = slow.timer.as_mut() {
                             ready!(timer.as_mut().poll(cx));
                             let total = slow.deadline.unwrap_or_default();
-                            return Poll::Ready(Err(TimedOut::new(total, true).into()));
+                            return Poll::Ready(Err(into_error(TimedOut::new(total, true))));
                         }
                         return Poll::Pending;
                     }
@@ -392,6 +404,7 @@ fn schedule(
         per_try: None,
         deadline: None,
         max_attempts: shared.limits.max_attempts,
+        cut: false,
     };
     slow.get_or_insert_with(|| Slow::new(timeouts))
         .previous_delay = Some(delay);

@@ -54,7 +54,9 @@
 //!
 //! `per_try_timeout` cuts a slow try (its [`TimedOut`] is retried like other errors);
 //! `deadline` bounds the whole call: no retry starts whose wait would reach it, and a try still
-//! running at the deadline ends with a [`TimedOut`] whose `is_deadline()` is true.
+//! running at the deadline ends with a [`TimedOut`] whose `is_deadline()` is true. Cutting a
+//! try needs an error type that can carry [`TimedOut`] (`tower::BoxError`,
+//! `std::io::Error`); with others the deadline only stops retries.
 //!
 //! ## Tracing
 //!

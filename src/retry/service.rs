@@ -2,15 +2,16 @@
 
 use super::budget::RetryBudget;
 use super::config::RetryConfig;
+use super::error::carries;
 use super::future::{ResponseFuture, Timeouts};
 use super::replay::Replay;
-use super::TimedOut;
 use crate::classify::{ClassifyRetry, DefaultRetryClassifier};
 use crate::keepalive::Owner;
 use crate::random::RandomSource;
 use crate::registry::Registry;
 use crate::retry::CloneRequest;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
@@ -30,6 +31,7 @@ pub(crate) struct Shared {
     pub(crate) budget: RetryBudget,
     pub(crate) random: Arc<dyn RandomSource>,
     pub(crate) name: Arc<str>,
+    warned_uncut: AtomicBool,
 }
 
 /// The part of the config every call carries, so that a call that succeeds at once never
@@ -63,9 +65,26 @@ impl Shared {
             budget,
             random,
             name,
+            warned_uncut: AtomicBool::new(false),
         });
         RETRIES.insert(limits.id, Arc::downgrade(&shared));
         Owner::new(limits.id, shared)
+    }
+}
+
+impl Shared {
+    /// Whether tries can be cut short with error type `E`; warns once per service if not.
+    fn can_cut<E: 'static>(&self) -> bool {
+        let cut = carries::<E>();
+        if !cut && !self.warned_uncut.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                service = &*self.name,
+                error_type = std::any::type_name::<E>(),
+                "per_try_timeout and deadline cannot cut a try short with this error type \
+                 (use tower::BoxError or std::io::Error); the deadline only stops retries"
+            );
+        }
+        cut
     }
 }
 
@@ -81,8 +100,8 @@ impl Drop for Shared {
 /// Built by [`RetryLayer`](super::RetryLayer). Each call is a first try (deposited in the
 /// budget); if the classifier `C` asks for a retry and attempts, budget and deadline allow it,
 /// the request copied by `K` is sent again after the backoff. The caller gets the last response
-/// or error exactly as `S` produced it; the only error this service makes is [`TimedOut`],
-/// converted with `From`.
+/// or error exactly as `S` produced it; the only error this service makes is [`TimedOut`](super::TimedOut)
+/// (see there for the error types that can carry it). Any error type works.
 ///
 /// `S` must be `Clone` (as hyper, reqwest and tonic clients are): each call keeps a clone to
 /// send its retries through.
@@ -127,7 +146,7 @@ impl<S, C, K> Retry<S, C, K> {
 impl<S, C, K, Req> Service<Req> for Retry<S, C, K>
 where
     S: Service<Req> + Clone,
-    S::Error: From<TimedOut> + 'static,
+    S::Error: 'static,
     C: ClassifyRetry<S::Response, S::Error> + Clone,
     K: Replay<Req> + Clone,
 {
@@ -152,10 +171,11 @@ where
         };
         let service = spare.as_ref().map(|_| self.inner.clone());
         let call = self.inner.call(request);
-        let timeouts = limits.timed.then_some(Timeouts {
+        let timeouts = limits.timed.then(|| Timeouts {
             per_try: shared.config.per_try_timeout,
             deadline: shared.config.deadline,
             max_attempts: limits.max_attempts,
+            cut: shared.can_cut::<S::Error>(),
         });
         ResponseFuture::new(
             call,

@@ -137,14 +137,24 @@ impl Backoff {
     /// the previous attempt (only decorrelated jitter uses it; `None` for the first wait).
     pub fn delay(&self, n: u32, previous: Option<Duration>, random: &dyn RandomSource) -> Duration {
         let grown = self.growth(n);
-        let unit = || random.next_f64();
+        // A source that strays outside [0, 1] (or returns NaN) must not make a wait panic.
+        let unit = || {
+            let unit = random.next_f64();
+            if unit.is_nan() {
+                0.0
+            } else {
+                unit.clamp(0.0, 1.0)
+            }
+        };
         match self.jitter {
             Jitter::None => grown,
             Jitter::Full => grown.mul_f64(unit()),
             Jitter::Equal => grown / 2 + (grown / 2).mul_f64(unit()),
             Jitter::Decorrelated => {
+                // min(max, uniform in [base, 3 × previous]), as in "Exponential Backoff And
+                // Jitter" (AWS): capping after the draw, so long waits sit at max.
                 let previous = previous.unwrap_or(self.base).max(self.base);
-                let upper = previous.saturating_mul(3).min(self.max);
+                let upper = previous.saturating_mul(3);
                 (self.base + (upper.saturating_sub(self.base)).mul_f64(unit())).min(self.max)
             }
         }

@@ -110,8 +110,8 @@ where
 /// The retry classifier every layer uses unless told otherwise: errors are retried, responses
 /// are not.
 ///
-/// Retry layers check for meshkit's own rejections (an open breaker, a shed request) before
-/// asking any classifier and never retry them unless configured to.
+/// Whatever a classifier says, retry layers never retry meshkit's own rejections (an open
+/// breaker, a shed request) unless configured to.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DefaultRetryClassifier;
 

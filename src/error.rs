@@ -67,6 +67,9 @@ pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
     if let Some(boxed) = any.downcast_ref::<Box<dyn Error + 'static>>() {
         return is_rejection(&**boxed);
     }
+    if let Some(io) = any.downcast_ref::<std::io::Error>() {
+        return io.get_ref().is_some_and(|inner| is_rejection(inner));
+    }
     any.is::<crate::breaker::CircuitOpen>()
 }
 
@@ -111,6 +114,7 @@ mod tests {
         assert!(is_rejection_value(&boxed));
         assert!(is_rejection_value(&open()));
         assert!(!is_rejection_value(&std::io::Error::other("reset")));
+        assert!(is_rejection_value(&std::io::Error::other(open())));
         let io: BoxError = Box::new(std::io::Error::other("reset"));
         assert!(!is_rejection_value(&io));
     }

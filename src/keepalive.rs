@@ -10,9 +10,13 @@
 //! releasing it: nothing is paid per call.
 //!
 //! A state therefore lives until the threads that dropped its services have evicted it (another
-//! state with a colliding id dropped there) or exited. If that happens before an in-flight
-//! call reaches its slow path, the state is gone and the call does without it (it is not
-//! retried); that takes more than [`SLOTS`] services dropped on one thread in the meantime.
+//! state with a colliding id dropped there) or exited; up to [`SLOTS`] states per thread stay
+//! alive that way after their services are gone (with their budgets). A call takes a counted
+//! reference as soon as it leaves the fast path (a timeout is armed, or its first try asks
+//! for a retry). Only a call whose services are all dropped, and whose thread evicts the state
+//! (more than [`SLOTS`] other services dropped there) before its first try finishes, finds the
+//! state gone: it then returns that try's result without a retry, and says so in a `warn`
+//! event.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
@@ -76,6 +80,11 @@ pub(crate) struct Owner<T: Any + Send + Sync> {
 impl<T: Any + Send + Sync> Owner<T> {
     pub(crate) fn new(id: u64, value: Arc<T>) -> Self {
         Self { id, value }
+    }
+
+    /// A counted reference, for slow paths that may outlive every owner.
+    pub(crate) fn arc(&self) -> Arc<T> {
+        self.value.clone()
     }
 }
 

@@ -60,6 +60,24 @@ struct Slot {
     exclusive: bool,
 }
 
+impl Slot {
+    const SHARED_ZERO: Self = Self {
+        index: 0,
+        exclusive: false,
+    };
+
+    fn encode(self) -> u32 {
+        (self.index as u32) << 1 | u32::from(self.exclusive)
+    }
+
+    fn decode(bits: u32) -> Self {
+        Self {
+            index: (bits >> 1) as usize,
+            exclusive: bits & 1 == 1,
+        }
+    }
+}
+
 /// Stripe indexes handed out: `free` holds those returned by exited threads.
 #[derive(Debug)]
 struct Slots {
@@ -72,11 +90,16 @@ static SLOTS: Mutex<Slots> = Mutex::new(Slots {
     free: Vec::new(),
 });
 
-/// The calling thread's slot; returns it to [`SLOTS`] when the thread exits.
+/// `SLOT` before the thread's first increment.
+const UNASSIGNED: u32 = u32::MAX;
+
+/// Returns the calling thread's slot to [`SLOTS`] when the thread exits.
 struct Owner(Cell<Option<Slot>>);
 
 impl Drop for Owner {
     fn drop(&mut self) {
+        // Later thread-local destructors that still count share a stripe.
+        let _ = SLOT.try_with(|slot| slot.set(Slot::SHARED_ZERO.encode()));
         if let Some(slot) = self.0.get().filter(|slot| slot.exclusive) {
             // The mutex orders this thread's last stores before the next owner's loads.
             let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
@@ -86,16 +109,18 @@ impl Drop for Owner {
 }
 
 thread_local! {
+    // Read on every increment: no destructor, so no registration check on access.
+    static SLOT: Cell<u32> = const { Cell::new(UNASSIGNED) };
+    // Touched once per thread, to give the slot back.
     static OWNER: Owner = const { Owner(Cell::new(None)) };
 }
 
 #[inline]
 fn thread_slot() -> Slot {
-    OWNER
-        .try_with(|owner| owner.0.get())
-        .ok()
-        .flatten()
-        .unwrap_or_else(assign_slot)
+    match SLOT.with(Cell::get) {
+        UNASSIGNED => assign_slot(),
+        bits => Slot::decode(bits),
+    }
 }
 
 #[cold]
@@ -112,14 +137,17 @@ fn assign_slot() -> Slot {
                 let index = slots.next;
                 slots.next += 1;
                 Slot {
-                    index,
+                    index: index % STRIPES,
                     exclusive: index < STRIPES,
                 }
             }
         }
     };
     match OWNER.try_with(|owner| owner.0.set(Some(slot))) {
-        Ok(()) => slot,
+        Ok(()) => {
+            SLOT.with(|bits| bits.set(slot.encode()));
+            slot
+        }
         Err(_) => {
             // The thread is exiting and can no longer return a slot: give this one back now
             // and count through a shared stripe.
@@ -127,10 +155,7 @@ fn assign_slot() -> Slot {
                 let mut slots = SLOTS.lock().unwrap_or_else(|p| p.into_inner());
                 slots.free.push(slot.index);
             }
-            Slot {
-                index: 0,
-                exclusive: false,
-            }
+            Slot::SHARED_ZERO
         }
     }
 }

@@ -507,3 +507,50 @@ async fn with_an_error_type_that_cannot_carry_timeouts_the_deadline_still_stops_
     // Tries at 0, 80 and 160 ms run their full 30 ms; a fourth would start after 200 ms.
     assert_eq!(started.elapsed(), ms(190));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_still_waiting_for_readiness_at_the_deadline_returns_the_last_result() {
+    let (mock, mut handle) = tower_test::mock::pair::<&'static str, &'static str>();
+    let config = RetryConfig {
+        deadline: Some(ms(200)),
+        ..config(3, no_jitter(BackoffKind::Constant, ms(10), ms(10)))
+    };
+    let mut service = layer(config).layer(mock);
+    handle.allow(1);
+    service.ready().await.unwrap();
+    let started = Instant::now();
+    let call = tokio::spawn(service.call("hello"));
+    let (_, respond) = handle.next_request().await.unwrap();
+    respond.send_error(BoxError::from("reset"));
+    // The mock never becomes ready again: the retry cannot be sent.
+    let error = call.await.unwrap().unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "reset",
+        "the last try's error, as the service made it"
+    );
+    assert_eq!(started.elapsed(), ms(200));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rejection_wrapped_in_an_io_error_is_not_retried() {
+    let tries = Tries::default();
+    let inner = tower::service_fn({
+        let tries = tries.clone();
+        move |()| {
+            tries.record();
+            async {
+                Err::<(), _>(std::io::Error::other(CircuitOpen::new(
+                    BreakerState::Open,
+                    Duration::from_secs(1),
+                )))
+            }
+        }
+    });
+    layer(RetryConfig::default())
+        .layer(inner)
+        .oneshot(())
+        .await
+        .unwrap_err();
+    assert_eq!(tries.count(), 1);
+}

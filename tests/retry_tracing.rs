@@ -82,7 +82,7 @@ fn budget_refusals_are_traced_with_the_attempt_number() {
     assert!(
         events
             .iter()
-            .any(|e| e.contains("attempt=2") && e.contains("retry budget refused")),
+            .any(|e| e.contains("attempt=3") && e.contains("retry budget refused")),
         "{events:?}"
     );
 }

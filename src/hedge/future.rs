@@ -112,6 +112,13 @@ where
                     this.shared.latencies.record(latency, Instant::now());
                     let failed = this.classifier.classify(&result) == Outcome::Failure;
                     if !failed {
+                        // The tries still running took at least this long: record that, or
+                        // the slow tries that hedging cuts short would never count and the
+                        // percentile would drift down.
+                        let now = Instant::now();
+                        for pending in Pin::new(&*this.tries).iter_pin_ref() {
+                            this.shared.latencies.record(now - pending.sent, now);
+                        }
                         // The winner: drop the other tries now, which cancels them.
                         this.tries.clear();
                         return Poll::Ready(result);
@@ -149,6 +156,11 @@ where
             match service.poll_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => {
+                    tracing::debug!(
+                        service = &*this.shared.name,
+                        attempt = *this.hedges + 2,
+                        "service not ready for a hedge (readiness error); no more hedges"
+                    );
                     // The tries in flight may still answer; no more hedges.
                     *this.readying = false;
                     *this.service = None;

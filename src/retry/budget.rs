@@ -5,7 +5,7 @@ use crate::padded::CachePadded;
 use crate::striped::StripedCounter;
 use crate::ConfigError;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -103,10 +103,38 @@ struct Limit {
     marking: Mutex<(u64, u64)>,
 }
 
+/// The totals at the start of bucket `epoch`, written under a sequence stamp: `epoch` when
+/// complete, [`WRITING`] while being overwritten. Readers check the stamp before and after,
+/// so they never mix two buckets' totals or take a bucket for another.
 #[derive(Default)]
 struct Mark {
+    epoch: AtomicU64,
     deposits: AtomicU64,
     withdrawals: AtomicU64,
+}
+
+const WRITING: u64 = u64::MAX;
+
+impl Mark {
+    fn write(&self, epoch: u64, deposits: u64, withdrawals: u64) {
+        self.epoch.store(WRITING, Ordering::Relaxed);
+        fence(Ordering::Release);
+        self.deposits.store(deposits, Ordering::Relaxed);
+        self.withdrawals.store(withdrawals, Ordering::Relaxed);
+        self.epoch.store(epoch, Ordering::Release);
+    }
+
+    /// The totals if this mark is complete and for bucket `epoch`.
+    fn read(&self, epoch: u64) -> Option<(u64, u64)> {
+        let before = self.epoch.load(Ordering::Acquire);
+        let totals = (
+            self.deposits.load(Ordering::Relaxed),
+            self.withdrawals.load(Ordering::Relaxed),
+        );
+        fence(Ordering::Acquire);
+        let after = self.epoch.load(Ordering::Relaxed);
+        (before == epoch && after == epoch).then_some(totals)
+    }
 }
 
 impl RetryBudget {
@@ -173,7 +201,10 @@ impl RetryBudget {
         if inner.driver.load(Ordering::Relaxed) != RUNNING {
             start_driver(&self.inner);
         }
-        let (allowed, base_withdrawals) = inner.allowance(limit, Instant::now());
+        let Some((allowed, base_withdrawals)) = inner.allowance(limit, Instant::now()) else {
+            inner.refusals.fetch_add(1, Ordering::Relaxed);
+            return false;
+        };
         let mut withdrawals = inner.withdrawals.load(Ordering::Acquire);
         loop {
             if withdrawals.saturating_sub(base_withdrawals) >= allowed {
@@ -197,8 +228,11 @@ impl RetryBudget {
         let inner = &*self.inner;
         let withdrawals = inner.withdrawals.load(Ordering::Acquire);
         let available = inner.limit.as_ref().map(|limit| {
-            let (allowed, base) = inner.allowance(limit, Instant::now());
-            allowed.saturating_sub(withdrawals.saturating_sub(base))
+            inner
+                .allowance(limit, Instant::now())
+                .map_or(0, |(allowed, base)| {
+                    allowed.saturating_sub(withdrawals.saturating_sub(base))
+                })
         });
         BudgetSnapshot {
             deposits: inner.deposits.sum(),
@@ -210,16 +244,26 @@ impl RetryBudget {
 }
 
 impl Inner {
-    /// Withdrawals the window allows, and the withdrawal total at the window's start.
-    fn allowance(&self, limit: &Limit, now: Instant) -> (u64, u64) {
-        let epoch = self.mark(limit, now);
-        let base = &limit.marks[(epoch as usize + 1) % MARKS];
-        let recent = self
-            .deposits
-            .sum()
-            .saturating_sub(base.deposits.load(Ordering::Acquire));
+    /// Withdrawals the window allows, and the withdrawal total at the window's start; `None`
+    /// (treated as a refusal) if the window kept moving under the reader.
+    fn allowance(&self, limit: &Limit, now: Instant) -> Option<(u64, u64)> {
+        let (base_deposits, base_withdrawals) = self.window_base(limit, now)?;
+        let recent = self.deposits.sum().saturating_sub(base_deposits);
         let allowed = (limit.ratio * recent as f64) as u64 + limit.reserve;
-        (allowed, base.withdrawals.load(Ordering::Acquire))
+        Some((allowed, base_withdrawals))
+    }
+
+    /// The totals at the start of the window: the mark of the bucket `MARKS - 1` before the
+    /// current one (all zero before that many buckets have passed).
+    fn window_base(&self, limit: &Limit, now: Instant) -> Option<(u64, u64)> {
+        for _ in 0..4 {
+            let epoch = self.mark(limit, now);
+            let first = epoch.saturating_sub(MARKS as u64 - 1);
+            if let Some(totals) = limit.marks[(epoch as usize + 1) % MARKS].read(first) {
+                return Some(totals);
+            }
+        }
+        None
     }
 
     /// Marks the start of every bucket begun since the last mark; returns the current bucket.
@@ -250,34 +294,36 @@ impl Inner {
         *last = totals;
         let first = (current + 1).max(target.saturating_sub(MARKS as u64 - 1));
         for epoch in first..=target {
-            let mark = &limit.marks[epoch as usize % MARKS];
-            mark.deposits.store(deposits, Ordering::Release);
-            mark.withdrawals.store(withdrawals, Ordering::Release);
+            limit.marks[epoch as usize % MARKS].write(epoch, deposits, withdrawals);
         }
         limit.epoch.store(target, Ordering::Release);
         target
     }
 
     /// Whether nothing was deposited or withdrawn within the window.
-    fn window_is_empty(&self, limit: &Limit, epoch: u64) -> bool {
-        let base = &limit.marks[(epoch as usize + 1) % MARKS];
-        self.deposits.sum() == base.deposits.load(Ordering::Acquire)
-            && self.withdrawals.load(Ordering::Acquire) == base.withdrawals.load(Ordering::Acquire)
+    fn window_is_empty(&self, limit: &Limit, now: Instant) -> bool {
+        self.window_base(limit, now)
+            .is_some_and(|(deposits, withdrawals)| {
+                self.deposits.sum() == deposits
+                    && self.withdrawals.load(Ordering::Acquire) == withdrawals
+            })
     }
 
-    /// Ages the window; returns when to do it next, `None` to park until a deposit.
-    fn drive(&self, now: Instant) -> Option<Instant> {
+    /// Ages the window; returns when to do it next, and whether to park until then (or until
+    /// a deposit wakes the driver, whichever comes first).
+    fn drive(&self, now: Instant) -> Option<(Instant, bool)> {
         let limit = self.limit.as_ref()?;
         let epoch = self.mark(limit, now);
-        if self.window_is_empty(limit, epoch) {
+        if self.window_is_empty(limit, now) {
             self.driver.store(PARKED, Ordering::SeqCst);
-            // A deposit that saw `RUNNING` just before the store above is caught here.
-            if self.window_is_empty(limit, epoch) {
-                return None;
+            // A deposit that saw `RUNNING` just before the store above is usually caught here;
+            // one that is not is marked when the park times out, one `ttl` later.
+            if self.window_is_empty(limit, now) {
+                return Some((now + limit.bucket * BUCKETS_PER_TTL, true));
             }
             self.driver.store(RUNNING, Ordering::SeqCst);
         }
-        Some(limit.start_of(epoch + 1))
+        Some((limit.start_of(epoch + 1), false))
     }
 }
 
@@ -341,8 +387,14 @@ async fn drive(budget: Weak<Inner>, wake: Arc<Notify>) {
             None => return,
         };
         match next {
-            Some(at) => sleep_until(at).await,
-            None => wake.notified().await,
+            Some((at, false)) => sleep_until(at).await,
+            Some((at, true)) => {
+                tokio::select! {
+                    () = sleep_until(at) => {}
+                    () = wake.notified() => {}
+                }
+            }
+            None => return,
         }
     }
 }

@@ -10,6 +10,7 @@ use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::time::{sleep, sleep_until, Instant, Sleep};
@@ -29,7 +30,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        call: Option<S::Future>,
+        call: CallSlot<S::Future>,
         // The service retries are sent through, and the copy of the request they send.
         service: Option<S>,
         spare: Option<Req>,
@@ -39,7 +40,35 @@ pin_project! {
         id: u64,
         // `None` while the first try runs without a timer: the fast path.
         slow: SlowState,
+        // The result of the last try while a retry is on its way: what the caller gets if the
+        // retry cannot be sent after all (deadline reached while waiting for readiness).
+        last: Option<Box<Result<S::Response, S::Error>>>,
     }
+}
+
+pin_project! {
+    /// The try in flight, if any; dropping an empty one costs a check (kept inline), dropping
+    /// a live one goes out of line.
+    struct CallSlot<F> {
+        #[pin]
+        future: Option<F>,
+    }
+
+    impl<F> PinnedDrop for CallSlot<F> {
+        #[inline]
+        fn drop(this: Pin<&mut Self>) {
+            let future = this.project().future;
+            if future.is_some() {
+                cancel(future);
+            }
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn cancel<F>(mut future: Pin<&mut Option<F>>) {
+    future.set(None);
 }
 
 /// The box of [`Slow`] state, whose drop stays out of the way of calls that never made one.
@@ -61,13 +90,15 @@ fn drop_slow(slow: Box<Slow>) {
 }
 
 /// The config a call's [`Slow`] state starts from.
-#[derive(Clone, Copy, Debug)]
 pub(crate) struct Timeouts {
     pub(crate) per_try: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_attempts: u32,
     /// Whether a try can be cut short (the error type can carry [`TimedOut`]).
     pub(crate) cut: bool,
+    /// The layer's state, held from here on (a slow call no longer relies on the keepalive
+    /// cache).
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// A call's state once it waits, retries or keeps time.
@@ -78,6 +109,7 @@ struct Slow {
     max_attempts: u32,
     /// Whether tries can be cut short; if not, the deadline only stops retries.
     cut: bool,
+    shared: Arc<Shared>,
     /// The current try's timeout, or the wait before the next try.
     timer: Option<Pin<Box<Sleep>>>,
     /// What the timer means when it fires during a try.
@@ -95,6 +127,7 @@ impl Slow {
             attempt: 1,
             max_attempts: timeouts.max_attempts,
             cut: timeouts.cut,
+            shared: timeouts.shared,
             timer: None,
             timer_error: None,
             per_try_timeout: timeouts.per_try,
@@ -169,16 +202,20 @@ where
         timeouts: Option<Timeouts>,
     ) -> Self {
         Self {
-            call: Some(call),
+            call: CallSlot { future: Some(call) },
             service,
             spare,
             classifier,
             replay,
             id,
             slow: SlowState(timeouts.map(Slow::new)),
+            last: None,
         }
     }
 }
+
+/// The least time a retry needs before the deadline: one tick of tokio's timer.
+const MIN_TRY: Duration = Duration::from_millis(1);
 
 /// Rounds a server's hint up to the timer's resolution, so the retry never comes early.
 fn round_up_to_millis(hint: Duration) -> Duration {
@@ -200,13 +237,13 @@ where
         let mut this = self.project();
         // The first try with no timer: small enough to inline into the caller.
         if this.slow.0.is_none() {
-            let call = this
-                .call
+            let mut slot = this.call.as_mut().project().future;
+            let call = slot
                 .as_mut()
                 .as_pin_mut()
                 .expect("retry future polled after completion");
             let result = ready!(call.poll(cx));
-            this.call.set(None);
+            slot.set(None);
             let decision = this.classifier.classify_retry(&result);
             if decision == RetryDecision::Stop {
                 return Poll::Ready(result);
@@ -234,31 +271,39 @@ where
     S::Error: 'static,
 {
     let attempt = this.slow.0.as_ref().map_or(1, |slow| slow.attempt);
-    let delay = find(*this.id).and_then(|shared| {
-        let rejected = matches!(&result, Err(error) if is_rejection_value(error));
-        if rejected && !shared.limits.retry_rejections {
-            return None;
-        }
-        if attempt >= shared.limits.max_attempts {
-            tracing::info!(service = &*shared.name, attempt, "retries exhausted");
-            return None;
-        }
-        if this.spare.is_none() {
-            tracing::debug!(
-                service = &*shared.name,
-                attempt,
-                "request cannot be replayed; not retried"
-            );
-            return None;
-        }
-        schedule(decision, &shared, attempt, &mut this.slow.0)
-    });
-    let Some(delay) = delay else {
-        if let Some(slow) = this.slow.0.as_mut() {
-            slow.phase = Phase::Done;
-        }
-        return Some(result);
+    let shared = match this.slow.0.as_ref() {
+        Some(slow) => Some(slow.shared.clone()),
+        None => find(*this.id),
     };
+    let Some(shared) = shared else {
+        tracing::warn!(
+            attempt,
+            "the retry layer's state is gone (its services were dropped and this thread's \
+             keepalive cache evicted it); not retried"
+        );
+        return finish(this, result);
+    };
+    let service = &*shared.name;
+    let rejected = matches!(&result, Err(error) if is_rejection_value(error));
+    if rejected && !shared.limits.retry_rejections {
+        return finish(this, result);
+    }
+    if attempt >= shared.limits.max_attempts {
+        tracing::info!(service, attempt, "retries exhausted");
+        return finish(this, result);
+    }
+    if this.spare.is_none() {
+        tracing::debug!(
+            service,
+            attempt = attempt + 1,
+            "request cannot be replayed; not retried"
+        );
+        return finish(this, result);
+    }
+    let Some(delay) = schedule(decision, &shared, attempt, &mut this.slow.0) else {
+        return finish(this, result);
+    };
+    *this.last = Some(Box::new(result));
     let slow = this
         .slow
         .0
@@ -267,6 +312,20 @@ where
     slow.timer = (!delay.is_zero()).then(|| Box::pin(sleep(delay)));
     slow.phase = Phase::Waiting;
     None
+}
+
+/// Ends the call with `result`.
+fn finish<S, Req, C, K>(
+    this: &mut Projection<'_, S, Req, C, K>,
+    result: Output<S, Req>,
+) -> Option<Output<S, Req>>
+where
+    S: Service<Req>,
+{
+    if let Some(slow) = this.slow.0.as_mut() {
+        slow.phase = Phase::Done;
+    }
+    Some(result)
 }
 
 /// Everything but a first try without timers: timeouts, waits, readiness and later tries.
@@ -285,20 +344,21 @@ where
         let slow = this.slow.0.as_mut().expect("a slow call has its state");
         match slow.phase {
             Phase::Calling => {
-                let call = this.call.as_mut().as_pin_mut().expect("a try is in flight");
+                let mut slot = this.call.as_mut().project().future;
+                let call = slot.as_mut().as_pin_mut().expect("a try is in flight");
                 let result = match call.poll(cx) {
                     Poll::Ready(result) => result,
                     Poll::Pending => match slow.try_timer_fired(cx) {
                         None => return Poll::Pending,
                         Some(error) if error.is_deadline() => {
-                            this.call.set(None);
+                            slot.set(None);
                             slow.phase = Phase::Done;
                             return Poll::Ready(Err(into_error(error)));
                         }
                         Some(error) => Err(into_error(error)),
                     },
                 };
-                this.call.set(None);
+                slot.set(None);
                 slow.timer = None;
                 slow.phase = Phase::Done;
                 let decision = this.classifier.classify_retry(&result);
@@ -314,32 +374,42 @@ where
                     ready!(timer.as_mut().poll(cx));
                 }
                 // While the service gets ready, only the deadline can end the call.
-                slow.timer = slow
-                    .deadline_at
-                    .filter(|_| slow.cut)
-                    .map(|at| Box::pin(sleep_until(at)));
+                slow.timer = slow.deadline_at.map(|at| Box::pin(sleep_until(at)));
                 slow.phase = Phase::Readying;
             }
             Phase::Readying => {
                 let service = this.service.as_mut().expect("a retry has a service");
-                match service.poll_ready(cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                    Poll::Pending => {
-                        if let Some(timer) = slow.timer.as_mut() {
-                            ready!(timer.as_mut().poll(cx));
-                            let total = slow.deadline.unwrap_or_default();
-                            return Poll::Ready(Err(into_error(TimedOut::new(total, true))));
-                        }
-                        return Poll::Pending;
+                let ready = service.poll_ready(cx);
+                let past_deadline = match (&ready, slow.timer.as_mut()) {
+                    (Poll::Pending, Some(timer)) => timer.as_mut().poll(cx).is_ready(),
+                    (Poll::Pending, None) => false,
+                    (Poll::Ready(_), _) => slow.deadline_at.is_some_and(|at| Instant::now() >= at),
+                };
+                match ready {
+                    // As tower's `Retry` does: a readiness error ends the call.
+                    Poll::Ready(Err(error)) => {
+                        slow.phase = Phase::Done;
+                        return Poll::Ready(Err(error));
                     }
+                    _ if past_deadline => {
+                        slow.phase = Phase::Done;
+                        let last = this.last.take().expect("a retry keeps the last result");
+                        return Poll::Ready(*last);
+                    }
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {}
                 }
+                *this.last = None;
                 let request = this.spare.take().expect("a retry has a request");
                 slow.attempt += 1;
                 if slow.attempt < slow.max_attempts {
                     *this.spare = this.replay.replay(&request);
                 }
-                this.call.set(Some(service.call(request)));
+                this.call
+                    .as_mut()
+                    .project()
+                    .future
+                    .set(Some(service.call(request)));
                 slow.timer = None;
                 if slow.per_try_timeout.is_some() || slow.deadline_at.is_some() {
                     slow.arm_try(Instant::now());
@@ -356,7 +426,7 @@ where
 /// it allows has been withdrawn from the budget.
 fn schedule(
     decision: RetryDecision,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     attempt: u32,
     slow: &mut Option<Box<Slow>>,
 ) -> Option<Duration> {
@@ -376,7 +446,7 @@ fn schedule(
         if hint > shared.config.max_retry_after {
             tracing::info!(
                 service,
-                attempt,
+                attempt = attempt + 1,
                 ?hint,
                 "server asked for a longer wait than max_retry_after; not retried"
             );
@@ -385,10 +455,11 @@ fn schedule(
         delay = delay.max(round_up_to_millis(hint));
     }
     if let Some(at) = deadline_at {
-        if delay >= at.saturating_duration_since(Instant::now()) {
+        // The retry must start, and have at least a timer tick to run, before the deadline.
+        if delay + MIN_TRY >= at.saturating_duration_since(Instant::now()) {
             tracing::info!(
                 service,
-                attempt,
+                attempt = attempt + 1,
                 ?delay,
                 "deadline leaves no time for a retry"
             );
@@ -396,18 +467,24 @@ fn schedule(
         }
     }
     if !shared.budget.withdraw() {
-        tracing::info!(service, attempt, "retry budget refused a retry");
+        tracing::info!(
+            service,
+            attempt = attempt + 1,
+            "retry budget refused a retry"
+        );
         return None;
     }
     tracing::debug!(service, attempt = attempt + 1, ?delay, "retrying");
-    let timeouts = Timeouts {
-        per_try: None,
-        deadline: None,
-        max_attempts: shared.limits.max_attempts,
-        cut: false,
-    };
-    slow.get_or_insert_with(|| Slow::new(timeouts))
-        .previous_delay = Some(delay);
+    slow.get_or_insert_with(|| {
+        Slow::new(Timeouts {
+            per_try: None,
+            deadline: None,
+            max_attempts: shared.limits.max_attempts,
+            cut: false,
+            shared: shared.clone(),
+        })
+    })
+    .previous_delay = Some(delay);
     Some(delay)
 }
 

@@ -45,6 +45,9 @@
 //!
 //! ## The budget
 //!
+//! A readiness error of the inner service before a retry ends the call with that error, as
+//! tower's `Retry` does.
+//!
 //! All services built by one layer share a [`RetryBudget`]: retries within the last `ttl` may
 //! number `ratio` × the first tries within it plus `min_per_sec` × `ttl`. A retry is taken
 //! from the budget when it is *scheduled*, so retries still waiting out their backoff count.
@@ -53,8 +56,10 @@
 //! ## Time
 //!
 //! `per_try_timeout` cuts a slow try (its [`TimedOut`] is retried like other errors);
-//! `deadline` bounds the whole call: no retry starts whose wait would reach it, and a try still
-//! running at the deadline ends with a [`TimedOut`] whose `is_deadline()` is true. Cutting a
+//! `deadline` bounds the whole call: no retry starts whose wait would reach it (or leave it
+//! less than a millisecond), a retry whose service is still not ready at the deadline is
+//! dropped in favour of the last result, and a try still running at the deadline ends with a
+//! [`TimedOut`] whose `is_deadline()` is true. Cutting a
 //! try needs an error type that can carry [`TimedOut`] (`tower::BoxError`,
 //! `std::io::Error`); with others the deadline only stops retries.
 //!
@@ -62,6 +67,8 @@
 //!
 //! Every retry emits a `debug` event with the attempt number and the wait; refusals by the
 //! budget, exhausted attempts, hints over `max_retry_after` and deadlines emit `info` events.
+//! `attempt` is the number of the try the event is about: the retry made or not made (2 for
+//! the first retry), or, when attempts are exhausted, the number of tries made.
 
 mod budget;
 mod config;

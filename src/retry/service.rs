@@ -176,6 +176,7 @@ where
             deadline: shared.config.deadline,
             max_attempts: limits.max_attempts,
             cut: shared.can_cut::<S::Error>(),
+            shared: self.shared.arc(),
         });
         ResponseFuture::new(
             call,

@@ -30,7 +30,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        call: CallSlot<S::Future>,
+        call: Option<S::Future>,
         // The service retries are sent through, and the copy of the request they send.
         service: Option<S>,
         spare: Option<Req>,
@@ -39,42 +39,14 @@ pin_project! {
         // The retry service's shared state, found again by id on the slow path.
         id: u64,
         // `None` while the first try runs without a timer: the fast path.
-        slow: SlowState,
-        // The result of the last try while a retry is on its way: what the caller gets if the
-        // retry cannot be sent after all (deadline reached while waiting for readiness).
-        last: Option<Box<Result<S::Response, S::Error>>>,
+        slow: SlowState<Result<S::Response, S::Error>>,
     }
-}
-
-pin_project! {
-    /// The try in flight, if any; dropping an empty one costs a check (kept inline), dropping
-    /// a live one goes out of line.
-    struct CallSlot<F> {
-        #[pin]
-        future: Option<F>,
-    }
-
-    impl<F> PinnedDrop for CallSlot<F> {
-        #[inline]
-        fn drop(this: Pin<&mut Self>) {
-            let future = this.project().future;
-            if future.is_some() {
-                cancel(future);
-            }
-        }
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn cancel<F>(mut future: Pin<&mut Option<F>>) {
-    future.set(None);
 }
 
 /// The box of [`Slow`] state, whose drop stays out of the way of calls that never made one.
-struct SlowState(Option<Box<Slow>>);
+struct SlowState<T>(Option<Box<Slow<T>>>);
 
-impl Drop for SlowState {
+impl<T> Drop for SlowState<T> {
     #[inline]
     fn drop(&mut self) {
         if let Some(slow) = self.0.take() {
@@ -85,8 +57,15 @@ impl Drop for SlowState {
 
 #[cold]
 #[inline(never)]
-fn drop_slow(slow: Box<Slow>) {
+fn drop_slow<T>(slow: Box<Slow<T>>) {
     drop(slow);
+}
+
+/// A timed call's state, made out of the fast path.
+#[cold]
+#[inline(never)]
+fn start_slow<T>(timeouts: Timeouts) -> Box<Slow<T>> {
+    Slow::new(timeouts)
 }
 
 /// The config a call's [`Slow`] state starts from.
@@ -102,7 +81,10 @@ pub(crate) struct Timeouts {
 }
 
 /// A call's state once it waits, retries or keeps time.
-struct Slow {
+struct Slow<T> {
+    /// The result of the last try while a retry is on its way: what the caller gets if the
+    /// retry cannot be sent after all (deadline reached while waiting for readiness).
+    last: Option<T>,
     phase: Phase,
     /// The try in flight or last finished, from 1.
     attempt: u32,
@@ -120,9 +102,10 @@ struct Slow {
     previous_delay: Option<Duration>,
 }
 
-impl Slow {
+impl<T> Slow<T> {
     fn new(timeouts: Timeouts) -> Box<Self> {
         let mut slow = Box::new(Self {
+            last: None,
             phase: Phase::Calling,
             attempt: 1,
             max_attempts: timeouts.max_attempts,
@@ -202,14 +185,13 @@ where
         timeouts: Option<Timeouts>,
     ) -> Self {
         Self {
-            call: CallSlot { future: Some(call) },
+            call: Some(call),
             service,
             spare,
             classifier,
             replay,
             id,
-            slow: SlowState(timeouts.map(Slow::new)),
-            last: None,
+            slow: SlowState(timeouts.map(start_slow)),
         }
     }
 }
@@ -237,7 +219,7 @@ where
         let mut this = self.project();
         // The first try with no timer: small enough to inline into the caller.
         if this.slow.0.is_none() {
-            let mut slot = this.call.as_mut().project().future;
+            let mut slot = this.call.as_mut();
             let call = slot
                 .as_mut()
                 .as_pin_mut()
@@ -303,12 +285,12 @@ where
     let Some(delay) = schedule(decision, &shared, attempt, &mut this.slow.0) else {
         return finish(this, result);
     };
-    *this.last = Some(Box::new(result));
     let slow = this
         .slow
         .0
         .as_mut()
         .expect("schedule keeps a retry's state");
+    slow.last = Some(result);
     slow.timer = (!delay.is_zero()).then(|| Box::pin(sleep(delay)));
     slow.phase = Phase::Waiting;
     None
@@ -344,7 +326,7 @@ where
         let slow = this.slow.0.as_mut().expect("a slow call has its state");
         match slow.phase {
             Phase::Calling => {
-                let mut slot = this.call.as_mut().project().future;
+                let mut slot = this.call.as_mut();
                 let call = slot.as_mut().as_pin_mut().expect("a try is in flight");
                 let result = match call.poll(cx) {
                     Poll::Ready(result) => result,
@@ -393,23 +375,19 @@ where
                     }
                     _ if past_deadline => {
                         slow.phase = Phase::Done;
-                        let last = this.last.take().expect("a retry keeps the last result");
-                        return Poll::Ready(*last);
+                        let last = slow.last.take().expect("a retry keeps the last result");
+                        return Poll::Ready(last);
                     }
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) => {}
                 }
-                *this.last = None;
+                slow.last = None;
                 let request = this.spare.take().expect("a retry has a request");
                 slow.attempt += 1;
                 if slow.attempt < slow.max_attempts {
                     *this.spare = this.replay.replay(&request);
                 }
-                this.call
-                    .as_mut()
-                    .project()
-                    .future
-                    .set(Some(service.call(request)));
+                this.call.set(Some(service.call(request)));
                 slow.timer = None;
                 if slow.per_try_timeout.is_some() || slow.deadline_at.is_some() {
                     slow.arm_try(Instant::now());
@@ -424,11 +402,11 @@ where
 /// After try `attempt` finished with a result the classifier would retry (and a copy of the
 /// request is at hand): the wait before the next try, or `None` to return the result. A retry
 /// it allows has been withdrawn from the budget.
-fn schedule(
+fn schedule<T>(
     decision: RetryDecision,
     shared: &Arc<Shared>,
     attempt: u32,
-    slow: &mut Option<Box<Slow>>,
+    slow: &mut Option<Box<Slow<T>>>,
 ) -> Option<Duration> {
     let hint = match decision {
         RetryDecision::Stop => return None,

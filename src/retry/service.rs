@@ -143,6 +143,21 @@ impl<S, C, K> Retry<S, C, K> {
     }
 }
 
+impl<S, C, K> Retry<S, C, K> {
+    /// What a call with a per-try timeout or a deadline starts from (out of the fast path).
+    #[cold]
+    #[inline(never)]
+    fn timeouts<E: 'static>(&self) -> Timeouts {
+        Timeouts {
+            per_try: self.shared.config.per_try_timeout,
+            deadline: self.shared.config.deadline,
+            max_attempts: self.shared.limits.max_attempts,
+            cut: self.shared.can_cut::<E>(),
+            shared: self.shared.arc(),
+        }
+    }
+}
+
 impl<S, C, K, Req> Service<Req> for Retry<S, C, K>
 where
     S: Service<Req> + Clone,
@@ -171,13 +186,11 @@ where
         };
         let service = spare.as_ref().map(|_| self.inner.clone());
         let call = self.inner.call(request);
-        let timeouts = limits.timed.then(|| Timeouts {
-            per_try: shared.config.per_try_timeout,
-            deadline: shared.config.deadline,
-            max_attempts: limits.max_attempts,
-            cut: shared.can_cut::<S::Error>(),
-            shared: self.shared.arc(),
-        });
+        let timeouts = if limits.timed {
+            Some(self.timeouts::<S::Error>())
+        } else {
+            None
+        };
         ResponseFuture::new(
             call,
             service,

@@ -77,10 +77,40 @@ pub struct BudgetSnapshot {
     pub available: Option<u64>,
 }
 
+/// A value on its own cache-line pair, at byte 64 of it.
+///
+/// Stripes sit at the start of 128-byte blocks. A load whose address matches a pending
+/// store's in its low 12 bits is held back until the store completes ("4K aliasing"); the
+/// stripes span 8 KiB, so a value at a multiple of 128 bytes always matches one of them. At
+/// byte 64 it never does.
+#[repr(C, align(128))]
+struct OffStripe<T> {
+    _before: [u8; 64],
+    value: T,
+}
+
+impl<T> OffStripe<T> {
+    fn new(value: T) -> Self {
+        Self {
+            _before: [0; 64],
+            value,
+        }
+    }
+}
+
+impl<T> std::ops::Deref for OffStripe<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
 struct Inner {
     deposits: StripedCounter,
-    /// Read by every deposit: kept apart from the lines withdrawals write.
-    driver: CachePadded<AtomicU8>,
+    /// Read by every deposit, right after its store to a stripe: see [`OffStripe`].
+    driver: OffStripe<AtomicU8>,
     withdrawals: CachePadded<AtomicU64>,
     refusals: AtomicU64,
     limit: Option<Limit>,
@@ -167,7 +197,7 @@ impl RetryBudget {
         Ok(Self {
             inner: Arc::new(Inner {
                 deposits: StripedCounter::default(),
-                driver: CachePadded(AtomicU8::new(driver)),
+                driver: OffStripe::new(AtomicU8::new(driver)),
                 withdrawals: CachePadded::default(),
                 refusals: AtomicU64::new(0),
                 limit,

@@ -25,6 +25,7 @@
 //! | [`breaker`] | Circuit breaking with true sliding windows, gate mode and per-key breakers |
 //! | [`retry`] | Retries with backoff, a lock-free budget, server delay hints, per-try timeouts and a deadline |
 //! | [`hedge`] | Hedged requests after a fixed or percentile delay, bounded by a budget |
+//! | [`discovery`] | An embedded registry with revisions, bounded watches, TTL and TCP health checks, and a tower `Discover` adapter |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
 //! | [`classify`] | What counts as success, failure or neither, shared by every layer |
 //! | [`error`] | Finding meshkit's errors in a `source()` chain |
@@ -49,6 +50,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+pub mod discovery;
 pub mod duration;
 pub mod error;
 pub mod hedge;

@@ -1,0 +1,143 @@
+//! [`discover`]: a registry watch as tower's `Discover`, over a service's passing instances.
+
+use super::instance::{Health, Instance, InstanceId};
+use super::registry::{Registry, Update, Watch};
+use futures::{Stream, StreamExt};
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower::discover::Change;
+
+/// Watches `service` in `registry` and yields tower [`Change`]s over its *passing* instances,
+/// building each endpoint with `make_endpoint` (for HTTP: a client bound to the instance's
+/// `http://host:port`).
+///
+/// The result implements `tower::discover::Discover`, so it feeds
+/// `tower::balance::p2c::Balance` or meshkit's own balancer. An instance that stops passing is
+/// removed; one whose address changes is replaced (tower balancers treat an `Insert` of a
+/// known key as a replacement). After a watcher falls behind, the fresh state is diffed
+/// against what was yielded, so no change is lost or repeated.
+///
+/// ```
+/// use meshkit::discovery::{discover, Instance, MemoryRegistry, Registry};
+/// use futures::StreamExt;
+/// use tower::discover::Change;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let registry = MemoryRegistry::new();
+/// let _users = registry.register(Instance::builder("users", "10.0.0.7", 8080).build()?).await?;
+/// let mut endpoints = discover(&registry, "users", |instance: &Instance| instance.authority());
+/// let Some(Ok(Change::Insert(_, authority))) = endpoints.next().await else { unreachable!() };
+/// assert_eq!(authority, "10.0.0.7:8080");
+/// # Ok(())
+/// # }
+/// ```
+pub fn discover<R, F, S>(registry: &R, service: &str, make_endpoint: F) -> Discovered<F, S>
+where
+    R: Registry + ?Sized,
+    F: FnMut(&Instance) -> S,
+{
+    Discovered {
+        watch: registry.watch(service),
+        make_endpoint,
+        yielded: HashMap::new(),
+        pending: VecDeque::new(),
+    }
+}
+
+/// The stream [`discover`] returns: a `tower::discover::Discover`.
+#[must_use = "streams do nothing unless polled"]
+pub struct Discovered<F, S> {
+    watch: Watch,
+    make_endpoint: F,
+    /// What was yielded: each passing instance's id and address.
+    yielded: HashMap<InstanceId, (String, u16)>,
+    pending: VecDeque<Change<InstanceId, S>>,
+}
+
+impl<F, S> Discovered<F, S>
+where
+    F: FnMut(&Instance) -> S,
+{
+    fn upsert(&mut self, instance: &Instance) {
+        let passing = instance.health == Health::Passing;
+        let address = (instance.host.clone(), instance.port);
+        match (passing, self.yielded.get(&instance.id)) {
+            (true, Some(known)) if *known == address => {}
+            (true, _) => {
+                self.yielded.insert(instance.id, address);
+                let endpoint = (self.make_endpoint)(instance);
+                self.pending
+                    .push_back(Change::Insert(instance.id, endpoint));
+            }
+            (false, Some(_)) => self.remove(&instance.id),
+            (false, None) => {}
+        }
+    }
+
+    fn remove(&mut self, id: &InstanceId) {
+        if self.yielded.remove(id).is_some() {
+            self.pending.push_back(Change::Remove(*id));
+        }
+    }
+
+    fn apply(&mut self, update: &Update) {
+        match update {
+            Update::Reset(snapshot) => {
+                let gone: Vec<InstanceId> = self
+                    .yielded
+                    .keys()
+                    .filter(|id| {
+                        snapshot
+                            .get(id)
+                            .is_none_or(|instance| instance.health != Health::Passing)
+                    })
+                    .copied()
+                    .collect();
+                for id in gone {
+                    self.remove(&id);
+                }
+                for instance in snapshot.instances() {
+                    self.upsert(instance);
+                }
+            }
+            Update::Upsert { instance, .. } => self.upsert(instance),
+            Update::Remove { id, .. } => self.remove(id),
+        }
+    }
+}
+
+// Nothing in it is ever pinned in place: endpoints are only moved into `Change`s.
+impl<F, S> Unpin for Discovered<F, S> {}
+
+impl<F, S> Stream for Discovered<F, S>
+where
+    F: FnMut(&Instance) -> S,
+{
+    type Item = Result<Change<InstanceId, S>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(change)));
+            }
+            match self.watch.poll_next_unpin(cx) {
+                Poll::Ready(Some(update)) => self.apply(&update),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<F, S> fmt::Debug for Discovered<F, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Discovered")
+            .field("endpoints", &self.yielded.len())
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}

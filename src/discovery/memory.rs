@@ -1,0 +1,418 @@
+//! [`MemoryRegistry`]: the embedded registry, revisions and watches.
+
+use super::health::{Checker, Job};
+use super::instance::{Health, HealthCheck, Instance, InstanceId};
+use super::registry::{BoxFuture, Registration, Registry, RegistryError, Snapshot, Update, Watch};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+/// Updates a watcher may fall behind by before it is sent a fresh `Reset` instead.
+const WATCH_CAPACITY: usize = 256;
+
+/// The embedded registry: in memory, no server, cheap to clone (clones share one registry).
+///
+/// Reads return an `Arc` snapshot rebuilt on each change of the service (so a read never
+/// copies the instances). Watches are bounded: each service keeps one broadcast channel of
+/// 256 updates, and a watcher that falls further behind is sent a fresh `Reset`. TTL expiry,
+/// `deregister_after` and active checks run on one background task per registry, started on
+/// the tokio runtime of the first registration that needs it.
+///
+/// ```
+/// use meshkit::discovery::{Instance, MemoryRegistry, Registry, Update};
+/// use futures::StreamExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let registry = MemoryRegistry::new();
+/// let mut watch = registry.watch("users");
+/// let Some(Update::Reset(empty)) = watch.next().await else { unreachable!() };
+/// assert!(!empty.exists());
+///
+/// let registration = registry.register(Instance::builder("users", "10.0.0.7", 8080).build()?).await?;
+/// let Some(Update::Upsert { instance, .. }) = watch.next().await else { unreachable!() };
+/// assert_eq!(instance.id, registration.id());
+///
+/// drop(registration); // deregisters
+/// assert!(matches!(watch.next().await, Some(Update::Remove { .. })));
+/// assert!(registry.instances("users").await?.instances().is_empty());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct MemoryRegistry {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    pub(crate) checker: Checker,
+}
+
+#[derive(Default)]
+struct State {
+    revision: u64,
+    services: HashMap<Arc<str>, Service>,
+    /// Which service each instance belongs to.
+    index: HashMap<InstanceId, Arc<str>>,
+}
+
+struct Service {
+    name: Arc<str>,
+    /// Whether an instance was ever registered (a watch alone does not create a service).
+    exists: bool,
+    entries: BTreeMap<InstanceId, Entry>,
+    snapshot: Snapshot,
+    updates: broadcast::Sender<Update>,
+}
+
+/// An instance and what the registry tracks about it.
+pub(crate) struct Entry {
+    pub(crate) instance: Instance,
+    /// A TTL instance is critical once this passes without a heartbeat.
+    pub(crate) ttl_deadline: Option<Instant>,
+    pub(crate) critical_since: Option<Instant>,
+    pub(crate) successes: u32,
+    pub(crate) failures: u32,
+}
+
+impl Service {
+    fn new(name: Arc<str>, revision: u64) -> Self {
+        let (updates, _) = broadcast::channel(WATCH_CAPACITY);
+        Self {
+            snapshot: Snapshot::new(name.clone(), revision, None),
+            name,
+            exists: false,
+            entries: BTreeMap::new(),
+            updates,
+        }
+    }
+
+    fn rebuild(&mut self, revision: u64) {
+        let instances: Arc<[Instance]> =
+            self.entries.values().map(|e| e.instance.clone()).collect();
+        self.snapshot = Snapshot::new(
+            self.name.clone(),
+            revision,
+            self.exists.then_some(instances),
+        );
+    }
+}
+
+impl MemoryRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The snapshot of `service` now, without going through a future.
+    pub fn snapshot(&self, service: &str) -> Snapshot {
+        let state = self.inner.state();
+        match state.services.get(service) {
+            Some(service) => service.snapshot.clone(),
+            None => Snapshot::new(Arc::from(service), state.revision, None),
+        }
+    }
+
+    /// The registry's current revision.
+    pub fn revision(&self) -> u64 {
+        self.inner.state().revision
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    pub(crate) fn checker(&self) -> &Checker {
+        &self.inner.checker
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+
+    fn register_now(&self, instance: Instance) -> Result<Registration, RegistryError> {
+        instance.validate()?;
+        if matches!(instance.check, HealthCheck::Http { .. }) {
+            // Not silently unchecked: the HTTP checker is not built yet.
+            return Err(RegistryError::Invalid(crate::ConfigError::new(
+                "check.kind",
+                "none, ttl or tcp (the http checker is not available yet)",
+                "http",
+            )));
+        }
+        let id = instance.id;
+        let now = Instant::now();
+        let check = instance.check.clone();
+        {
+            let mut state = self.inner.state();
+            if let Some(old) = state.index.get(&id).cloned() {
+                // Re-registering an id moves it: drop the old entry first.
+                state.remove(&old, &id, "replaced");
+            }
+            state.revision += 1;
+            let revision = state.revision;
+            let name: Arc<str> = Arc::from(instance.service.as_str());
+            state.index.insert(id, name.clone());
+            let service = state
+                .services
+                .entry(name.clone())
+                .or_insert_with(|| Service::new(name.clone(), revision));
+            service.exists = true;
+            let ttl_deadline = match check {
+                HealthCheck::Ttl { ttl, .. } => Some(now + ttl),
+                _ => None,
+            };
+            let critical_since = (instance.health == Health::Critical).then_some(now);
+            service.entries.insert(
+                id,
+                Entry {
+                    instance: instance.clone(),
+                    ttl_deadline,
+                    critical_since,
+                    successes: 0,
+                    failures: 0,
+                },
+            );
+            service.rebuild(revision);
+            let _ = service.updates.send(Update::Upsert { revision, instance });
+            tracing::info!(service = &*name, instance = %id, revision, "instance registered");
+        }
+        match check {
+            HealthCheck::None => {}
+            HealthCheck::Ttl { ttl, .. } => {
+                self.inner.checker.schedule(self, now + ttl, id, Job::Ttl)
+            }
+            HealthCheck::Tcp { .. } | HealthCheck::Http { .. } => {
+                self.inner.checker.schedule(self, now, id, Job::Probe)
+            }
+        }
+        let registry = Arc::downgrade(&self.inner);
+        Ok(Registration::new(id, move |id| {
+            if let Some(inner) = registry.upgrade() {
+                let _ = MemoryRegistry::from_inner(inner).deregister_now(&id);
+            }
+        }))
+    }
+
+    fn deregister_now(&self, id: &InstanceId) -> Result<(), RegistryError> {
+        let mut state = self.inner.state();
+        let service = state
+            .index
+            .get(id)
+            .cloned()
+            .ok_or(RegistryError::NotFound(*id))?;
+        state.remove(&service, id, "deregistered");
+        Ok(())
+    }
+
+    fn heartbeat_now(&self, id: &InstanceId) -> Result<(), RegistryError> {
+        let now = Instant::now();
+        let revive = self.inner.with_entry(id, |_, entry| {
+            let HealthCheck::Ttl { ttl, .. } = entry.instance.check else {
+                return Err(RegistryError::NotTtl(*id));
+            };
+            entry.ttl_deadline = Some(now + ttl);
+            Ok(entry.instance.health != Health::Passing)
+        })??;
+        if revive {
+            self.inner.set_health(id, Health::Passing, "heartbeat");
+        }
+        Ok(())
+    }
+
+    fn watch_now(&self, service: &str) -> Watch {
+        let registry = Arc::downgrade(&self.inner);
+        let service: Arc<str> = Arc::from(service);
+        let stream = futures::stream::unfold(
+            (
+                registry,
+                service,
+                None::<(broadcast::Receiver<Update>, u64)>,
+            ),
+            |(registry, service, live)| async move {
+                let (mut receiver, last) = match live {
+                    Some(live) => live,
+                    None => {
+                        // Reset: the snapshot and the subscription are taken under one lock,
+                        // so the receiver holds exactly the updates after the snapshot.
+                        let inner = registry.upgrade()?;
+                        let (snapshot, receiver) = inner.subscribe(&service);
+                        let revision = snapshot.revision();
+                        return Some((
+                            Update::Reset(snapshot),
+                            (registry, service, Some((receiver, revision))),
+                        ));
+                    }
+                };
+                loop {
+                    match receiver.recv().await {
+                        Ok(update) if update.revision() <= last => continue,
+                        Ok(update) => {
+                            let revision = update.revision();
+                            return Some((update, (registry, service, Some((receiver, revision)))));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::debug!(
+                                service = &*service,
+                                missed,
+                                "watcher fell behind; sending a fresh reset"
+                            );
+                            let inner = registry.upgrade()?;
+                            let (snapshot, receiver) = inner.subscribe(&service);
+                            let revision = snapshot.revision();
+                            return Some((
+                                Update::Reset(snapshot),
+                                (registry, service, Some((receiver, revision))),
+                            ));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        );
+        Box::pin(stream)
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn subscribe(&self, service: &str) -> (Snapshot, broadcast::Receiver<Update>) {
+        let mut state = self.state();
+        let revision = state.revision;
+        let name: Arc<str> = Arc::from(service);
+        let service = state
+            .services
+            .entry(name.clone())
+            .or_insert_with(|| Service::new(name, revision));
+        (service.snapshot.clone(), service.updates.subscribe())
+    }
+
+    /// Runs `f` on an instance's entry under the lock.
+    pub(crate) fn with_entry<R>(
+        &self,
+        id: &InstanceId,
+        f: impl FnOnce(u64, &mut Entry) -> R,
+    ) -> Result<R, RegistryError> {
+        let mut state = self.state();
+        let revision = state.revision;
+        let service = state
+            .index
+            .get(id)
+            .cloned()
+            .ok_or(RegistryError::NotFound(*id))?;
+        let entry = state
+            .services
+            .get_mut(&service)
+            .and_then(|s| s.entries.get_mut(id))
+            .ok_or(RegistryError::NotFound(*id))?;
+        Ok(f(revision, entry))
+    }
+
+    /// Sets an instance's health (if it changed), with a new revision and an `Upsert`.
+    pub(crate) fn set_health(&self, id: &InstanceId, health: Health, why: &str) -> bool {
+        let mut state = self.state();
+        let Some(service) = state.index.get(id).cloned() else {
+            return false;
+        };
+        let now = Instant::now();
+        let revision = state.revision + 1;
+        let Some(svc) = state.services.get_mut(&service) else {
+            return false;
+        };
+        let Some(entry) = svc.entries.get_mut(id) else {
+            return false;
+        };
+        let from = entry.instance.health;
+        if from == health {
+            return false;
+        }
+        entry.instance.health = health;
+        entry.critical_since = (health == Health::Critical).then_some(now);
+        let instance = entry.instance.clone();
+        svc.rebuild(revision);
+        let _ = svc.updates.send(Update::Upsert { revision, instance });
+        state.revision = revision;
+        tracing::info!(service = &*service, instance = %id, %from, to = %health, reason = why, revision, "instance health changed");
+        true
+    }
+
+    /// Removes an instance (if still there) because it stayed critical too long.
+    pub(crate) fn expire(&self, id: &InstanceId) {
+        let mut state = self.state();
+        if let Some(service) = state.index.get(id).cloned() {
+            state.remove(&service, id, "expired after deregister_after");
+        }
+    }
+}
+
+impl State {
+    fn remove(&mut self, service: &Arc<str>, id: &InstanceId, why: &str) {
+        self.index.remove(id);
+        let revision = self.revision + 1;
+        let Some(svc) = self.services.get_mut(service) else {
+            return;
+        };
+        if svc.entries.remove(id).is_none() {
+            return;
+        }
+        self.revision = revision;
+        svc.rebuild(revision);
+        let _ = svc.updates.send(Update::Remove { revision, id: *id });
+        tracing::info!(service = &**service, instance = %id, revision, reason = why, "instance removed");
+    }
+}
+
+impl Registry for MemoryRegistry {
+    fn register(&self, instance: Instance) -> BoxFuture<'_, Result<Registration, RegistryError>> {
+        let result = self.register_now(instance);
+        Box::pin(async move { result })
+    }
+
+    fn deregister(&self, id: &InstanceId) -> BoxFuture<'_, Result<(), RegistryError>> {
+        let result = self.deregister_now(id);
+        Box::pin(async move { result })
+    }
+
+    fn heartbeat(&self, id: &InstanceId) -> BoxFuture<'_, Result<(), RegistryError>> {
+        let result = self.heartbeat_now(id);
+        Box::pin(async move { result })
+    }
+
+    fn instances(&self, service: &str) -> BoxFuture<'_, Result<Snapshot, RegistryError>> {
+        let snapshot = self.snapshot(service);
+        Box::pin(async move { Ok(snapshot) })
+    }
+
+    fn watch(&self, service: &str) -> Watch {
+        self.watch_now(service)
+    }
+}
+
+impl fmt::Debug for MemoryRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.inner.state();
+        f.debug_struct("MemoryRegistry")
+            .field("revision", &state.revision)
+            .field("services", &state.services.len())
+            .field("instances", &state.index.len())
+            .finish()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Lets the health task notice that the registry is gone and exit.
+        self.checker.wake_for_shutdown();
+    }
+}

@@ -71,7 +71,7 @@ struct Service {
 
 /// An instance and what the registry tracks about it.
 pub(crate) struct Entry {
-    pub(crate) instance: Instance,
+    pub(crate) instance: Arc<Instance>,
     /// A TTL instance is critical once this passes without a heartbeat.
     pub(crate) ttl_deadline: Option<Instant>,
     pub(crate) critical_since: Option<Instant>,
@@ -92,7 +92,7 @@ impl Service {
     }
 
     fn rebuild(&mut self, revision: u64) {
-        let instances: Arc<[Instance]> =
+        let instances: Arc<[Arc<Instance>]> =
             self.entries.values().map(|e| e.instance.clone()).collect();
         self.snapshot = Snapshot::new(
             self.name.clone(),
@@ -171,6 +171,7 @@ impl MemoryRegistry {
                 _ => None,
             };
             let critical_since = (instance.health == Health::Critical).then_some(now);
+            let instance = Arc::new(instance);
             service.entries.insert(
                 id,
                 Entry {
@@ -337,7 +338,7 @@ impl Inner {
         if from == health {
             return false;
         }
-        entry.instance.health = health;
+        Arc::make_mut(&mut entry.instance).health = health;
         entry.critical_since = (health == Health::Critical).then_some(now);
         let instance = entry.instance.clone();
         svc.rebuild(revision);

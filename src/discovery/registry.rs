@@ -48,14 +48,14 @@ struct SnapshotInner {
     service: Arc<str>,
     revision: u64,
     /// `None`: no instance of the service was ever registered.
-    instances: Option<Arc<[Instance]>>,
+    instances: Option<Arc<[Arc<Instance>]>>,
 }
 
 impl Snapshot {
     pub(crate) fn new(
         service: Arc<str>,
         revision: u64,
-        instances: Option<Arc<[Instance]>>,
+        instances: Option<Arc<[Arc<Instance>]>>,
     ) -> Self {
         Self(Arc::new(SnapshotInner {
             service,
@@ -80,26 +80,31 @@ impl Snapshot {
         self.0.instances.is_some()
     }
 
-    /// Its instances (none if the service does not exist), ordered by id.
-    pub fn instances(&self) -> &[Instance] {
+    /// Its instances (none if the service does not exist), ordered by id. Each is shared
+    /// (`Arc`) with the registry and other snapshots: reading never copies an instance.
+    pub fn instances(&self) -> &[Arc<Instance>] {
         self.0.instances.as_deref().unwrap_or(&[])
     }
 
     /// The instance with this id.
     pub fn get(&self, id: &InstanceId) -> Option<&Instance> {
-        self.instances().iter().find(|instance| &instance.id == id)
+        self.instances()
+            .iter()
+            .find(|instance| &instance.id == id)
+            .map(|instance| &**instance)
     }
 
     /// The instances `filter` accepts.
     pub fn filtered<'a>(&'a self, filter: &'a Filter) -> impl Iterator<Item = &'a Instance> + 'a {
         self.instances()
             .iter()
+            .map(|instance| &**instance)
             .filter(move |instance| filter.accepts(instance))
     }
 
     /// A snapshot of only the instances `filter` accepts.
     pub fn filter(&self, filter: &Filter) -> Snapshot {
-        let kept: Option<Arc<[Instance]>> = self
+        let kept: Option<Arc<[Arc<Instance>]>> = self
             .0
             .instances
             .as_ref()
@@ -128,8 +133,8 @@ pub enum Update {
     Upsert {
         /// The registry revision of the change.
         revision: u64,
-        /// The instance as it is now.
-        instance: Instance,
+        /// The instance as it is now (shared with the registry's snapshot).
+        instance: Arc<Instance>,
     },
     /// An instance was removed (deregistered, expired, or no longer matching a filter).
     Remove {

@@ -36,7 +36,7 @@
 //!
 //! | Name | Description | Default? |
 //! |---|---|---|
-//! | *(none yet)* | Integrations (http, axum, reqwest, etcd, dns, nats, postgres, metrics) arrive as features; the core needs none | |
+//! | `http` | HTTP health checks in [`discovery`] (a hyper client) | no |
 //!
 //! ## Time
 //!

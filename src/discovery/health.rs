@@ -4,9 +4,10 @@
 use super::instance::{Health, HealthCheck, InstanceId};
 use super::memory::{Inner, MemoryRegistry};
 use crate::random::{RandomSource, SplitMix64};
+use futures::future::AbortHandle;
 use futures::stream::{FuturesUnordered, StreamExt};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,13 +31,14 @@ pub(crate) enum Job {
 }
 
 type Due = Reverse<(Instant, u64, InstanceId, Job)>;
-type Probe = Pin<Box<dyn Future<Output = (InstanceId, ProbeOutcome)> + Send>>;
+/// A probe in flight; `None` when it was cancelled (its instance deregistered).
+type Probe = Pin<Box<dyn Future<Output = Option<(InstanceId, ProbeOutcome)>> + Send>>;
 
 #[derive(Clone, Copy, Debug)]
 enum ProbeOutcome {
     Passed,
     /// An HTTP check's 429: serving but degraded.
-    #[allow(dead_code)]
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     Warned,
     Failed,
 }
@@ -48,6 +50,8 @@ pub(crate) struct Checker {
     sequence: AtomicU64,
     wake: Arc<Notify>,
     running: Arc<AtomicBool>,
+    /// Probes in flight, by instance, so that deregistering cancels them.
+    in_flight: Mutex<HashMap<InstanceId, AbortHandle>>,
 }
 
 impl Checker {
@@ -77,6 +81,31 @@ impl Checker {
                 }
             }
         }
+    }
+
+    /// Cancels the probe in flight for `id`, if any.
+    pub(crate) fn cancel(&self, id: &InstanceId) {
+        if let Some(handle) = self.in_flight().remove(id) {
+            handle.abort();
+        }
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, AbortHandle>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a probe, cancellable by [`cancel`](Self::cancel).
+    fn start_probe(
+        &self,
+        probes: &mut FuturesUnordered<Probe>,
+        id: InstanceId,
+        probe: impl Future<Output = ProbeOutcome> + Send + 'static,
+    ) {
+        let (probe, handle) = futures::future::abortable(probe);
+        self.in_flight().insert(id, handle);
+        probes.push(Box::pin(async move {
+            probe.await.ok().map(|outcome| (id, outcome))
+        }));
     }
 
     pub(crate) fn wake_for_shutdown(&self) {
@@ -130,11 +159,15 @@ async fn run(registry: Weak<Inner>, wake: Arc<Notify>) {
                 }
             } => {}
             () = wake.notified() => {}
-            Some((id, outcome)) = probes.next(), if !probes.is_empty() => {
+            Some(finished) = probes.next(), if !probes.is_empty() => {
                 let Some(inner) = registry.upgrade() else {
                     return;
                 };
-                apply_probe(&MemoryRegistry::from_inner(inner), id, outcome, &random);
+                if let Some((id, outcome)) = finished {
+                    let registry = MemoryRegistry::from_inner(inner);
+                    registry.checker().in_flight().remove(&id);
+                    apply_probe(&registry, id, outcome, &random);
+                }
             }
         }
     }
@@ -207,14 +240,32 @@ fn run_job(
                 return;
             }
             let timeout = *timeout;
-            probes.push(Box::pin(async move {
+            inner.checker.start_probe(probes, id, async move {
                 let connect = tokio::net::TcpStream::connect(authority);
-                let outcome = match tokio::time::timeout(timeout, connect).await {
+                match tokio::time::timeout(timeout, connect).await {
                     Ok(Ok(_)) => ProbeOutcome::Passed,
                     _ => ProbeOutcome::Failed,
-                };
-                (id, outcome)
-            }));
+                }
+            });
+        }
+        #[cfg(feature = "http")]
+        (Job::Probe, HealthCheck::Http { path, timeout, .. }) => {
+            if probes.len() >= MAX_PROBES_IN_FLIGHT {
+                inner
+                    .checker
+                    .schedule(registry, now + Duration::from_millis(100), id, Job::Probe);
+                return;
+            }
+            let (path, timeout) = (path.clone(), *timeout);
+            inner.checker.start_probe(probes, id, async move {
+                let get = super::http_check::get(&authority, &path);
+                // 2xx passing, 429 warning, anything else (or no answer) critical: as Consul.
+                match tokio::time::timeout(timeout, get).await {
+                    Ok(Ok(status)) if (200..300).contains(&status) => ProbeOutcome::Passed,
+                    Ok(Ok(429)) => ProbeOutcome::Warned,
+                    _ => ProbeOutcome::Failed,
+                }
+            });
         }
         _ => {}
     }
@@ -279,5 +330,31 @@ fn apply_probe(
         let jitter = interval.mul_f64(0.2 * random.next_f64());
         let next = Instant::now() + interval.mul_f64(0.9) + jitter;
         inner.checker.schedule(registry, next, id, Job::Probe);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cancelling_an_instance_drops_its_probe_in_flight() {
+        let checker = Checker::default();
+        let mut probes: FuturesUnordered<Probe> = FuturesUnordered::new();
+        let (kept, cancelled) = (InstanceId::new(), InstanceId::new());
+        checker.start_probe(&mut probes, cancelled, std::future::pending());
+        checker.start_probe(&mut probes, kept, async { ProbeOutcome::Passed });
+        checker.cancel(&cancelled);
+        let mut finished = Vec::new();
+        while let Some(result) = probes.next().await {
+            finished.push(result.map(|(id, _)| id));
+        }
+        assert_eq!(
+            finished.len(),
+            2,
+            "the cancelled probe ended instead of hanging"
+        );
+        assert!(finished.contains(&None));
+        assert!(finished.contains(&Some(kept)));
     }
 }

@@ -140,11 +140,12 @@ impl MemoryRegistry {
 
     fn register_now(&self, instance: Instance) -> Result<Registration, RegistryError> {
         instance.validate()?;
+        #[cfg(not(feature = "http"))]
         if matches!(instance.check, HealthCheck::Http { .. }) {
-            // Not silently unchecked: the HTTP checker is not built yet.
+            // Not silently unchecked: without the feature there is no HTTP checker.
             return Err(RegistryError::Invalid(crate::ConfigError::new(
                 "check.kind",
-                "none, ttl or tcp (the http checker is not available yet)",
+                "none, ttl or tcp (http checks need the `http` feature)",
                 "http",
             )));
         }
@@ -211,6 +212,8 @@ impl MemoryRegistry {
             .cloned()
             .ok_or(RegistryError::NotFound(*id))?;
         state.remove(&service, id, "deregistered");
+        drop(state);
+        self.inner.checker.cancel(id);
         Ok(())
     }
 
@@ -354,6 +357,8 @@ impl Inner {
         if let Some(service) = state.index.get(id).cloned() {
             state.remove(&service, id, "expired after deregister_after");
         }
+        drop(state);
+        self.checker.cancel(id);
     }
 }
 

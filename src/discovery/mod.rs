@@ -49,6 +49,8 @@
 
 mod discover;
 mod health;
+#[cfg(feature = "http")]
+mod http_check;
 mod instance;
 mod memory;
 mod registry;

@@ -1,0 +1,72 @@
+//! Tracing events of the registry. In their own binary: tracing caches each callsite's
+//! interest process-wide, so tests without a subscriber running beside them would hide events.
+
+mod support;
+
+use meshkit::discovery::{HealthCheck, Instance, MemoryRegistry, Registry};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::OnEvent;
+
+#[test]
+fn registrations_health_changes_expiry_and_removals_are_traced() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = OnEvent({
+        let events = events.clone();
+        move |event: &tracing::Event<'_>| {
+            events.lock().unwrap().push(support::describe_event(event));
+        }
+    });
+    let runtime = support::paused_runtime();
+    tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let registry = MemoryRegistry::new();
+            let check = HealthCheck::Ttl {
+                ttl: Duration::from_secs(5),
+                deregister_after: Some(Duration::from_secs(10)),
+            };
+            let expiring = registry
+                .register(
+                    Instance::builder("users", "10.0.0.1", 80)
+                        .check(check)
+                        .build()
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let plain = registry
+                .register(Instance::builder("users", "10.0.0.2", 80).build().unwrap())
+                .await
+                .unwrap();
+            plain.deregister().await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            expiring.forget();
+        });
+    });
+    let events = events.lock().unwrap();
+    let has = |words: &[&str]| events.iter().any(|e| words.iter().all(|w| e.contains(w)));
+    assert!(
+        has(&[
+            "INFO",
+            "instance registered",
+            "service=\"users\"",
+            "revision="
+        ]),
+        "{events:?}"
+    );
+    assert!(
+        has(&["instance removed", "reason=\"deregistered\""]),
+        "{events:?}"
+    );
+    assert!(
+        has(&["instance health changed", "from=passing", "to=critical"]),
+        "{events:?}"
+    );
+    assert!(
+        has(&[
+            "instance removed",
+            "reason=\"expired after deregister_after\""
+        ]),
+        "{events:?}"
+    );
+}

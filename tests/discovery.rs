@@ -373,3 +373,49 @@ async fn discover_yields_only_passing_instances() {
         Some(Ok(tower::discover::Change::Insert(id, _))) if id == users.id()
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn re_registering_an_id_survives_the_old_guard() {
+    let registry = MemoryRegistry::new();
+    let first = registry
+        .register(instance("users", "10.0.0.1", 80))
+        .await
+        .unwrap();
+    let moved = Instance::builder("users", "10.0.0.9", 80)
+        .id(first.id())
+        .build()
+        .unwrap();
+    let second = registry.register(moved).await.unwrap();
+    drop(first); // the old guard must not remove the new registration
+    let snapshot = registry.snapshot("users");
+    assert_eq!(snapshot.get(&second.id()).unwrap().host, "10.0.0.9");
+    assert_eq!(snapshot.instances().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_registered_critical_is_still_removed_after_deregister_after() {
+    let registry = MemoryRegistry::new();
+    let users = registry
+        .register(
+            Instance::builder("users", "10.0.0.1", 80)
+                .check(ttl(5, Some(10)))
+                .health(Health::Critical)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(registry.snapshot("users").get(&users.id()).is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn watching_names_that_do_not_exist_does_not_grow_the_registry() {
+    let registry = MemoryRegistry::new();
+    for n in 0..1_000 {
+        let mut watch = registry.watch(&format!("ghost-{n}"));
+        let _ = watch.next().await;
+    }
+    let description = format!("{registry:?}");
+    assert!(description.contains("services: 1,"), "{description}");
+}

@@ -7,17 +7,19 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::discover::Change;
 
-/// Watches `service` in `registry` and yields tower [`Change`]s over its *passing* instances,
+/// Watches `service` in `registry` and yields tower [`Change`]s over its `Passing` instances
+/// (a `Warning`, `Critical` or `Unknown` instance gets no new traffic),
 /// building each endpoint with `make_endpoint` (for HTTP: a client bound to the instance's
 /// `http://host:port`).
 ///
 /// The result implements `tower::discover::Discover`, so it feeds
 /// `tower::balance::p2c::Balance` or meshkit's own balancer. An instance that stops passing is
-/// removed; one whose address changes is replaced (tower balancers treat an `Insert` of a
-/// known key as a replacement). After a watcher falls behind, the fresh state is diffed
+/// removed; one that changes (address, weight, metadata) is replaced (tower balancers treat
+/// an `Insert` of a known key as a replacement). After a watcher falls behind, the fresh state is diffed
 /// against what was yielded, so no change is lost or repeated.
 ///
 /// ```
@@ -53,8 +55,8 @@ where
 pub struct Discovered<F, S> {
     watch: Watch,
     make_endpoint: F,
-    /// What was yielded: each passing instance's id and address.
-    yielded: HashMap<InstanceId, (String, u16)>,
+    /// What was yielded: each passing instance as it was when its endpoint was made.
+    yielded: HashMap<InstanceId, Arc<Instance>>,
     pending: VecDeque<Change<InstanceId, S>>,
 }
 
@@ -62,13 +64,15 @@ impl<F, S> Discovered<F, S>
 where
     F: FnMut(&Instance) -> S,
 {
-    fn upsert(&mut self, instance: &Instance) {
+    fn upsert(&mut self, instance: &Arc<Instance>) {
         let passing = instance.health == Health::Passing;
-        let address = (instance.host.clone(), instance.port);
         match (passing, self.yielded.get(&instance.id)) {
-            (true, Some(known)) if *known == address => {}
+            // The same registry object: nothing changed since its endpoint was made.
+            (true, Some(known)) if Arc::ptr_eq(known, instance) => {}
+            // New, back to passing, or changed (address, weight, metadata): a fresh endpoint
+            // replaces any old one (balancers treat an `Insert` of a known key so).
             (true, _) => {
-                self.yielded.insert(instance.id, address);
+                self.yielded.insert(instance.id, instance.clone());
                 let endpoint = (self.make_endpoint)(instance);
                 self.pending
                     .push_back(Change::Insert(instance.id, endpoint));
@@ -87,13 +91,15 @@ where
     fn apply(&mut self, update: &Update) {
         match update {
             Update::Reset(snapshot) => {
+                // Snapshots are ordered by id: a binary search per yielded endpoint.
+                let instances = snapshot.instances();
                 let gone: Vec<InstanceId> = self
                     .yielded
                     .keys()
                     .filter(|id| {
-                        snapshot
-                            .get(id)
-                            .is_none_or(|instance| instance.health != Health::Passing)
+                        instances
+                            .binary_search_by(|instance| instance.id.cmp(id))
+                            .map_or(true, |at| instances[at].health != Health::Passing)
                     })
                     .copied()
                     .collect();

@@ -2,7 +2,7 @@
 //! checks, for every instance of one registry, on one task.
 
 use super::instance::{Health, HealthCheck, InstanceId};
-use super::memory::{Inner, MemoryRegistry};
+use super::memory::{Key, MemoryRegistry};
 use crate::random::{RandomSource, SplitMix64};
 use futures::future::AbortHandle;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -30,9 +30,9 @@ pub(crate) enum Job {
     Expire,
 }
 
-type Due = Reverse<(Instant, u64, InstanceId, Job)>;
+type Due = Reverse<(Instant, u64, Key, Job)>;
 /// A probe in flight; `None` when it was cancelled (its instance deregistered).
-type Probe = Pin<Box<dyn Future<Output = Option<(InstanceId, ProbeOutcome)>> + Send>>;
+type Probe = Pin<Box<dyn Future<Output = Option<(Key, ProbeOutcome)>> + Send>>;
 
 #[derive(Clone, Copy, Debug)]
 enum ProbeOutcome {
@@ -51,46 +51,59 @@ pub(crate) struct Checker {
     wake: Arc<Notify>,
     running: Arc<AtomicBool>,
     /// Probes in flight, by instance, so that deregistering cancels them.
-    in_flight: Mutex<HashMap<InstanceId, AbortHandle>>,
+    in_flight: Mutex<HashMap<InstanceId, (u64, AbortHandle)>>,
 }
 
 impl Checker {
-    /// Schedules `job` for instance `id` at `at`, starting the task if needed.
-    pub(crate) fn schedule(
-        &self,
-        registry: &MemoryRegistry,
-        at: Instant,
-        id: InstanceId,
-        job: Job,
-    ) {
+    /// Schedules `job` for the registration `key` at `at`, starting the task if needed.
+    pub(crate) fn schedule(&self, registry: &MemoryRegistry, at: Instant, key: Key, job: Job) {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         self.queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(Reverse((at, sequence, id, job)));
+            .push(Reverse((at, sequence, key, job)));
         self.wake.notify_one();
-        if !self.running.load(Ordering::Acquire) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                if !self.running.swap(true, Ordering::AcqRel) {
-                    let running = Running(self.running.clone());
-                    let (registry, wake) = (registry.downgrade(), self.wake.clone());
-                    runtime.spawn(async move {
-                        let _running = running;
-                        run(registry, wake).await;
-                    });
-                }
-            }
+        self.ensure_running(registry);
+    }
+
+    /// Starts the task on the current tokio runtime if it is not running (registrations made
+    /// outside a runtime start it from the next call inside one).
+    pub(crate) fn ensure_running(&self, registry: &MemoryRegistry) {
+        if self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.running.swap(true, Ordering::AcqRel) {
+            let running = Running(self.running.clone());
+            let (registry, wake) = (registry.downgrade(), self.wake.clone());
+            runtime.spawn(async move {
+                let _running = running;
+                run(registry, wake).await;
+            });
         }
     }
 
     /// Cancels the probe in flight for `id`, if any.
     pub(crate) fn cancel(&self, id: &InstanceId) {
-        if let Some(handle) = self.in_flight().remove(id) {
+        if let Some((_, handle)) = self.in_flight().remove(id) {
             handle.abort();
         }
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, AbortHandle>> {
+    /// Forgets the probe of `key` once it finished (not a newer registration's).
+    fn finished(&self, key: Key) {
+        let mut in_flight = self.in_flight();
+        if in_flight
+            .get(&key.id)
+            .is_some_and(|(g, _)| *g == key.generation)
+        {
+            in_flight.remove(&key.id);
+        }
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceId, (u64, AbortHandle)>> {
         self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -98,13 +111,13 @@ impl Checker {
     fn start_probe(
         &self,
         probes: &mut FuturesUnordered<Probe>,
-        id: InstanceId,
+        key: Key,
         probe: impl Future<Output = ProbeOutcome> + Send + 'static,
     ) {
         let (probe, handle) = futures::future::abortable(probe);
-        self.in_flight().insert(id, handle);
+        self.in_flight().insert(key.id, (key.generation, handle));
         probes.push(Box::pin(async move {
-            probe.await.ok().map(|outcome| (id, outcome))
+            probe.await.ok().map(|outcome| (key, outcome))
         }));
     }
 
@@ -112,12 +125,12 @@ impl Checker {
         self.wake.notify_one();
     }
 
-    fn pop_due(&self, now: Instant) -> Result<(InstanceId, Job), Option<Instant>> {
+    fn pop_due(&self, now: Instant) -> Result<(Key, Job), Option<Instant>> {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         match queue.peek() {
             Some(Reverse((at, _, _, _))) if *at <= now => {
-                let Reverse((_, _, id, job)) = queue.pop().expect("peeked");
-                Ok((id, job))
+                let Reverse((_, _, key, job)) = queue.pop().expect("peeked");
+                Ok((key, job))
             }
             Some(Reverse((at, ..))) => Err(Some(*at)),
             None => Err(None),
@@ -134,7 +147,7 @@ impl Drop for Running {
     }
 }
 
-async fn run(registry: Weak<Inner>, wake: Arc<Notify>) {
+async fn run(registry: Weak<super::memory::Inner>, wake: Arc<Notify>) {
     let mut probes: FuturesUnordered<Probe> = FuturesUnordered::new();
     let random = SplitMix64::from_entropy();
     loop {
@@ -145,8 +158,8 @@ async fn run(registry: Weak<Inner>, wake: Arc<Notify>) {
             let registry = MemoryRegistry::from_inner(inner);
             loop {
                 let now = Instant::now();
-                match registry_checker(&registry).pop_due(now) {
-                    Ok((id, job)) => run_job(&registry, id, job, now, &mut probes),
+                match registry.checker().pop_due(now) {
+                    Ok((key, job)) => run_job(&registry, key, job, now, &mut probes),
                     Err(next) => break next,
                 }
             }
@@ -163,38 +176,28 @@ async fn run(registry: Weak<Inner>, wake: Arc<Notify>) {
                 let Some(inner) = registry.upgrade() else {
                     return;
                 };
-                if let Some((id, outcome)) = finished {
+                if let Some((key, outcome)) = finished {
                     let registry = MemoryRegistry::from_inner(inner);
-                    registry.checker().in_flight().remove(&id);
-                    apply_probe(&registry, id, outcome, &random);
+                    registry.checker().finished(key);
+                    apply_probe(&registry, key, outcome, &random);
                 }
             }
         }
     }
 }
 
-fn registry_checker(registry: &MemoryRegistry) -> &Checker {
-    registry.checker()
-}
-
 fn run_job(
     registry: &MemoryRegistry,
-    id: InstanceId,
+    key: Key,
     job: Job,
     now: Instant,
     probes: &mut FuturesUnordered<Probe>,
 ) {
     let inner = registry.inner();
-    // What the entry says, read under the lock; acted on after it.
-    let Ok((check, deadline, critical_since, authority)) = inner.with_entry(&id, |_, entry| {
-        (
-            entry.instance.check.clone(),
-            entry.ttl_deadline,
-            entry.critical_since,
-            entry.instance.authority(),
-        )
+    let Some((check, authority)) = inner.read(key, |entry| {
+        (entry.instance.check.clone(), entry.instance.authority())
     }) else {
-        return; // deregistered: nothing more to do for it
+        return; // deregistered or replaced: nothing more to do for this registration
     };
     match (job, &check) {
         (
@@ -204,20 +207,27 @@ fn run_job(
                 deregister_after,
             },
         ) => {
-            let deadline = deadline.unwrap_or(now);
-            if deadline > now {
-                inner.checker.schedule(registry, deadline, id, Job::Ttl);
-                return;
-            }
-            if inner.set_health(&id, Health::Critical, "missed its heartbeat") {
-                if let Some(after) = deregister_after {
-                    inner
-                        .checker
-                        .schedule(registry, now + *after, id, Job::Expire);
+            // Decided under the lock a heartbeat takes, so a fresh heartbeat always wins.
+            let mut next = now + *ttl;
+            let after = inner.transition(key, |entry| match entry.ttl_deadline {
+                Some(deadline) if deadline > now => {
+                    next = deadline;
+                    None
                 }
+                _ => Some((Health::Critical, "missed its heartbeat")),
+            });
+            let Some((health, critical_since)) = after else {
+                return;
+            };
+            if let (Health::Critical, Some(after), Some(since)) =
+                (health, deregister_after, critical_since)
+            {
+                inner
+                    .checker
+                    .schedule(registry, since + *after, key, Job::Expire);
             }
-            // Look again one ttl later (a heartbeat revives it at once in any case).
-            inner.checker.schedule(registry, now + *ttl, id, Job::Ttl);
+            // While critical, look again one ttl later (a heartbeat revives it at once).
+            inner.checker.schedule(registry, next, key, Job::Ttl);
         }
         (
             Job::Expire,
@@ -225,22 +235,16 @@ fn run_job(
                 deregister_after: Some(after),
                 ..
             },
-        ) => match critical_since {
-            Some(since) if now >= since + *after => inner.expire(&id),
-            Some(since) => inner
-                .checker
-                .schedule(registry, since + *after, id, Job::Expire),
-            None => {}
-        },
+        ) => inner.expire(key, *after, now),
         (Job::Probe, HealthCheck::Tcp { timeout, .. }) => {
             if probes.len() >= MAX_PROBES_IN_FLIGHT {
                 inner
                     .checker
-                    .schedule(registry, now + Duration::from_millis(100), id, Job::Probe);
+                    .schedule(registry, now + Duration::from_millis(100), key, Job::Probe);
                 return;
             }
             let timeout = *timeout;
-            inner.checker.start_probe(probes, id, async move {
+            inner.checker.start_probe(probes, key, async move {
                 let connect = tokio::net::TcpStream::connect(authority);
                 match tokio::time::timeout(timeout, connect).await {
                     Ok(Ok(_)) => ProbeOutcome::Passed,
@@ -253,11 +257,11 @@ fn run_job(
             if probes.len() >= MAX_PROBES_IN_FLIGHT {
                 inner
                     .checker
-                    .schedule(registry, now + Duration::from_millis(100), id, Job::Probe);
+                    .schedule(registry, now + Duration::from_millis(100), key, Job::Probe);
                 return;
             }
             let (path, timeout) = (path.clone(), *timeout);
-            inner.checker.start_probe(probes, id, async move {
+            inner.checker.start_probe(probes, key, async move {
                 let get = super::http_check::get(&authority, &path);
                 // 2xx passing, 429 warning, anything else (or no answer) critical: as Consul.
                 match tokio::time::timeout(timeout, get).await {
@@ -271,15 +275,11 @@ fn run_job(
     }
 }
 
-fn apply_probe(
-    registry: &MemoryRegistry,
-    id: InstanceId,
-    outcome: ProbeOutcome,
-    random: &SplitMix64,
-) {
+fn apply_probe(registry: &MemoryRegistry, key: Key, outcome: ProbeOutcome, random: &SplitMix64) {
     let inner = registry.inner();
-    let Ok((next_health, interval)) = inner.with_entry(&id, |_, entry| {
-        let (interval, to_critical, to_passing) = match entry.instance.check {
+    let mut interval = None;
+    let applied = inner.transition(key, |entry| {
+        let (every, to_critical, to_passing) = match entry.instance.check {
             HealthCheck::Tcp {
                 interval,
                 failures_before_critical,
@@ -292,44 +292,33 @@ fn apply_probe(
                 successes_before_passing,
                 ..
             } => (interval, failures_before_critical, successes_before_passing),
-            _ => return (None, None),
+            _ => return None,
         };
-        let next = match outcome {
+        interval = Some(every);
+        match outcome {
             ProbeOutcome::Passed | ProbeOutcome::Warned => {
                 entry.successes = entry.successes.saturating_add(1);
                 entry.failures = 0;
-                let healthy = if matches!(outcome, ProbeOutcome::Warned) {
-                    Health::Warning
-                } else {
-                    Health::Passing
-                };
                 let ready = entry.successes >= to_passing
                     || matches!(entry.instance.health, Health::Passing | Health::Warning);
+                let healthy = match outcome {
+                    ProbeOutcome::Warned => (Health::Warning, "check warned"),
+                    _ => (Health::Passing, "check passed"),
+                };
                 ready.then_some(healthy)
             }
             ProbeOutcome::Failed => {
                 entry.failures = entry.failures.saturating_add(1);
                 entry.successes = 0;
-                (entry.failures >= to_critical).then_some(Health::Critical)
+                (entry.failures >= to_critical).then_some((Health::Critical, "check failed"))
             }
-        };
-        (next, Some(interval))
-    }) else {
-        return; // deregistered while the probe ran
-    };
-    if let Some(health) = next_health {
-        let why = match outcome {
-            ProbeOutcome::Passed => "check passed",
-            ProbeOutcome::Warned => "check warned",
-            ProbeOutcome::Failed => "check failed",
-        };
-        inner.set_health(&id, health, why);
-    }
-    if let Some(interval) = interval {
+        }
+    });
+    if let (Some(_), Some(interval)) = (applied, interval) {
         // Up to 10 % either way, so instances registered together do not probe together.
         let jitter = interval.mul_f64(0.2 * random.next_f64());
         let next = Instant::now() + interval.mul_f64(0.9) + jitter;
-        inner.checker.schedule(registry, next, id, Job::Probe);
+        inner.checker.schedule(registry, next, key, Job::Probe);
     }
 }
 
@@ -341,13 +330,14 @@ mod tests {
     async fn cancelling_an_instance_drops_its_probe_in_flight() {
         let checker = Checker::default();
         let mut probes: FuturesUnordered<Probe> = FuturesUnordered::new();
+        let key = |id| Key { id, generation: 1 };
         let (kept, cancelled) = (InstanceId::new(), InstanceId::new());
-        checker.start_probe(&mut probes, cancelled, std::future::pending());
-        checker.start_probe(&mut probes, kept, async { ProbeOutcome::Passed });
+        checker.start_probe(&mut probes, key(cancelled), std::future::pending());
+        checker.start_probe(&mut probes, key(kept), async { ProbeOutcome::Passed });
         checker.cancel(&cancelled);
         let mut finished = Vec::new();
         while let Some(result) = probes.next().await {
-            finished.push(result.map(|(id, _)| id));
+            finished.push(result.map(|(key, _)| key.id));
         }
         assert_eq!(
             finished.len(),

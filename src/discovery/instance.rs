@@ -46,7 +46,8 @@ impl fmt::Display for InstanceId {
 pub enum Health {
     /// Serving: balancers send it traffic.
     Passing,
-    /// Serving but degraded (an HTTP check answered 429).
+    /// Degraded (an HTTP check answered 429): still registered and readable, but
+    /// [`discover`](super::discover) sends it no new traffic until it passes again.
     Warning,
     /// Not serving: failed its check, or missed its heartbeat.
     Critical,
@@ -185,10 +186,13 @@ impl HealthCheck {
                 )
                 .map_err(at)?;
                 if let Self::Http { path, .. } = self {
+                    // Characters a request target may carry as they are (RFC 3986 unreserved,
+                    // sub-delims, ':', '@', '/', '?', '%'): anything else would fail every probe.
+                    let allowed =
+                        |c: char| c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/?%".contains(c);
                     let plain = path.starts_with('/')
                         && !path.starts_with("//")
-                        && !path.contains(['\\', ' ', '#'])
-                        && !path.chars().any(char::is_control)
+                        && path.chars().all(allowed)
                         && path.len() <= 1024;
                     if !plain {
                         return Err(ConfigError::new(
@@ -286,11 +290,6 @@ impl Instance {
             Ok(IpAddr::V6(ip)) => format!("[{ip}]:{}", self.port),
             _ => format!("{}:{}", self.host, self.port),
         }
-    }
-
-    /// Whether the instance should get traffic (`Passing` or `Warning`).
-    pub fn is_serving(&self) -> bool {
-        matches!(self.health, Health::Passing | Health::Warning)
     }
 
     /// Checks every field, returning the first invalid one.

@@ -71,6 +71,9 @@ struct Service {
 
 /// An instance and what the registry tracks about it.
 pub(crate) struct Entry {
+    /// The revision that registered it: jobs, probes and guards of an earlier registration of
+    /// the same id carry another, and are ignored.
+    pub(crate) generation: u64,
     pub(crate) instance: Arc<Instance>,
     /// A TTL instance is critical once this passes without a heartbeat.
     pub(crate) ttl_deadline: Option<Instant>,
@@ -152,11 +155,13 @@ impl MemoryRegistry {
         let id = instance.id;
         let now = Instant::now();
         let check = instance.check.clone();
-        {
+        let starts_critical = instance.health == Health::Critical;
+        let generation = {
             let mut state = self.inner.state();
             if let Some(old) = state.index.get(&id).cloned() {
-                // Re-registering an id moves it: drop the old entry first.
+                // Re-registering an id replaces it: the old entry, its jobs and its probe go.
                 state.remove(&old, &id, "replaced");
+                self.inner.checker.cancel(&id);
             }
             state.revision += 1;
             let revision = state.revision;
@@ -171,14 +176,14 @@ impl MemoryRegistry {
                 HealthCheck::Ttl { ttl, .. } => Some(now + ttl),
                 _ => None,
             };
-            let critical_since = (instance.health == Health::Critical).then_some(now);
             let instance = Arc::new(instance);
             service.entries.insert(
                 id,
                 Entry {
+                    generation: revision,
                     instance: instance.clone(),
                     ttl_deadline,
-                    critical_since,
+                    critical_since: starts_critical.then_some(now),
                     successes: 0,
                     failures: 0,
                 },
@@ -186,53 +191,72 @@ impl MemoryRegistry {
             service.rebuild(revision);
             let _ = service.updates.send(Update::Upsert { revision, instance });
             tracing::info!(service = &*name, instance = %id, revision, "instance registered");
-        }
+            revision
+        };
+        let key = Key { id, generation };
+        let checker = &self.inner.checker;
         match check {
             HealthCheck::None => {}
-            HealthCheck::Ttl { ttl, .. } => {
-                self.inner.checker.schedule(self, now + ttl, id, Job::Ttl)
+            HealthCheck::Ttl {
+                ttl,
+                deregister_after,
+            } => {
+                checker.schedule(self, now + ttl, key, Job::Ttl);
+                if let (true, Some(after)) = (starts_critical, deregister_after) {
+                    checker.schedule(self, now + after, key, Job::Expire);
+                }
             }
             HealthCheck::Tcp { .. } | HealthCheck::Http { .. } => {
-                self.inner.checker.schedule(self, now, id, Job::Probe)
+                checker.schedule(self, now, key, Job::Probe)
             }
         }
         let registry = Arc::downgrade(&self.inner);
-        Ok(Registration::new(id, move |id| {
+        Ok(Registration::new(id, move |_| {
             if let Some(inner) = registry.upgrade() {
-                let _ = MemoryRegistry::from_inner(inner).deregister_now(&id);
+                inner.remove(key, "deregistered");
             }
         }))
     }
 
     fn deregister_now(&self, id: &InstanceId) -> Result<(), RegistryError> {
-        let mut state = self.inner.state();
-        let service = state
-            .index
-            .get(id)
-            .cloned()
-            .ok_or(RegistryError::NotFound(*id))?;
-        state.remove(&service, id, "deregistered");
-        drop(state);
-        self.inner.checker.cancel(id);
+        let generation = self.inner.generation_of(id)?;
+        self.inner.remove(
+            Key {
+                id: *id,
+                generation,
+            },
+            "deregistered",
+        );
         Ok(())
     }
 
     fn heartbeat_now(&self, id: &InstanceId) -> Result<(), RegistryError> {
         let now = Instant::now();
-        let revive = self.inner.with_entry(id, |_, entry| {
-            let HealthCheck::Ttl { ttl, .. } = entry.instance.check else {
-                return Err(RegistryError::NotTtl(*id));
-            };
-            entry.ttl_deadline = Some(now + ttl);
-            Ok(entry.instance.health != Health::Passing)
-        })??;
-        if revive {
-            self.inner.set_health(id, Health::Passing, "heartbeat");
+        let generation = self.inner.generation_of(id)?;
+        let mut not_ttl = false;
+        self.inner.transition(
+            Key {
+                id: *id,
+                generation,
+            },
+            |entry| {
+                let HealthCheck::Ttl { ttl, .. } = entry.instance.check else {
+                    not_ttl = true;
+                    return None;
+                };
+                entry.ttl_deadline = Some(now + ttl);
+                Some((Health::Passing, "heartbeat"))
+            },
+        );
+        if not_ttl {
+            return Err(RegistryError::NotTtl(*id));
         }
+        self.inner.checker.ensure_running(self);
         Ok(())
     }
 
     fn watch_now(&self, service: &str) -> Watch {
+        self.inner.checker.ensure_running(self);
         let registry = Arc::downgrade(&self.inner);
         let service: Arc<str> = Arc::from(service);
         let stream = futures::stream::unfold(
@@ -293,6 +317,13 @@ impl Inner {
 
     fn subscribe(&self, service: &str) -> (Snapshot, broadcast::Receiver<Update>) {
         let mut state = self.state();
+        if !state.services.contains_key(service) {
+            // Watches of services that do not exist keep an entry only while watched, so
+            // watching arbitrary names cannot grow the registry.
+            state
+                .services
+                .retain(|_, s| s.exists || s.updates.receiver_count() > 0);
+        }
         let revision = state.revision;
         let name: Arc<str> = Arc::from(service);
         let service = state
@@ -302,64 +333,113 @@ impl Inner {
         (service.snapshot.clone(), service.updates.subscribe())
     }
 
-    /// Runs `f` on an instance's entry under the lock.
-    pub(crate) fn with_entry<R>(
-        &self,
-        id: &InstanceId,
-        f: impl FnOnce(u64, &mut Entry) -> R,
-    ) -> Result<R, RegistryError> {
-        let mut state = self.state();
-        let revision = state.revision;
-        let service = state
-            .index
-            .get(id)
-            .cloned()
-            .ok_or(RegistryError::NotFound(*id))?;
-        let entry = state
+    /// The generation of the entry registered under `id` now.
+    fn generation_of(&self, id: &InstanceId) -> Result<u64, RegistryError> {
+        let state = self.state();
+        let service = state.index.get(id).ok_or(RegistryError::NotFound(*id))?;
+        state
             .services
-            .get_mut(&service)
-            .and_then(|s| s.entries.get_mut(id))
-            .ok_or(RegistryError::NotFound(*id))?;
-        Ok(f(revision, entry))
+            .get(service)
+            .and_then(|s| s.entries.get(id))
+            .map(|entry| entry.generation)
+            .ok_or(RegistryError::NotFound(*id))
     }
 
-    /// Sets an instance's health (if it changed), with a new revision and an `Upsert`.
-    pub(crate) fn set_health(&self, id: &InstanceId, health: Health, why: &str) -> bool {
+    /// Reads the entry `key` names (`None` if it was removed or replaced).
+    pub(crate) fn read<R>(&self, key: Key, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        let state = self.state();
+        let service = state.index.get(&key.id)?;
+        let entry = state.services.get(service)?.entries.get(&key.id)?;
+        (entry.generation == key.generation).then(|| f(entry))
+    }
+
+    /// Decides and applies a change to the entry `key` names, under one lock: `decide` may
+    /// update the entry's bookkeeping and returns the health it should have (and why). A
+    /// change of health bumps the revision and is sent to watchers. Returns the entry's
+    /// health and `critical_since` afterwards (`None` if the entry is gone or replaced).
+    pub(crate) fn transition(
+        &self,
+        key: Key,
+        decide: impl FnOnce(&mut Entry) -> Option<(Health, &'static str)>,
+    ) -> Option<(Health, Option<Instant>)> {
         let mut state = self.state();
-        let Some(service) = state.index.get(id).cloned() else {
-            return false;
-        };
-        let now = Instant::now();
+        let service = state.index.get(&key.id)?.clone();
         let revision = state.revision + 1;
-        let Some(svc) = state.services.get_mut(&service) else {
-            return false;
-        };
-        let Some(entry) = svc.entries.get_mut(id) else {
-            return false;
-        };
-        let from = entry.instance.health;
-        if from == health {
-            return false;
+        let svc = state.services.get_mut(&service)?;
+        let entry = svc.entries.get_mut(&key.id)?;
+        if entry.generation != key.generation {
+            return None;
         }
-        Arc::make_mut(&mut entry.instance).health = health;
-        entry.critical_since = (health == Health::Critical).then_some(now);
+        let from = entry.instance.health;
+        let Some((to, why)) = decide(entry).filter(|(to, _)| *to != from) else {
+            return Some((from, entry.critical_since));
+        };
+        Arc::make_mut(&mut entry.instance).health = to;
+        entry.critical_since = (to == Health::Critical).then(Instant::now);
+        let after = (to, entry.critical_since);
         let instance = entry.instance.clone();
         svc.rebuild(revision);
         let _ = svc.updates.send(Update::Upsert { revision, instance });
         state.revision = revision;
-        tracing::info!(service = &*service, instance = %id, %from, to = %health, reason = why, revision, "instance health changed");
-        true
+        tracing::info!(service = &*service, instance = %key.id, %from, %to, reason = why, revision, "instance health changed");
+        Some(after)
     }
 
-    /// Removes an instance (if still there) because it stayed critical too long.
-    pub(crate) fn expire(&self, id: &InstanceId) {
+    /// Removes the entry `key` names (if it is still that registration) and cancels its
+    /// probe.
+    pub(crate) fn remove(&self, key: Key, why: &str) {
         let mut state = self.state();
-        if let Some(service) = state.index.get(id).cloned() {
-            state.remove(&service, id, "expired after deregister_after");
+        let current = state.index.get(&key.id).cloned().filter(|service| {
+            state
+                .services
+                .get(service)
+                .and_then(|s| s.entries.get(&key.id))
+                .is_some_and(|entry| entry.generation == key.generation)
+        });
+        if let Some(service) = current {
+            state.remove(&service, &key.id, why);
+            // Under the state lock, so a re-registration cannot slip in between.
+            self.checker.cancel(&key.id);
         }
-        drop(state);
-        self.checker.cancel(id);
     }
+
+    /// Removes the entry `key` names if it has been critical for `after` by `now`.
+    pub(crate) fn expire(&self, key: Key, after: std::time::Duration, now: Instant) {
+        let due = self
+            .read(key, |entry| {
+                entry
+                    .critical_since
+                    .is_some_and(|since| now >= since + after)
+            })
+            .unwrap_or(false);
+        if due {
+            let mut state = self.state();
+            // Checked again under the lock that removes: a heartbeat may have just revived it.
+            let still = state.index.get(&key.id).cloned().filter(|service| {
+                state
+                    .services
+                    .get(service)
+                    .and_then(|s| s.entries.get(&key.id))
+                    .is_some_and(|entry| {
+                        entry.generation == key.generation
+                            && entry
+                                .critical_since
+                                .is_some_and(|since| now >= since + after)
+                    })
+            });
+            if let Some(service) = still {
+                state.remove(&service, &key.id, "expired after deregister_after");
+                self.checker.cancel(&key.id);
+            }
+        }
+    }
+}
+
+/// One registration of an instance: its id and the revision that registered it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Key {
+    pub(crate) id: InstanceId,
+    pub(crate) generation: u64,
 }
 
 impl State {

@@ -202,11 +202,6 @@ impl Filter {
         self
     }
 
-    /// Only instances that should get traffic (`Passing` or `Warning`).
-    pub fn serving() -> Self {
-        Self::new().health(&[Health::Passing, Health::Warning])
-    }
-
     /// Whether `instance` passes.
     pub fn accepts(&self, instance: &Instance) -> bool {
         self.tags.iter().all(|tag| instance.tags.contains(tag))

@@ -12,10 +12,9 @@ fn instance(service: &str, host: &str, port: u16) -> Instance {
     Instance::builder(service, host, port).build().unwrap()
 }
 
-fn ttl(secs: u64, deregister_after: Option<u64>) -> HealthCheck {
+fn ttl(secs: u64) -> HealthCheck {
     HealthCheck::Ttl {
         ttl: Duration::from_secs(secs),
-        deregister_after: deregister_after.map(Duration::from_secs),
     }
 }
 
@@ -142,7 +141,7 @@ async fn ttl_instances_turn_critical_without_heartbeats_and_recover_with_one() {
     let users = registry
         .register(
             Instance::builder("users", "10.0.0.1", 80)
-                .check(ttl(10, None))
+                .check(ttl(10))
                 .build()
                 .unwrap(),
         )
@@ -170,7 +169,8 @@ async fn critical_instances_are_removed_after_deregister_after() {
     let users = registry
         .register(
             Instance::builder("users", "10.0.0.1", 80)
-                .check(ttl(5, Some(30)))
+                .check(ttl(5))
+                .deregister_after(Duration::from_secs(30))
                 .build()
                 .unwrap(),
         )
@@ -351,7 +351,7 @@ async fn discover_yields_only_passing_instances() {
     let users = registry
         .register(
             Instance::builder("users", "10.0.0.1", 80)
-                .check(ttl(5, None))
+                .check(ttl(5))
                 .build()
                 .unwrap(),
         )
@@ -398,7 +398,8 @@ async fn an_instance_registered_critical_is_still_removed_after_deregister_after
     let users = registry
         .register(
             Instance::builder("users", "10.0.0.1", 80)
-                .check(ttl(5, Some(10)))
+                .check(ttl(5))
+                .deregister_after(Duration::from_secs(10))
                 .health(Health::Critical)
                 .build()
                 .unwrap(),
@@ -418,4 +419,42 @@ async fn watching_names_that_do_not_exist_does_not_grow_the_registry() {
     }
     let description = format!("{registry:?}");
     assert!(description.contains("services: 1,"), "{description}");
+}
+
+#[tokio::test]
+async fn an_actively_checked_instance_critical_for_deregister_after_is_removed() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let registry = MemoryRegistry::new();
+    let check = HealthCheck::Tcp {
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(100),
+        failures_before_critical: 1,
+        successes_before_passing: 1,
+    };
+    let mut watch = registry.watch("users");
+    let users = registry
+        .register(
+            Instance::builder("users", "127.0.0.1", port)
+                .check(check)
+                .deregister_after(Duration::from_secs(1))
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let removed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(update) = watch.next().await {
+            if let Update::Remove { id, .. } = update {
+                return id;
+            }
+        }
+        panic!("the watch ended")
+    })
+    .await
+    .expect("removed within 5 s");
+    assert_eq!(removed, users.id());
+    users.forget();
 }

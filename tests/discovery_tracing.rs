@@ -23,12 +23,12 @@ fn registrations_health_changes_expiry_and_removals_are_traced() {
             let registry = MemoryRegistry::new();
             let check = HealthCheck::Ttl {
                 ttl: Duration::from_secs(5),
-                deregister_after: Some(Duration::from_secs(10)),
             };
             let expiring = registry
                 .register(
                     Instance::builder("users", "10.0.0.1", 80)
                         .check(check)
+                        .deregister_after(Duration::from_secs(10))
                         .build()
                         .unwrap(),
                 )

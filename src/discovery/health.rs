@@ -194,19 +194,22 @@ fn run_job(
     probes: &mut FuturesUnordered<Probe>,
 ) {
     let inner = registry.inner();
-    let Some((check, authority)) = inner.read(key, |entry| {
-        (entry.instance.check.clone(), entry.instance.authority())
+    let Some((check, deregister_after, authority)) = inner.read(key, |entry| {
+        (
+            entry.instance.check.clone(),
+            entry.instance.deregister_after,
+            entry.instance.authority(),
+        )
     }) else {
         return; // deregistered or replaced: nothing more to do for this registration
     };
     match (job, &check) {
-        (
-            Job::Ttl,
-            HealthCheck::Ttl {
-                ttl,
-                deregister_after,
-            },
-        ) => {
+        (Job::Expire, _) => {
+            if let Some(after) = deregister_after {
+                inner.expire(key, after, now);
+            }
+        }
+        (Job::Ttl, HealthCheck::Ttl { ttl }) => {
             // Decided under the lock a heartbeat takes, so a fresh heartbeat always wins.
             let mut next = now + *ttl;
             let after = inner.transition(key, |entry| match entry.ttl_deadline {
@@ -224,18 +227,11 @@ fn run_job(
             {
                 inner
                     .checker
-                    .schedule(registry, since + *after, key, Job::Expire);
+                    .schedule(registry, since + after, key, Job::Expire);
             }
             // While critical, look again one ttl later (a heartbeat revives it at once).
             inner.checker.schedule(registry, next, key, Job::Ttl);
         }
-        (
-            Job::Expire,
-            HealthCheck::Ttl {
-                deregister_after: Some(after),
-                ..
-            },
-        ) => inner.expire(key, *after, now),
         (Job::Probe, HealthCheck::Tcp { timeout, .. }) => {
             if probes.len() >= MAX_PROBES_IN_FLIGHT {
                 inner
@@ -314,6 +310,14 @@ fn apply_probe(registry: &MemoryRegistry, key: Key, outcome: ProbeOutcome, rando
             }
         }
     });
+    let deregister_after = inner
+        .read(key, |entry| entry.instance.deregister_after)
+        .flatten();
+    if let (Some((Health::Critical, Some(since))), Some(after)) = (applied, deregister_after) {
+        inner
+            .checker
+            .schedule(registry, since + after, key, Job::Expire);
+    }
     if let (Some(_), Some(interval)) = (applied, interval) {
         // Up to 10 % either way, so instances registered together do not probe together.
         let jitter = interval.mul_f64(0.2 * random.next_f64());

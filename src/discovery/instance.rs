@@ -79,15 +79,12 @@ pub enum HealthCheck {
     #[default]
     None,
     /// The instance proves it is alive with [`heartbeat`](super::Registry::heartbeat)s; one
-    /// that misses a heartbeat for `ttl` turns `Critical`, and is removed once it has been
-    /// critical for `deregister_after` (if set).
+    /// that misses a heartbeat for `ttl` turns `Critical` (and is removed once it has been
+    /// critical for the instance's `deregister_after`, if set).
     Ttl {
         /// How long a heartbeat keeps the instance passing, in `[1s, 1day]`.
         #[serde(with = "crate::duration")]
         ttl: Duration,
-        /// Remove the instance after this long critical, in `[1s, 1day]`. Default never.
-        #[serde(default, with = "crate::duration::option")]
-        deregister_after: Option<Duration>,
     },
     /// Connect to the instance's own `host:port`.
     Tcp {
@@ -143,16 +140,8 @@ impl HealthCheck {
         let at = |e: ConfigError| e.at("check");
         match self {
             Self::None => Ok(()),
-            Self::Ttl {
-                ttl,
-                deregister_after,
-            } => {
-                duration_in_range("ttl", *ttl, Duration::from_secs(1), ONE_DAY).map_err(at)?;
-                if let Some(after) = deregister_after {
-                    duration_in_range("deregister_after", *after, Duration::from_secs(1), ONE_DAY)
-                        .map_err(at)?;
-                }
-                Ok(())
+            Self::Ttl { ttl } => {
+                duration_in_range("ttl", *ttl, Duration::from_secs(1), ONE_DAY).map_err(at)
             }
             Self::Tcp {
                 interval,
@@ -220,7 +209,8 @@ impl HealthCheck {
 ///     .metadata("version", "2.4.1")
 ///     .zone("eu-west-1a")
 ///     .weight(3)
-///     .check(HealthCheck::Ttl { ttl: Duration::from_secs(10), deregister_after: None })
+///     .check(HealthCheck::Ttl { ttl: Duration::from_secs(10) })
+///     .deregister_after(Duration::from_secs(60))
 ///     .build()?;
 /// assert_eq!(instance.health, Health::Passing);
 /// assert_eq!(instance.authority(), "10.0.0.7:8080");
@@ -255,6 +245,10 @@ pub struct Instance {
     /// How the registry learns its health.
     #[serde(default)]
     pub check: HealthCheck,
+    /// Remove the instance once it has been `Critical` this long (as Consul's
+    /// `DeregisterCriticalServiceAfter`), in `[1s, 1day]`. Default never.
+    #[serde(default, with = "crate::duration::option")]
+    pub deregister_after: Option<Duration>,
     /// Its current health.
     #[serde(default)]
     pub health: Health,
@@ -278,6 +272,7 @@ impl Instance {
                 weight: 1,
                 zone: None,
                 check: HealthCheck::None,
+                deregister_after: None,
                 health: Health::Unknown,
             },
             health: None,
@@ -333,6 +328,9 @@ impl Instance {
             ));
         }
         int_in_range("weight", self.weight, 1, 10_000)?;
+        if let Some(after) = self.deregister_after {
+            duration_in_range("deregister_after", after, Duration::from_secs(1), ONE_DAY)?;
+        }
         if let Some(zone) = &self.zone {
             if zone.is_empty() || zone.len() > 128 {
                 return Err(ConfigError::new(
@@ -426,6 +424,12 @@ impl InstanceBuilder {
         self
     }
 
+    /// Removes the instance once it has been critical this long.
+    pub fn deregister_after(mut self, after: Duration) -> Self {
+        self.instance.deregister_after = Some(after);
+        self
+    }
+
     /// Starts with this health instead of the check's initial one.
     pub fn health(mut self, health: Health) -> Self {
         self.health = Some(health);
@@ -510,8 +514,8 @@ mod tests {
             .tag("v2")
             .check(HealthCheck::Ttl {
                 ttl: Duration::from_secs(10),
-                deregister_after: Some(Duration::from_secs(60)),
             })
+            .deregister_after(Duration::from_secs(60))
             .build()
             .unwrap();
         let text = serde_json::to_string(&instance).unwrap();

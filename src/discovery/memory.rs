@@ -156,6 +156,7 @@ impl MemoryRegistry {
         let now = Instant::now();
         let check = instance.check.clone();
         let starts_critical = instance.health == Health::Critical;
+        let deregister_after = instance.deregister_after;
         let generation = {
             let mut state = self.inner.state();
             if let Some(old) = state.index.get(&id).cloned() {
@@ -197,18 +198,13 @@ impl MemoryRegistry {
         let checker = &self.inner.checker;
         match check {
             HealthCheck::None => {}
-            HealthCheck::Ttl {
-                ttl,
-                deregister_after,
-            } => {
-                checker.schedule(self, now + ttl, key, Job::Ttl);
-                if let (true, Some(after)) = (starts_critical, deregister_after) {
-                    checker.schedule(self, now + after, key, Job::Expire);
-                }
-            }
+            HealthCheck::Ttl { ttl } => checker.schedule(self, now + ttl, key, Job::Ttl),
             HealthCheck::Tcp { .. } | HealthCheck::Http { .. } => {
                 checker.schedule(self, now, key, Job::Probe)
             }
+        }
+        if let (true, Some(after)) = (starts_critical, deregister_after) {
+            checker.schedule(self, now + after, key, Job::Expire);
         }
         let registry = Arc::downgrade(&self.inner);
         Ok(Registration::new(id, move |_| {

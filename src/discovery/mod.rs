@@ -8,7 +8,7 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let registry = MemoryRegistry::new();
-//! let check = HealthCheck::Ttl { ttl: Duration::from_secs(10), deregister_after: None };
+//! let check = HealthCheck::Ttl { ttl: Duration::from_secs(10) };
 //! let users = registry
 //!     .register(Instance::builder("users", "10.0.0.7", 8080).check(check).build()?)
 //!     .await?;
@@ -33,9 +33,10 @@
 //! ## Health
 //!
 //! An instance's [`HealthCheck`]: none (passing while registered), a TTL kept alive by
-//! heartbeats (a missed one turns it `Critical`, and `deregister_after` removes it), or an
+//! heartbeats (a missed one turns it `Critical`), or an
 //! active TCP connect (or HTTP GET, with the `http` feature) to the instance's own address,
-//! with thresholds of consecutive failures and successes. One background task per registry
+//! with thresholds of consecutive failures and successes. An instance critical for its
+//! `deregister_after` is removed, whatever its check. One background task per registry
 //! runs every check; at most 64 probes are in flight at once.
 //!
 //! ## Balancing

@@ -458,3 +458,41 @@ async fn an_actively_checked_instance_critical_for_deregister_after_is_removed()
     assert_eq!(removed, users.id());
     users.forget();
 }
+
+#[tokio::test(start_paused = true)]
+async fn discover_drives_p2c_over_tower_test_mocks() {
+    use tower_test::mock;
+    let registry = MemoryRegistry::new();
+    let a = registry
+        .register(instance("users", "10.0.0.1", 80))
+        .await
+        .unwrap();
+    let _b = registry
+        .register(instance("users", "10.0.0.2", 80))
+        .await
+        .unwrap();
+    // Each endpoint is a tower-test mock answered by a task that replies with its host.
+    let endpoints = discover(&registry, "users", |instance: &Instance| {
+        let (service, mut handle) = mock::pair::<(), String>();
+        let host = instance.host.clone();
+        tokio::spawn(async move {
+            while let Some(((), respond)) = handle.next_request().await {
+                respond.send_response(host.clone());
+            }
+        });
+        tower::load::Constant::new(service, 0usize)
+    });
+    let mut balance = tower::balance::p2c::Balance::new(endpoints);
+    let mut hosts = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        hosts.insert(balance.ready().await.unwrap().call(()).await.unwrap());
+    }
+    assert_eq!(hosts.len(), 2, "{hosts:?}");
+    a.deregister().await;
+    for _ in 0..40 {
+        assert_eq!(
+            balance.ready().await.unwrap().call(()).await.unwrap(),
+            "10.0.0.2"
+        );
+    }
+}

@@ -12,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::{sleep_until, Instant};
 
@@ -148,7 +147,7 @@ impl Drop for Running {
 }
 
 async fn run(registry: Weak<super::memory::Inner>, wake: Arc<Notify>) {
-    let mut probes: FuturesUnordered<Probe> = FuturesUnordered::new();
+    let mut probes = Probes::default();
     let random = SplitMix64::from_entropy();
     loop {
         let next = {
@@ -172,27 +171,48 @@ async fn run(registry: Weak<super::memory::Inner>, wake: Arc<Notify>) {
                 }
             } => {}
             () = wake.notified() => {}
-            Some(finished) = probes.next(), if !probes.is_empty() => {
+            Some(finished) = probes.running.next(), if !probes.running.is_empty() => {
                 let Some(inner) = registry.upgrade() else {
                     return;
                 };
+                let registry = MemoryRegistry::from_inner(inner);
                 if let Some((key, outcome)) = finished {
-                    let registry = MemoryRegistry::from_inner(inner);
                     registry.checker().finished(key);
                     apply_probe(&registry, key, outcome, &random);
+                }
+                // A slot is free: start the longest-waiting probe still registered.
+                while let Some(key) = probes.waiting.pop_front() {
+                    let before = probes.running.len();
+                    run_job(&registry, key, Job::Probe, Instant::now(), &mut probes);
+                    if probes.running.len() > before {
+                        break;
+                    }
                 }
             }
         }
     }
 }
 
-fn run_job(
-    registry: &MemoryRegistry,
-    key: Key,
-    job: Job,
-    now: Instant,
-    probes: &mut FuturesUnordered<Probe>,
-) {
+/// Probes in flight (at most [`MAX_PROBES_IN_FLIGHT`]) and, in order, those due meanwhile.
+#[derive(Default)]
+struct Probes {
+    running: FuturesUnordered<Probe>,
+    waiting: std::collections::VecDeque<Key>,
+}
+
+impl Probes {
+    /// Whether a probe can start now; if not, `key` waits for a free slot.
+    fn admit(&mut self, key: Key) -> bool {
+        if self.running.len() < MAX_PROBES_IN_FLIGHT {
+            true
+        } else {
+            self.waiting.push_back(key);
+            false
+        }
+    }
+}
+
+fn run_job(registry: &MemoryRegistry, key: Key, job: Job, now: Instant, probes: &mut Probes) {
     let inner = registry.inner();
     let Some((check, deregister_after, authority)) = inner.read(key, |entry| {
         (
@@ -233,39 +253,37 @@ fn run_job(
             inner.checker.schedule(registry, next, key, Job::Ttl);
         }
         (Job::Probe, HealthCheck::Tcp { timeout, .. }) => {
-            if probes.len() >= MAX_PROBES_IN_FLIGHT {
-                inner
-                    .checker
-                    .schedule(registry, now + Duration::from_millis(100), key, Job::Probe);
+            if !probes.admit(key) {
                 return;
             }
             let timeout = *timeout;
-            inner.checker.start_probe(probes, key, async move {
-                let connect = tokio::net::TcpStream::connect(authority);
-                match tokio::time::timeout(timeout, connect).await {
-                    Ok(Ok(_)) => ProbeOutcome::Passed,
-                    _ => ProbeOutcome::Failed,
-                }
-            });
+            inner
+                .checker
+                .start_probe(&mut probes.running, key, async move {
+                    let connect = tokio::net::TcpStream::connect(authority);
+                    match tokio::time::timeout(timeout, connect).await {
+                        Ok(Ok(_)) => ProbeOutcome::Passed,
+                        _ => ProbeOutcome::Failed,
+                    }
+                });
         }
         #[cfg(feature = "http")]
         (Job::Probe, HealthCheck::Http { path, timeout, .. }) => {
-            if probes.len() >= MAX_PROBES_IN_FLIGHT {
-                inner
-                    .checker
-                    .schedule(registry, now + Duration::from_millis(100), key, Job::Probe);
+            if !probes.admit(key) {
                 return;
             }
             let (path, timeout) = (path.clone(), *timeout);
-            inner.checker.start_probe(probes, key, async move {
-                let get = super::http_check::get(&authority, &path);
-                // 2xx passing, 429 warning, anything else (or no answer) critical: as Consul.
-                match tokio::time::timeout(timeout, get).await {
-                    Ok(Ok(status)) if (200..300).contains(&status) => ProbeOutcome::Passed,
-                    Ok(Ok(429)) => ProbeOutcome::Warned,
-                    _ => ProbeOutcome::Failed,
-                }
-            });
+            inner
+                .checker
+                .start_probe(&mut probes.running, key, async move {
+                    let get = super::http_check::get(&authority, &path);
+                    // 2xx passing, 429 warning, anything else (or no answer) critical: as Consul.
+                    match tokio::time::timeout(timeout, get).await {
+                        Ok(Ok(status)) if (200..300).contains(&status) => ProbeOutcome::Passed,
+                        Ok(Ok(429)) => ProbeOutcome::Warned,
+                        _ => ProbeOutcome::Failed,
+                    }
+                });
         }
         _ => {}
     }

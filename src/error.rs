@@ -48,7 +48,7 @@ where
 /// Resilience layers ignore these by default: an open breaker lower in the stack must not
 /// count as a failure in the breaker above it, nor be retried.
 pub fn is_rejection(err: &(dyn Error + 'static)) -> bool {
-    is::<crate::breaker::CircuitOpen>(err)
+    is::<crate::breaker::CircuitOpen>(err) || is::<crate::balance::NoEndpoints>(err)
 }
 
 /// [`is_rejection`] for an error of any type: recognises meshkit's rejections when `err` is a
@@ -70,7 +70,7 @@ pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
     if let Some(io) = any.downcast_ref::<std::io::Error>() {
         return io.get_ref().is_some_and(|inner| is_rejection(inner));
     }
-    any.is::<crate::breaker::CircuitOpen>()
+    any.is::<crate::breaker::CircuitOpen>() || any.is::<crate::balance::NoEndpoints>()
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod backoff;
+pub mod balance;
 pub mod breaker;
 pub mod classify;
 pub mod config;

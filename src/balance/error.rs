@@ -1,0 +1,52 @@
+//! [`NoEndpoints`]: the balancer had nothing to send a request to.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// No endpoint was ready for the balancer's `failfast_after`, so the call failed at once
+/// instead of waiting. Calls resume as soon as an endpoint is ready again.
+///
+/// A meshkit rejection: retry layers do not retry it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NoEndpoints {
+    service: Arc<str>,
+    known: usize,
+    ready: usize,
+}
+
+impl NoEndpoints {
+    pub(crate) fn new(service: Arc<str>, known: usize, ready: usize) -> Self {
+        Self {
+            service,
+            known,
+            ready,
+        }
+    }
+
+    /// The balanced service's name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// Endpoints discovered.
+    pub fn known(&self) -> usize {
+        self.known
+    }
+
+    /// Endpoints ready (zero, or the balancer would have used one).
+    pub fn ready(&self) -> usize {
+        self.ready
+    }
+}
+
+impl fmt::Display for NoEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no endpoint of {} is ready ({} known, {} ready)",
+            self.service, self.known, self.ready
+        )
+    }
+}
+
+impl std::error::Error for NoEndpoints {}

@@ -1,0 +1,57 @@
+//! Load balancing over discovered endpoints: a `Clone` balancer with a lock-free hot path and
+//! a choice of pickers.
+//!
+//! ```
+//! use meshkit::balance::{Balance, LeastRequests};
+//! use meshkit::discovery::{discover, Instance, MemoryRegistry, Registry};
+//! use tower::{Service, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let registry = MemoryRegistry::new();
+//! let _a = registry.register(Instance::builder("users", "10.0.0.1", 80).build()?).await?;
+//! let _b = registry.register(Instance::builder("users", "10.0.0.2", 80).build()?).await?;
+//! let endpoints = discover(&registry, "users", |instance: &Instance| {
+//!     let host = instance.host.clone();
+//!     tower::service_fn(move |()| {
+//!         let host = host.clone();
+//!         async move { Ok::<_, tower::BoxError>(host) }
+//!     })
+//! });
+//! let mut users = Balance::new(endpoints, LeastRequests::default());
+//! let host = users.ready().await?.call(()).await?;
+//! assert!(host.starts_with("10.0.0."));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Pickers
+//!
+//! [`RoundRobin`] (exactly even), [`Random`] (uniform, seedable), [`WeightedRoundRobin`]
+//! (smooth, as nginx), [`LeastRequests`] (power of two choices over requests in flight),
+//! [`PeakEwma`] (power of two choices over peak-EWMA latency × requests in flight, as Finagle
+//! and linkerd) and [`ConsistentHash`] (a hash ring with virtual nodes, flattened into a table, over a key taken
+//! from the request). A
+//! [`Picker`] of your own plugs in the same way.
+//!
+//! ## Readiness and failing fast
+//!
+//! A background task applies discovery changes and drives endpoints that are not ready even
+//! when no request arrives; an endpoint whose readiness fails is polled again a second later
+//! rather than dropped. When no endpoint is ready for `failfast_after`, calls fail at once
+//! with [`NoEndpoints`] instead of hanging, and resume as soon as one is ready.
+
+mod error;
+mod picker;
+mod ring;
+mod service;
+mod stats;
+mod worker;
+
+pub use error::NoEndpoints;
+pub use picker::{
+    ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
+};
+pub use ring::HashRing;
+pub use service::{Balance, ResponseFuture};
+pub use stats::EndpointStats;

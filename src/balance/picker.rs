@@ -1,0 +1,434 @@
+//! [`Picker`]: how a balancer chooses an endpoint, and the pickers meshkit ships.
+
+use super::ring::{stable_hash, HashRing};
+use super::stats::EndpointStats;
+use crate::random::{RandomSource, SplitMix64};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Chooses an endpoint for each request.
+///
+/// A balancer calls [`prepare`](Picker::prepare) whenever its set of ready endpoints changes
+/// (off the request path) and [`pick`](Picker::pick) for every request, with state that
+/// belongs to one balancer handle (so picking needs no lock). `endpoints` is never empty.
+pub trait Picker<Req>: Send + Sync + 'static {
+    /// What the picker derives from an endpoint set (a consistent-hash table, a weighted
+    /// schedule); `()` if nothing.
+    type Prepared: Send + Sync + 'static;
+    /// What one balancer handle keeps between picks (a cursor, a random source).
+    type State: Send + 'static;
+
+    /// Derives what picks need from the endpoints, in order; `keys` holds a stable hash of
+    /// each endpoint's key.
+    fn prepare(&self, endpoints: &[Arc<EndpointStats>], keys: &[u64]) -> Self::Prepared;
+
+    /// A new handle's state.
+    fn state(&self) -> Self::State;
+
+    /// The index of the endpoint for `request`.
+    fn pick(
+        &self,
+        request: &Req,
+        endpoints: &[Arc<EndpointStats>],
+        prepared: &Self::Prepared,
+        state: &mut Self::State,
+    ) -> usize;
+
+    /// Whether picks read in-flight counts or latencies (the balancer then maintains them;
+    /// otherwise calls skip that bookkeeping).
+    fn tracks_load(&self) -> bool {
+        false
+    }
+}
+
+/// Gives handles different starting points and seeds.
+fn next_handle() -> u64 {
+    static HANDLES: AtomicU64 = AtomicU64::new(0);
+    HANDLES.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+}
+
+/// Each endpoint in turn: exactly even over the ready endpoints (per handle; handles start at
+/// different points).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RoundRobin;
+
+impl<Req> Picker<Req> for RoundRobin {
+    type Prepared = ();
+    type State = usize;
+
+    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+
+    fn state(&self) -> usize {
+        (next_handle() >> 32) as usize
+    }
+
+    #[inline]
+    fn pick(&self, _: &Req, endpoints: &[Arc<EndpointStats>], _: &(), cursor: &mut usize) -> usize {
+        *cursor = cursor.wrapping_add(1);
+        *cursor % endpoints.len()
+    }
+}
+
+/// A uniformly random endpoint; seed it for reproducible tests.
+#[derive(Clone, Debug)]
+pub struct Random {
+    seed: Option<u64>,
+}
+
+impl Random {
+    /// Seeded from the system.
+    pub fn new() -> Self {
+        Self { seed: None }
+    }
+
+    /// Seeded with `seed` (each handle derives its own sequence from it).
+    pub fn seeded(seed: u64) -> Self {
+        Self { seed: Some(seed) }
+    }
+
+    fn source(&self) -> SplitMix64 {
+        match self.seed {
+            Some(seed) => SplitMix64::seeded(seed ^ next_handle()),
+            None => SplitMix64::from_entropy(),
+        }
+    }
+}
+
+impl Default for Random {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A uniform index below `n` (Lemire's multiply-shift; the bias is below 2⁻³² for any
+/// endpoint count a balancer sees).
+#[inline]
+fn below(random: &SplitMix64, n: usize) -> usize {
+    ((u128::from(random.next_u64()) * n as u128) >> 64) as usize
+}
+
+impl<Req> Picker<Req> for Random {
+    type Prepared = ();
+    type State = SplitMix64;
+
+    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+
+    fn state(&self) -> SplitMix64 {
+        self.source()
+    }
+
+    #[inline]
+    fn pick(
+        &self,
+        _: &Req,
+        endpoints: &[Arc<EndpointStats>],
+        _: &(),
+        random: &mut SplitMix64,
+    ) -> usize {
+        below(random, endpoints.len())
+    }
+}
+
+/// Smooth weighted round-robin, as nginx does: over a cycle each endpoint gets its share of
+/// picks, spread out rather than in bursts. The cycle is computed once per endpoint set (at
+/// most 65 536 picks long: larger total weights are scaled down), so a pick is one step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WeightedRoundRobin;
+
+/// Longest precomputed weighted cycle.
+const MAX_CYCLE: u64 = 65_536;
+
+impl<Req> Picker<Req> for WeightedRoundRobin {
+    type Prepared = Box<[u32]>;
+    type State = usize;
+
+    fn prepare(&self, endpoints: &[Arc<EndpointStats>], _: &[u64]) -> Box<[u32]> {
+        let total: u64 = endpoints.iter().map(|e| u64::from(e.weight())).sum();
+        let scale = if total > MAX_CYCLE {
+            MAX_CYCLE as f64 / total as f64
+        } else {
+            1.0
+        };
+        let weights: Vec<i64> = endpoints
+            .iter()
+            .map(|e| ((f64::from(e.weight()) * scale).round() as i64).max(1))
+            .collect();
+        let total: i64 = weights.iter().sum();
+        let mut current = vec![0i64; weights.len()];
+        (0..total)
+            .map(|_| {
+                for (c, w) in current.iter_mut().zip(&weights) {
+                    *c += w;
+                }
+                let (best, _) = current
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+                    .expect("endpoints are not empty");
+                current[best] -= total;
+                best as u32
+            })
+            .collect()
+    }
+
+    fn state(&self) -> usize {
+        (next_handle() >> 32) as usize
+    }
+
+    #[inline]
+    fn pick(
+        &self,
+        _: &Req,
+        _: &[Arc<EndpointStats>],
+        cycle: &Box<[u32]>,
+        cursor: &mut usize,
+    ) -> usize {
+        *cursor = cursor.wrapping_add(1);
+        cycle[*cursor % cycle.len()] as usize
+    }
+}
+
+/// Power of two choices over requests in flight: of two random endpoints, the one with fewer
+/// requests outstanding.
+#[derive(Clone, Debug, Default)]
+pub struct LeastRequests {
+    random: Random,
+}
+
+impl LeastRequests {
+    /// Seeded with `seed`, for reproducible tests.
+    pub fn seeded(seed: u64) -> Self {
+        Self {
+            random: Random::seeded(seed),
+        }
+    }
+}
+
+/// Two distinct random indexes (the same one when there is only one endpoint).
+#[inline]
+fn two(random: &SplitMix64, n: usize) -> (usize, usize) {
+    let a = below(random, n);
+    if n < 2 {
+        return (a, a);
+    }
+    let b = below(random, n - 1);
+    (a, if b >= a { b + 1 } else { b })
+}
+
+impl<Req> Picker<Req> for LeastRequests {
+    type Prepared = ();
+    type State = SplitMix64;
+
+    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+
+    fn state(&self) -> SplitMix64 {
+        self.random.source()
+    }
+
+    #[inline]
+    fn pick(
+        &self,
+        _: &Req,
+        endpoints: &[Arc<EndpointStats>],
+        _: &(),
+        random: &mut SplitMix64,
+    ) -> usize {
+        let (a, b) = two(random, endpoints.len());
+        if endpoints[b].in_flight() < endpoints[a].in_flight() {
+            b
+        } else {
+            a
+        }
+    }
+
+    fn tracks_load(&self) -> bool {
+        true
+    }
+}
+
+/// Power of two choices over peak-EWMA latency × requests in flight, as Finagle and linkerd
+/// do: slow or busy endpoints get less traffic, and a latency spike counts at once.
+#[derive(Clone, Debug, Default)]
+pub struct PeakEwma {
+    random: Random,
+}
+
+impl PeakEwma {
+    /// Seeded with `seed`, for reproducible tests.
+    pub fn seeded(seed: u64) -> Self {
+        Self {
+            random: Random::seeded(seed),
+        }
+    }
+}
+
+impl<Req> Picker<Req> for PeakEwma {
+    type Prepared = ();
+    type State = SplitMix64;
+
+    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+
+    fn state(&self) -> SplitMix64 {
+        self.random.source()
+    }
+
+    #[inline]
+    fn pick(
+        &self,
+        _: &Req,
+        endpoints: &[Arc<EndpointStats>],
+        _: &(),
+        random: &mut SplitMix64,
+    ) -> usize {
+        let (a, b) = two(random, endpoints.len());
+        if endpoints[b].peak_ewma_load() < endpoints[a].peak_ewma_load() {
+            b
+        } else {
+            a
+        }
+    }
+
+    fn tracks_load(&self) -> bool {
+        true
+    }
+}
+
+/// The same request key to the same endpoint: a ring with 100 virtual nodes per endpoint,
+/// flattened into a table (one lookup per request), over a key the user extracts from the
+/// request. When one of N endpoints leaves, only its keys (about 1/N) move.
+pub struct ConsistentHash<F> {
+    key: F,
+}
+
+impl<F> ConsistentHash<F> {
+    /// Hashes the key `key` extracts from each request (a user id, a session).
+    pub fn new(key: F) -> Self {
+        Self { key }
+    }
+}
+
+impl<F> fmt::Debug for ConsistentHash<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsistentHash").finish_non_exhaustive()
+    }
+}
+
+impl<F, K, Req> Picker<Req> for ConsistentHash<F>
+where
+    F: Fn(&Req) -> K + Send + Sync + 'static,
+    K: Hash,
+{
+    type Prepared = HashRing;
+    type State = ();
+
+    fn prepare(&self, _: &[Arc<EndpointStats>], keys: &[u64]) -> HashRing {
+        HashRing::build(keys)
+    }
+
+    fn state(&self) {}
+
+    #[inline]
+    fn pick(&self, request: &Req, _: &[Arc<EndpointStats>], ring: &HashRing, _: &mut ()) -> usize {
+        ring.lookup(stable_hash(&(self.key)(request)))
+            .expect("the ring of a non-empty set has owners")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn endpoints(weights: &[u32]) -> Vec<Arc<EndpointStats>> {
+        let now = Instant::now();
+        weights
+            .iter()
+            .map(|&w| Arc::new(EndpointStats::new(w, now)))
+            .collect()
+    }
+
+    fn counts<P: Picker<()>>(picker: &P, set: &[Arc<EndpointStats>], picks: usize) -> Vec<usize> {
+        let keys: Vec<u64> = (0..set.len() as u64).collect();
+        let prepared = picker.prepare(set, &keys);
+        let mut state = picker.state();
+        let mut counts = vec![0; set.len()];
+        for _ in 0..picks {
+            counts[picker.pick(&(), set, &prepared, &mut state)] += 1;
+        }
+        counts
+    }
+
+    /// Pearson's chi-square statistic of `observed` against `expected` shares.
+    fn chi_square(observed: &[usize], expected_shares: &[f64]) -> f64 {
+        let total: usize = observed.iter().sum();
+        observed
+            .iter()
+            .zip(expected_shares)
+            .map(|(&o, &share)| {
+                let e = share * total as f64;
+                (o as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
+    #[test]
+    fn round_robin_is_exactly_even() {
+        let set = endpoints(&[1; 7]);
+        assert_eq!(counts(&RoundRobin, &set, 7 * 1_000), vec![1_000; 7]);
+    }
+
+    #[test]
+    fn random_is_uniform_within_a_chi_square_bound() {
+        let set = endpoints(&[1; 10]);
+        let observed = counts(&Random::seeded(42), &set, 100_000);
+        // 9 degrees of freedom: the 99.9th percentile is 27.88.
+        assert!(chi_square(&observed, &[0.1; 10]) < 27.88, "{observed:?}");
+    }
+
+    #[test]
+    fn weighted_round_robin_is_smooth_and_exact_over_a_cycle() {
+        let set = endpoints(&[5, 1, 1]);
+        let prepared =
+            <WeightedRoundRobin as Picker<()>>::prepare(&WeightedRoundRobin, &set, &[0, 1, 2]);
+        // nginx's example: a a b a c a a.
+        assert_eq!(&*prepared, &[0, 0, 1, 0, 2, 0, 0]);
+        let observed = counts(&WeightedRoundRobin, &set, 7 * 100);
+        assert_eq!(observed, vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn least_requests_prefers_the_idle_endpoint() {
+        let set = endpoints(&[1, 1]);
+        for _ in 0..10 {
+            set[0].start();
+        }
+        let observed = counts(&LeastRequests::seeded(1), &set, 1_000);
+        assert_eq!(observed, vec![0, 1_000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_prefers_the_fast_endpoint() {
+        let set = endpoints(&[1, 1, 1]);
+        let now = Instant::now();
+        set[0].observe(std::time::Duration::from_millis(50), now);
+        set[1].observe(std::time::Duration::from_millis(5), now);
+        set[2].observe(std::time::Duration::from_millis(50), now);
+        let observed = counts(&PeakEwma::seeded(3), &set, 3_000);
+        // The fast endpoint wins every pair it is in: two pairs of three.
+        assert!(observed[1] > 1_800, "{observed:?}");
+    }
+
+    #[test]
+    fn consistent_hash_sends_a_key_to_one_endpoint() {
+        let set = endpoints(&[1; 5]);
+        let picker = ConsistentHash::new(|user: &u64| *user);
+        let keys: Vec<u64> = (0..5).map(|k| stable_hash(&k)).collect();
+        let ring = picker.prepare(&set, &keys);
+        for user in 0..100u64 {
+            let first = picker.pick(&user, &set, &ring, &mut ());
+            assert_eq!(picker.pick(&user, &set, &ring, &mut ()), first);
+        }
+    }
+}

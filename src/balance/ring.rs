@@ -1,0 +1,135 @@
+//! Consistent hashing: a ring with virtual nodes, flattened into a lookup table so a lookup is
+//! one shift and one load.
+//!
+//! Each endpoint puts 100 points on a 64-bit ring; a key belongs to the first point at or after
+//! its hash. The table has 2^k slots (at least 65 536, and 4 slots per ring point), each
+//! owned by the point that owns the slot's start. A key therefore always maps to the same
+//! endpoint for a given set, and when an endpoint leaves, only the slots it owned change
+//! owner: about 1/N of keys move, and no others.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+/// Ring points per endpoint.
+const POINTS_PER_ENDPOINT: u64 = 100;
+
+/// The flattened ring (slot → endpoint index) that [`ConsistentHash`](super::ConsistentHash)
+/// prepares for each endpoint set.
+#[derive(Debug, Clone)]
+pub struct HashRing {
+    slots: Box<[u32]>,
+    /// `64 - log2(slots)`: a hash's top bits index its slot.
+    shift: u32,
+}
+
+/// A stable 64-bit hash (SipHash with fixed keys), the same in every process.
+pub(crate) fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl HashRing {
+    /// Builds the ring for endpoints whose stable key hashes are `keys`.
+    pub(crate) fn build(keys: &[u64]) -> Self {
+        let mut points: Vec<(u64, u32)> = keys
+            .iter()
+            .enumerate()
+            .flat_map(|(endpoint, &key)| {
+                (0..POINTS_PER_ENDPOINT).map(move |n| (stable_hash(&(key, n)), endpoint as u32))
+            })
+            .collect();
+        points.sort_unstable();
+        let wanted = (points.len() * 4).max(1 << 16);
+        let bits = wanted.next_power_of_two().trailing_zeros();
+        let size = 1usize << bits;
+        let shift = 64 - bits;
+        let slots = if points.is_empty() {
+            vec![u32::MAX; size]
+        } else {
+            // Sweep the slots in ring order, advancing through the points.
+            let mut next = 0;
+            (0..size as u64)
+                .map(|slot| {
+                    let start = slot << shift;
+                    while next < points.len() && points[next].0 < start {
+                        next += 1;
+                    }
+                    // Past the last point, the ring wraps to the first.
+                    points[next % points.len()].1
+                })
+                .collect()
+        };
+        Self {
+            slots: slots.into_boxed_slice(),
+            shift,
+        }
+    }
+
+    /// The endpoint owning `hash`, if the ring has any.
+    #[inline]
+    pub(crate) fn lookup(&self, hash: u64) -> Option<usize> {
+        let owner = self.slots[(hash >> self.shift) as usize];
+        (owner != u32::MAX).then_some(owner as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_shared_roughly_evenly() {
+        let keys: Vec<u64> = (0..10u64).map(|k| stable_hash(&k)).collect();
+        let ring = HashRing::build(&keys);
+        let mut counts = [0usize; 10];
+        for request in 0..100_000u64 {
+            counts[ring.lookup(stable_hash(&request)).unwrap()] += 1;
+        }
+        let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+        assert!(*min > 7_000 && *max < 13_000, "{counts:?}");
+    }
+
+    #[test]
+    fn when_one_of_n_leaves_only_its_keys_move() {
+        let n = 50u64;
+        let keys: Vec<u64> = (0..n).map(|k| stable_hash(&k)).collect();
+        let before = HashRing::build(&keys);
+        let remaining: Vec<u64> = keys.iter().copied().filter(|&k| k != keys[17]).collect();
+        let after = HashRing::build(&remaining);
+        let lookups = 100_000u64;
+        let mut moved = 0;
+        for request in 0..lookups {
+            let hash = stable_hash(&request);
+            let was = keys[before.lookup(hash).unwrap()];
+            let is = remaining[after.lookup(hash).unwrap()];
+            if was != is {
+                assert_eq!(was, keys[17], "only the departed endpoint's keys move");
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / lookups as f64;
+        assert!(
+            share > 0.01 && share < 0.03,
+            "moved {share}, about 1/50 expected"
+        );
+    }
+
+    #[test]
+    fn when_one_joins_it_takes_about_one_nth_from_the_others() {
+        let keys: Vec<u64> = (0..20u64).map(|k| stable_hash(&k)).collect();
+        let before = HashRing::build(&keys[..19]);
+        let after = HashRing::build(&keys);
+        let lookups = 100_000u64;
+        let moved = (0..lookups)
+            .filter(|request| {
+                let hash = stable_hash(request);
+                keys[before.lookup(hash).unwrap()] != keys[after.lookup(hash).unwrap()]
+            })
+            .count() as f64;
+        let share = moved / lookups as f64;
+        assert!(
+            share > 0.025 && share < 0.075,
+            "moved {share}, about 1/20 expected"
+        );
+    }
+}

@@ -1,0 +1,392 @@
+//! [`Balance`]: a `Clone` balancer whose handles pick from a shared, immutable snapshot.
+
+use super::error::NoEndpoints;
+use super::picker::Picker;
+use super::stats::EndpointStats;
+use super::worker;
+use crate::padded::CachePadded;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep};
+use tower::discover::Discover;
+use tower::util::Oneshot;
+use tower::{BoxError, Service};
+
+/// The ready endpoints at one moment, and what the picker derived from them.
+pub(crate) struct Snapshot<S, T> {
+    pub(crate) services: Vec<S>,
+    pub(crate) stats: Vec<Arc<EndpointStats>>,
+    pub(crate) prepared: Option<T>,
+    /// Endpoints discovered, ready or not.
+    pub(crate) known: usize,
+}
+
+impl<S, T> Snapshot<S, T> {
+    pub(crate) fn empty() -> Self {
+        Self {
+            services: Vec::new(),
+            stats: Vec::new(),
+            prepared: None,
+            known: 0,
+        }
+    }
+}
+
+/// Spawns the worker, given the handles' shared state.
+pub(crate) type StartWorker<S, T> = Box<dyn FnOnce(std::sync::Weak<Shared<S, T>>) + Send>;
+
+/// What every handle of one balancer shares with its worker.
+pub(crate) struct Shared<S, T> {
+    /// Bumped with every new snapshot; handles compare it on each `poll_ready`.
+    pub(crate) version: CachePadded<AtomicU64>,
+    pub(crate) current: Mutex<Arc<Snapshot<S, T>>>,
+    /// Handles waiting for a ready endpoint.
+    pub(crate) waiters: Mutex<Vec<Waker>>,
+    pub(crate) name: Arc<str>,
+    pub(crate) failfast_after: Duration,
+    /// The worker's discovery stream and picker until the first `poll_ready` starts it on
+    /// that task's runtime.
+    pub(crate) start: Mutex<Option<StartWorker<S, T>>>,
+    pub(crate) closed: Arc<tokio::sync::Notify>,
+}
+
+impl<S, T> Shared<S, T> {
+    pub(crate) fn current(&self) -> MutexGuard<'_, Arc<Snapshot<S, T>>> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn publish(&self, snapshot: Snapshot<S, T>) {
+        *self.current() = Arc::new(snapshot);
+        self.version.fetch_add(1, Ordering::Release);
+        let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for waiter in waiters {
+            waiter.wake();
+        }
+    }
+}
+
+impl<S, T> Drop for Shared<S, T> {
+    fn drop(&mut self) {
+        // The last handle is gone: the worker stops.
+        self.closed.notify_one();
+    }
+}
+
+/// Balances requests over the endpoints a `tower::discover::Discover` yields, picking with
+/// `P`; `Clone` and shareable across tasks without a `Buffer`.
+///
+/// A background task (started by the first `poll_ready`, on that task's runtime) applies
+/// discovery changes and drives endpoints that are not ready, whether or not requests
+/// arrive, and publishes the ready ones as an immutable snapshot. Handles pick from their
+/// copy of the snapshot with no lock; each call goes to a clone of the chosen endpoint's
+/// service (so endpoint services must be `Clone`, as hyper, reqwest and tonic clients are).
+/// The task stops when the last handle is dropped.
+///
+/// When no endpoint is ready for `failfast_after`, `poll_ready` stops waiting and calls fail
+/// at once with [`NoEndpoints`]; they resume as soon as an endpoint is ready.
+///
+/// ```
+/// use meshkit::balance::{Balance, RoundRobin};
+/// use tower::discover::Change;
+/// use tower::{Service, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower::BoxError> {
+/// let endpoint = |name: &'static str| tower::service_fn(move |()| async move { Ok::<_, tower::BoxError>(name) });
+/// let changes = futures::stream::iter([
+///     Ok::<_, std::convert::Infallible>(Change::Insert("a", endpoint("a"))),
+///     Ok(Change::Insert("b", endpoint("b"))),
+/// ]);
+/// let mut balance = Balance::new(changes, RoundRobin);
+/// let first = balance.ready().await?.call(()).await?;
+/// let second = balance.ready().await?.call(()).await?;
+/// assert_ne!(first, second);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Balance<S, Req, P: Picker<Req>> {
+    shared: Arc<Shared<S, P::Prepared>>,
+    picker: Arc<P>,
+    state: P::State,
+    view: Arc<Snapshot<S, P::Prepared>>,
+    version: u64,
+    /// Since when no endpoint has been ready, while waiting.
+    waiting: Option<(Instant, Pin<Box<Sleep>>)>,
+}
+
+impl<S, Req, P> Balance<S, Req, P>
+where
+    P: Picker<Req>,
+    S: Clone + Send + 'static,
+{
+    /// Balances over `discover`'s endpoints with `picker`, failing fast after 3 s without a
+    /// ready endpoint. Needs no runtime until the first `poll_ready`.
+    pub fn new<D>(discover: D, picker: P) -> Self
+    where
+        D: Discover<Service = S> + Send + Unpin + 'static,
+        D::Key: std::hash::Hash + Clone + Send,
+        D::Error: Into<BoxError>,
+        S: Service<Req> + Sync,
+        S::Error: Into<BoxError>,
+        Req: 'static,
+    {
+        Self::with_options(discover, picker, "balance", Duration::from_secs(3))
+    }
+
+    /// As [`new`](Self::new), naming the service (in [`NoEndpoints`] and events) and setting
+    /// how long calls wait for a ready endpoint before failing fast.
+    pub fn with_options<D>(
+        discover: D,
+        picker: P,
+        name: impl Into<Arc<str>>,
+        failfast_after: Duration,
+    ) -> Self
+    where
+        D: Discover<Service = S> + Send + Unpin + 'static,
+        D::Key: std::hash::Hash + Clone + Send,
+        D::Error: Into<BoxError>,
+        S: Service<Req> + Sync,
+        S::Error: Into<BoxError>,
+        Req: 'static,
+    {
+        let picker = Arc::new(picker);
+        let worker_picker = picker.clone();
+        let closed = Arc::new(tokio::sync::Notify::new());
+        let worker_closed = closed.clone();
+        let shared = Arc::new(Shared {
+            version: CachePadded::default(),
+            current: Mutex::new(Arc::new(Snapshot::empty())),
+            waiters: Mutex::new(Vec::new()),
+            name: name.into(),
+            failfast_after,
+            start: Mutex::new(Some(Box::new(move |shared| {
+                tokio::spawn(worker::run::<D, Req, P>(
+                    discover,
+                    worker_picker,
+                    shared,
+                    worker_closed,
+                ));
+            }))),
+            closed,
+        });
+        let state = picker.state();
+        let view = shared.current().clone();
+        Self {
+            view,
+            version: 0,
+            shared,
+            picker,
+            state,
+            waiting: None,
+        }
+    }
+}
+
+impl<S, Req, P: Picker<Req>> Balance<S, Req, P> {
+    /// Takes the newest snapshot if the worker published one since.
+    #[inline]
+    fn refresh(&mut self) {
+        let version = self.shared.version.load(Ordering::Acquire);
+        if version != self.version {
+            self.view = self.shared.current().clone();
+            self.version = version;
+        }
+    }
+
+    #[cold]
+    fn start_worker(&self) {
+        let start = self
+            .shared
+            .start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(start) = start {
+            start(Arc::downgrade(&self.shared));
+        }
+    }
+}
+
+impl<S, Req, P> Service<Req> for Balance<S, Req, P>
+where
+    P: Picker<Req>,
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.version == 0 {
+            self.start_worker();
+        }
+        self.refresh();
+        if !self.view.services.is_empty() {
+            self.waiting = None;
+            return Poll::Ready(Ok(()));
+        }
+        let failfast_after = self.shared.failfast_after;
+        let (since, timer) = self.waiting.get_or_insert_with(|| {
+            let now = Instant::now();
+            (
+                now,
+                Box::pin(tokio::time::sleep_until(now + failfast_after)),
+            )
+        });
+        if since.elapsed() >= failfast_after || timer.as_mut().poll(cx).is_ready() {
+            // Fail fast: `call` returns `NoEndpoints` until an endpoint is ready again.
+            return Poll::Ready(Ok(()));
+        }
+        self.shared
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(cx.waker().clone());
+        // An endpoint may have been published between the check and the registration.
+        self.refresh();
+        if self.view.services.is_empty() {
+            Poll::Pending
+        } else {
+            self.waiting = None;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let view = &self.view;
+        let Some(prepared) = view.prepared.as_ref().filter(|_| !view.services.is_empty()) else {
+            let error = NoEndpoints::new(self.shared.name.clone(), view.known, 0);
+            return ResponseFuture::failed(error);
+        };
+        let index = self
+            .picker
+            .pick(&request, &view.stats, prepared, &mut self.state);
+        let call = Oneshot::new(view.services[index].clone(), request);
+        if self.picker.tracks_load() {
+            let stats = view.stats[index].clone();
+            stats.start();
+            ResponseFuture::tracked(call, stats)
+        } else {
+            ResponseFuture::plain(call)
+        }
+    }
+}
+
+impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            picker: self.picker.clone(),
+            state: self.picker.state(),
+            view: self.view.clone(),
+            version: self.version,
+            waiting: None,
+        }
+    }
+}
+
+impl<S, Req, P: Picker<Req>> fmt::Debug for Balance<S, Req, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Balance")
+            .field("service", &self.shared.name)
+            .field("ready", &self.view.services.len())
+            .field("known", &self.view.known)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// Response future of [`Balance`]: the chosen endpoint's call, or an immediate
+    /// [`NoEndpoints`].
+    pub struct ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        call: Option<Oneshot<S, Req>>,
+        failed: Option<NoEndpoints>,
+        // Load bookkeeping for pickers that read it: finished on completion or drop.
+        tracked: Option<Tracked>,
+    }
+}
+
+/// An in-flight request counted against its endpoint.
+struct Tracked {
+    stats: Arc<EndpointStats>,
+    sent: Instant,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.stats.finish();
+    }
+}
+
+impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    fn failed(error: NoEndpoints) -> Self {
+        Self {
+            call: None,
+            failed: Some(error),
+            tracked: None,
+        }
+    }
+
+    fn plain(call: Oneshot<S, Req>) -> Self {
+        Self {
+            call: Some(call),
+            failed: None,
+            tracked: None,
+        }
+    }
+
+    fn tracked(call: Oneshot<S, Req>, stats: Arc<EndpointStats>) -> Self {
+        Self {
+            call: Some(call),
+            failed: None,
+            tracked: Some(Tracked {
+                stats,
+                sent: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl<S, Req> Future for ResponseFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(call) = this.call.as_pin_mut() else {
+            let error = this
+                .failed
+                .take()
+                .expect("balance future polled after completion");
+            return Poll::Ready(Err(error.into()));
+        };
+        let result = std::task::ready!(call.poll(cx));
+        if let Some(tracked) = this.tracked.take() {
+            let now = Instant::now();
+            tracked.stats.observe(now - tracked.sent, now);
+        }
+        Poll::Ready(result.map_err(Into::into))
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for ResponseFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,245 @@
+//! The balancer through the public API, with paused time.
+
+use futures::channel::mpsc;
+use meshkit::balance::{Balance, ConsistentHash, LeastRequests, NoEndpoints, Random, RoundRobin};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::discover::Change;
+use tower::{BoxError, Service, ServiceExt};
+
+type Endpoint = tower::util::BoxCloneSyncService<u64, &'static str, BoxError>;
+
+/// An endpoint that answers `name` after `latency`.
+fn endpoint(name: &'static str, latency: Duration) -> Endpoint {
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: u64| async move {
+        tokio::time::sleep(latency).await;
+        Ok::<_, BoxError>(name)
+    }))
+}
+
+/// A discovery stream the test feeds by hand.
+fn changes() -> (
+    mpsc::UnboundedSender<Result<Change<&'static str, Endpoint>, Infallible>>,
+    mpsc::UnboundedReceiver<Result<Change<&'static str, Endpoint>, Infallible>>,
+) {
+    mpsc::unbounded()
+}
+
+fn insert(name: &'static str) -> Result<Change<&'static str, Endpoint>, Infallible> {
+    Ok(Change::Insert(name, endpoint(name, Duration::ZERO)))
+}
+
+async fn tally<S>(balance: &mut S, calls: u64) -> BTreeMap<&'static str, u64>
+where
+    S: Service<u64, Response = &'static str, Error = BoxError>,
+{
+    let mut counts = BTreeMap::new();
+    for n in 0..calls {
+        let name = balance.ready().await.unwrap().call(n).await.unwrap();
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_robin_is_exactly_even_over_discovered_endpoints() {
+    let (tx, rx) = changes();
+    for name in ["a", "b", "c"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let mut balance = Balance::new(rx, RoundRobin);
+    balance.ready().await.unwrap();
+    // Let the worker publish all three before counting.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 300).await;
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [100, 100, 100],
+        "{counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_spreads_calls_over_every_endpoint() {
+    let (tx, rx) = changes();
+    for name in ["a", "b", "c", "d"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let mut balance = Balance::new(rx, Random::seeded(9));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 4_000).await;
+    assert!(counts.values().all(|&c| c > 850 && c < 1_150), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_endpoints_calls_fail_fast_then_resume() {
+    let (tx, rx) = changes();
+    let mut balance = Balance::with_options(rx, RoundRobin, "users", Duration::from_millis(500));
+    let started = tokio::time::Instant::now();
+    let error = balance.ready().await.unwrap().call(1).await.unwrap_err();
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_millis(500),
+        "waited failfast_after, no more"
+    );
+    let no_endpoints = error.downcast_ref::<NoEndpoints>().expect("NoEndpoints");
+    assert_eq!(no_endpoints.service(), "users");
+    assert_eq!((no_endpoints.known(), no_endpoints.ready()), (0, 0));
+    assert!(
+        meshkit::error::is_rejection(&*error),
+        "a meshkit rejection: not retried"
+    );
+
+    // Still failing fast, at once.
+    let started = tokio::time::Instant::now();
+    assert!(balance.ready().await.unwrap().call(2).await.is_err());
+    assert_eq!(started.elapsed(), Duration::ZERO);
+
+    tx.unbounded_send(insert("a")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(balance.ready().await.unwrap().call(3).await.unwrap(), "a");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_waiting_call_proceeds_as_soon_as_an_endpoint_is_ready() {
+    let (tx, rx) = changes();
+    let mut balance = Balance::new(rx, RoundRobin);
+    let waiter = tokio::spawn(async move { balance.ready().await.unwrap().call(1).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished());
+    tx.unbounded_send(insert("late")).unwrap();
+    assert_eq!(waiter.await.unwrap().unwrap(), "late");
+}
+
+#[tokio::test(start_paused = true)]
+async fn endpoints_become_ready_without_traffic() {
+    let (mock, mut handle) = tower_test::mock::pair::<u64, &'static str>();
+    handle.allow(0);
+    let (tx, rx) = mpsc::unbounded::<Result<Change<&'static str, _>, Infallible>>();
+    tx.unbounded_send(Ok(Change::Insert("mock", mock))).unwrap();
+    let mut balance = Balance::with_options(rx, RoundRobin, "mocked", Duration::from_secs(60));
+    // One poll starts the worker; then no request for a while.
+    assert!(futures::poll!(std::future::poll_fn(|cx| balance.poll_ready(cx))).is_pending());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    handle.allow(1);
+    // The worker, not a request, saw the endpoint become ready.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(futures::poll!(std::future::poll_fn(|cx| balance.poll_ready(cx))).is_ready());
+}
+
+#[tokio::test(start_paused = true)]
+async fn least_requests_prefers_the_idle_endpoint() {
+    let (tx, rx) = changes();
+    tx.unbounded_send(Ok(Change::Insert(
+        "slow",
+        endpoint("slow", Duration::from_secs(1)),
+    )))
+    .unwrap();
+    tx.unbounded_send(Ok(Change::Insert(
+        "fast",
+        endpoint("fast", Duration::from_millis(1)),
+    )))
+    .unwrap();
+    let mut balance = Balance::new(rx, LeastRequests::seeded(5));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Keep calls in flight: each slow one holds its endpoint busy for a second.
+    let mut calls = Vec::new();
+    for n in 0..200 {
+        let call = balance.ready().await.unwrap().call(n);
+        calls.push(tokio::spawn(call));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut counts = BTreeMap::new();
+    for call in calls {
+        *counts.entry(call.await.unwrap().unwrap()).or_insert(0) += 1;
+    }
+    assert!(counts["fast"] > 150, "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn consistent_hash_keeps_a_key_on_one_endpoint() {
+    let (tx, rx) = changes();
+    for name in ["a", "b", "c", "d", "e"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let mut balance = Balance::new(rx, ConsistentHash::new(|user: &u64| *user % 97));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut owner = BTreeMap::new();
+    for n in 0..1_000u64 {
+        let name = balance.ready().await.unwrap().call(n).await.unwrap();
+        assert_eq!(*owner.entry(n % 97).or_insert(name), name, "key {}", n % 97);
+    }
+    assert!(
+        owner
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn handles_are_clone_and_share_one_balancer_across_tasks() {
+    let (tx, rx) = changes();
+    for name in ["a", "b"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let balance = Balance::new(rx, RoundRobin);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let mut handle = balance.clone();
+            tokio::spawn(async move {
+                let mut answered = 0u64;
+                for n in 0..100 {
+                    let ready = handle.ready().await.expect("ready");
+                    ready.call(n).await.expect("answered");
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 100);
+    }
+}
+
+/// Flags its own drop: held by the discovery stream, so by the worker.
+struct Flag(Arc<AtomicBool>);
+
+impl Drop for Flag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_stops_the_worker() {
+    let stopped = Arc::new(AtomicBool::new(false));
+    let flag = Flag(stopped.clone());
+    let (tx, rx) = changes();
+    tx.unbounded_send(insert("a")).unwrap();
+    let rx = futures::StreamExt::map(rx, move |change| {
+        let _keep = &flag;
+        change
+    });
+    let mut balance = Balance::new(Box::pin(rx), RoundRobin);
+    balance.ready().await.unwrap();
+    let clone = balance.clone();
+    drop(balance);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(!stopped.load(Ordering::SeqCst), "a handle is left");
+    drop(clone);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(
+        stopped.load(Ordering::SeqCst),
+        "the worker dropped its discovery stream"
+    );
+    drop(tx);
+}

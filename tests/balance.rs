@@ -20,15 +20,17 @@ fn endpoint(name: &'static str, latency: Duration) -> Endpoint {
     }))
 }
 
+type Discovered = Result<Change<&'static str, Endpoint>, Infallible>;
+
 /// A discovery stream the test feeds by hand.
 fn changes() -> (
-    mpsc::UnboundedSender<Result<Change<&'static str, Endpoint>, Infallible>>,
-    mpsc::UnboundedReceiver<Result<Change<&'static str, Endpoint>, Infallible>>,
+    mpsc::UnboundedSender<Discovered>,
+    mpsc::UnboundedReceiver<Discovered>,
 ) {
     mpsc::unbounded()
 }
 
-fn insert(name: &'static str) -> Result<Change<&'static str, Endpoint>, Infallible> {
+fn insert(name: &'static str) -> Discovered {
     Ok(Change::Insert(name, endpoint(name, Duration::ZERO)))
 }
 

@@ -36,9 +36,15 @@ pub trait Picker<Req>: Send + Sync + 'static {
         state: &mut Self::State,
     ) -> usize;
 
-    /// Whether picks read in-flight counts or latencies (the balancer then maintains them;
-    /// otherwise calls skip that bookkeeping).
+    /// Whether picks read in-flight counts (the balancer then maintains them; otherwise
+    /// calls skip that bookkeeping).
     fn tracks_load(&self) -> bool {
+        false
+    }
+
+    /// Whether picks read latencies (the balancer then times every call; implies
+    /// `tracks_load`).
+    fn tracks_latency(&self) -> bool {
         false
     }
 }
@@ -291,6 +297,10 @@ impl<Req> Picker<Req> for PeakEwma {
     }
 
     fn tracks_load(&self) -> bool {
+        true
+    }
+
+    fn tracks_latency(&self) -> bool {
         true
     }
 }

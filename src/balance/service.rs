@@ -269,10 +269,11 @@ where
             .picker
             .pick(&request, &view.stats, prepared, &mut self.state);
         let call = Oneshot::new(view.services[index].clone(), request);
-        if self.picker.tracks_load() {
+        if self.picker.tracks_load() || self.picker.tracks_latency() {
             let stats = view.stats[index].clone();
             stats.start();
-            ResponseFuture::tracked(call, stats)
+            let sent = self.picker.tracks_latency().then(Instant::now);
+            ResponseFuture::tracked(call, stats, sent)
         } else {
             ResponseFuture::plain(call)
         }
@@ -317,10 +318,10 @@ pin_project! {
     }
 }
 
-/// An in-flight request counted against its endpoint.
+/// An in-flight request counted against its endpoint (and timed, for latency pickers).
 struct Tracked {
     stats: Arc<EndpointStats>,
-    sent: Instant,
+    sent: Option<Instant>,
 }
 
 impl Drop for Tracked {
@@ -346,14 +347,11 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    fn tracked(call: Oneshot<S, Req>, stats: Arc<EndpointStats>) -> Self {
+    fn tracked(call: Oneshot<S, Req>, stats: Arc<EndpointStats>, sent: Option<Instant>) -> Self {
         Self {
             call: Some(call),
             failed: None,
-            tracked: Some(Tracked {
-                stats,
-                sent: Instant::now(),
-            }),
+            tracked: Some(Tracked { stats, sent }),
         }
     }
 }
@@ -375,10 +373,16 @@ where
             return Poll::Ready(Err(error.into()));
         };
         let result = std::task::ready!(call.poll(cx));
-        if let Some(tracked) = this.tracked.take() {
+        if let Some(Tracked {
+            stats,
+            sent: Some(sent),
+        }) = this.tracked.as_ref()
+        {
             let now = Instant::now();
-            tracked.stats.observe(now - tracked.sent, now);
+            stats.observe(now - *sent, now);
         }
+        // Dropping the bookkeeping counts the request as finished.
+        *this.tracked = None;
         Poll::Ready(result.map_err(Into::into))
     }
 }

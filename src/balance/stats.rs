@@ -66,8 +66,11 @@ impl EndpointStats {
         let rtt = rtt.as_nanos() as f64;
         let now_nanos = now.saturating_duration_since(self.origin).as_nanos() as u64;
         let (average, stamp) = (&self.ewma.0 .0, &self.ewma.0 .1);
+        // Plain loads and stores: two calls finishing at once may lose one sample, which an
+        // average can afford; a read-modify-write on every call would cost more.
         let previous = f64::from_bits(average.load(Ordering::Relaxed));
-        let elapsed = now_nanos.saturating_sub(stamp.swap(now_nanos, Ordering::Relaxed)) as f64;
+        let elapsed = now_nanos.saturating_sub(stamp.load(Ordering::Relaxed)) as f64;
+        stamp.store(now_nanos, Ordering::Relaxed);
         let next = if rtt > previous || previous == 0.0 {
             rtt
         } else {

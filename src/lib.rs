@@ -25,6 +25,7 @@
 //! | [`breaker`] | Circuit breaking with true sliding windows, gate mode and per-key breakers |
 //! | [`retry`] | Retries with backoff, a lock-free budget, server delay hints, per-try timeouts and a deadline |
 //! | [`hedge`] | Hedged requests after a fixed or percentile delay, bounded by a budget |
+//! | [`balance`] | A `Clone` balancer over any tower `Discover`, lock-free picks, six pickers, fail-fast `NoEndpoints` |
 //! | [`discovery`] | An embedded registry with revisions, bounded watches, TTL and TCP health checks, and a tower `Discover` adapter |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
 //! | [`classify`] | What counts as success, failure or neither, shared by every layer |

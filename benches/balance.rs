@@ -85,13 +85,14 @@ fn consistent_hash_lookup(c: &mut Criterion) {
         .map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15))
         .collect();
     let ring = <ConsistentHash<_> as Picker<u64>>::prepare(&picker, &[], &keys);
+    let loads = meshkit::balance::EndpointLoads::new(vec![1u32; 10_000]);
     let mut g = c.benchmark_group("balance/consistent_hash_lookup");
     g.throughput(Throughput::Elements(1));
     let mut key = 0u64;
     g.bench_function("10000", |b| {
         b.iter(|| {
             key = key.wrapping_add(1);
-            black_box(picker.pick(black_box(&key), &[], &ring, &mut ()))
+            black_box(picker.pick(black_box(&key), &loads, &ring, &mut ()))
         })
     });
     g.finish();

@@ -34,6 +34,12 @@
 //! from the request). A
 //! [`Picker`] of your own plugs in the same way.
 //!
+//! ## Loads
+//!
+//! In-flight counts and latencies are kept per handle ([`EndpointLoads`]), as Envoy keeps
+//! them per worker thread: a call only touches counters of its own handle, so handles on
+//! different cores never contend. Clone a handle per task.
+//!
 //! ## Readiness and failing fast
 //!
 //! A background task applies discovery changes and drives endpoints that are not ready even
@@ -54,4 +60,4 @@ pub use picker::{
 };
 pub use ring::HashRing;
 pub use service::{Balance, ResponseFuture};
-pub use stats::EndpointStats;
+pub use stats::EndpointLoads;

@@ -1,12 +1,11 @@
 //! [`Picker`]: how a balancer chooses an endpoint, and the pickers meshkit ships.
 
 use super::ring::{stable_hash, HashRing};
-use super::stats::EndpointStats;
+use super::stats::EndpointLoads;
 use crate::random::{RandomSource, SplitMix64};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// Chooses an endpoint for each request.
 ///
@@ -20,9 +19,9 @@ pub trait Picker<Req>: Send + Sync + 'static {
     /// What one balancer handle keeps between picks (a cursor, a random source).
     type State: Send + 'static;
 
-    /// Derives what picks need from the endpoints, in order; `keys` holds a stable hash of
-    /// each endpoint's key.
-    fn prepare(&self, endpoints: &[Arc<EndpointStats>], keys: &[u64]) -> Self::Prepared;
+    /// Derives what picks need from the endpoints, in order: their `weights`, and in `keys`
+    /// a stable hash of each endpoint's key.
+    fn prepare(&self, weights: &[u32], keys: &[u64]) -> Self::Prepared;
 
     /// A new handle's state.
     fn state(&self) -> Self::State;
@@ -31,7 +30,7 @@ pub trait Picker<Req>: Send + Sync + 'static {
     fn pick(
         &self,
         request: &Req,
-        endpoints: &[Arc<EndpointStats>],
+        endpoints: &EndpointLoads,
         prepared: &Self::Prepared,
         state: &mut Self::State,
     ) -> usize;
@@ -64,14 +63,14 @@ impl<Req> Picker<Req> for RoundRobin {
     type Prepared = ();
     type State = usize;
 
-    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+    fn prepare(&self, _: &[u32], _: &[u64]) {}
 
     fn state(&self) -> usize {
         (next_handle() >> 32) as usize
     }
 
     #[inline]
-    fn pick(&self, _: &Req, endpoints: &[Arc<EndpointStats>], _: &(), cursor: &mut usize) -> usize {
+    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), cursor: &mut usize) -> usize {
         *cursor = cursor.wrapping_add(1);
         *cursor % endpoints.len()
     }
@@ -119,20 +118,14 @@ impl<Req> Picker<Req> for Random {
     type Prepared = ();
     type State = SplitMix64;
 
-    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+    fn prepare(&self, _: &[u32], _: &[u64]) {}
 
     fn state(&self) -> SplitMix64 {
         self.source()
     }
 
     #[inline]
-    fn pick(
-        &self,
-        _: &Req,
-        endpoints: &[Arc<EndpointStats>],
-        _: &(),
-        random: &mut SplitMix64,
-    ) -> usize {
+    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), random: &mut SplitMix64) -> usize {
         below(random, endpoints.len())
     }
 }
@@ -150,16 +143,16 @@ impl<Req> Picker<Req> for WeightedRoundRobin {
     type Prepared = Box<[u32]>;
     type State = usize;
 
-    fn prepare(&self, endpoints: &[Arc<EndpointStats>], _: &[u64]) -> Box<[u32]> {
-        let total: u64 = endpoints.iter().map(|e| u64::from(e.weight())).sum();
+    fn prepare(&self, weights: &[u32], _: &[u64]) -> Box<[u32]> {
+        let total: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
         let scale = if total > MAX_CYCLE {
             MAX_CYCLE as f64 / total as f64
         } else {
             1.0
         };
-        let weights: Vec<i64> = endpoints
+        let weights: Vec<i64> = weights
             .iter()
-            .map(|e| ((f64::from(e.weight()) * scale).round() as i64).max(1))
+            .map(|&w| ((f64::from(w.max(1)) * scale).round() as i64).max(1))
             .collect();
         let total: i64 = weights.iter().sum();
         let mut current = vec![0i64; weights.len()];
@@ -184,13 +177,7 @@ impl<Req> Picker<Req> for WeightedRoundRobin {
     }
 
     #[inline]
-    fn pick(
-        &self,
-        _: &Req,
-        _: &[Arc<EndpointStats>],
-        cycle: &Box<[u32]>,
-        cursor: &mut usize,
-    ) -> usize {
+    fn pick(&self, _: &Req, _: &EndpointLoads, cycle: &Box<[u32]>, cursor: &mut usize) -> usize {
         *cursor = cursor.wrapping_add(1);
         cycle[*cursor % cycle.len()] as usize
     }
@@ -227,22 +214,16 @@ impl<Req> Picker<Req> for LeastRequests {
     type Prepared = ();
     type State = SplitMix64;
 
-    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+    fn prepare(&self, _: &[u32], _: &[u64]) {}
 
     fn state(&self) -> SplitMix64 {
         self.random.source()
     }
 
     #[inline]
-    fn pick(
-        &self,
-        _: &Req,
-        endpoints: &[Arc<EndpointStats>],
-        _: &(),
-        random: &mut SplitMix64,
-    ) -> usize {
+    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), random: &mut SplitMix64) -> usize {
         let (a, b) = two(random, endpoints.len());
-        if endpoints[b].in_flight() < endpoints[a].in_flight() {
+        if endpoints.in_flight(b) < endpoints.in_flight(a) {
             b
         } else {
             a
@@ -274,22 +255,16 @@ impl<Req> Picker<Req> for PeakEwma {
     type Prepared = ();
     type State = SplitMix64;
 
-    fn prepare(&self, _: &[Arc<EndpointStats>], _: &[u64]) {}
+    fn prepare(&self, _: &[u32], _: &[u64]) {}
 
     fn state(&self) -> SplitMix64 {
         self.random.source()
     }
 
     #[inline]
-    fn pick(
-        &self,
-        _: &Req,
-        endpoints: &[Arc<EndpointStats>],
-        _: &(),
-        random: &mut SplitMix64,
-    ) -> usize {
+    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), random: &mut SplitMix64) -> usize {
         let (a, b) = two(random, endpoints.len());
-        if endpoints[b].peak_ewma_load() < endpoints[a].peak_ewma_load() {
+        if endpoints.peak_ewma_load(b) < endpoints.peak_ewma_load(a) {
             b
         } else {
             a
@@ -333,14 +308,14 @@ where
     type Prepared = HashRing;
     type State = ();
 
-    fn prepare(&self, _: &[Arc<EndpointStats>], keys: &[u64]) -> HashRing {
+    fn prepare(&self, _: &[u32], keys: &[u64]) -> HashRing {
         HashRing::build(keys)
     }
 
     fn state(&self) {}
 
     #[inline]
-    fn pick(&self, request: &Req, _: &[Arc<EndpointStats>], ring: &HashRing, _: &mut ()) -> usize {
+    fn pick(&self, request: &Req, _: &EndpointLoads, ring: &HashRing, _: &mut ()) -> usize {
         ring.lookup(stable_hash(&(self.key)(request)))
             .expect("the ring of a non-empty set has owners")
     }
@@ -351,17 +326,14 @@ mod tests {
     use super::*;
     use tokio::time::Instant;
 
-    fn endpoints(weights: &[u32]) -> Vec<Arc<EndpointStats>> {
-        let now = Instant::now();
-        weights
-            .iter()
-            .map(|&w| Arc::new(EndpointStats::new(w, now)))
-            .collect()
+    fn endpoints(weights: &[u32]) -> EndpointLoads {
+        EndpointLoads::new(weights)
     }
 
-    fn counts<P: Picker<()>>(picker: &P, set: &[Arc<EndpointStats>], picks: usize) -> Vec<usize> {
+    fn counts<P: Picker<()>>(picker: &P, set: &EndpointLoads, picks: usize) -> Vec<usize> {
         let keys: Vec<u64> = (0..set.len() as u64).collect();
-        let prepared = picker.prepare(set, &keys);
+        let weights: Vec<u32> = (0..set.len()).map(|i| set.weight(i)).collect();
+        let prepared = picker.prepare(&weights, &keys);
         let mut state = picker.state();
         let mut counts = vec![0; set.len()];
         for _ in 0..picks {
@@ -400,8 +372,11 @@ mod tests {
     #[test]
     fn weighted_round_robin_is_smooth_and_exact_over_a_cycle() {
         let set = endpoints(&[5, 1, 1]);
-        let prepared =
-            <WeightedRoundRobin as Picker<()>>::prepare(&WeightedRoundRobin, &set, &[0, 1, 2]);
+        let prepared = <WeightedRoundRobin as Picker<()>>::prepare(
+            &WeightedRoundRobin,
+            &[5, 1, 1],
+            &[0, 1, 2],
+        );
         // nginx's example: a a b a c a a.
         assert_eq!(&*prepared, &[0, 0, 1, 0, 2, 0, 0]);
         let observed = counts(&WeightedRoundRobin, &set, 7 * 100);
@@ -412,7 +387,7 @@ mod tests {
     fn least_requests_prefers_the_idle_endpoint() {
         let set = endpoints(&[1, 1]);
         for _ in 0..10 {
-            set[0].start();
+            set.start(0);
         }
         let observed = counts(&LeastRequests::seeded(1), &set, 1_000);
         assert_eq!(observed, vec![0, 1_000]);
@@ -422,9 +397,9 @@ mod tests {
     async fn peak_ewma_prefers_the_fast_endpoint() {
         let set = endpoints(&[1, 1, 1]);
         let now = Instant::now();
-        set[0].observe(std::time::Duration::from_millis(50), now);
-        set[1].observe(std::time::Duration::from_millis(5), now);
-        set[2].observe(std::time::Duration::from_millis(50), now);
+        set.observe(0, std::time::Duration::from_millis(50), now);
+        set.observe(1, std::time::Duration::from_millis(5), now);
+        set.observe(2, std::time::Duration::from_millis(50), now);
         let observed = counts(&PeakEwma::seeded(3), &set, 3_000);
         // The fast endpoint wins every pair it is in: two pairs of three.
         assert!(observed[1] > 1_800, "{observed:?}");
@@ -435,7 +410,7 @@ mod tests {
         let set = endpoints(&[1; 5]);
         let picker = ConsistentHash::new(|user: &u64| *user);
         let keys: Vec<u64> = (0..5).map(|k| stable_hash(&k)).collect();
-        let ring = picker.prepare(&set, &keys);
+        let ring = picker.prepare(&[1; 5], &keys);
         for user in 0..100u64 {
             let first = picker.pick(&user, &set, &ring, &mut ());
             assert_eq!(picker.pick(&user, &set, &ring, &mut ()), first);

@@ -2,7 +2,7 @@
 
 use super::error::NoEndpoints;
 use super::picker::Picker;
-use super::stats::EndpointStats;
+use super::stats::EndpointLoads;
 use super::worker;
 use crate::padded::CachePadded;
 use pin_project_lite::pin_project;
@@ -21,7 +21,7 @@ use tower::{BoxError, Service};
 /// The ready endpoints at one moment, and what the picker derived from them.
 pub(crate) struct Snapshot<S, T> {
     pub(crate) services: Vec<S>,
-    pub(crate) stats: Vec<Arc<EndpointStats>>,
+    pub(crate) weights: Arc<[u32]>,
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
     pub(crate) known: usize,
@@ -31,7 +31,7 @@ impl<S, T> Snapshot<S, T> {
     pub(crate) fn empty() -> Self {
         Self {
             services: Vec::new(),
-            stats: Vec::new(),
+            weights: Arc::from([]),
             prepared: None,
             known: 0,
         }
@@ -115,6 +115,8 @@ pub struct Balance<S, Req, P: Picker<Req>> {
     picker: Arc<P>,
     state: P::State,
     view: Arc<Snapshot<S, P::Prepared>>,
+    /// This handle's loads on the snapshot's endpoints.
+    loads: Arc<EndpointLoads>,
     version: u64,
     /// Since when no endpoint has been ready, while waiting.
     waiting: Option<(Instant, Pin<Box<Sleep>>)>,
@@ -178,6 +180,10 @@ where
         let state = picker.state();
         let view = shared.current().clone();
         Self {
+            loads: Arc::new(EndpointLoads::with_weights(
+                view.weights.clone(),
+                Instant::now(),
+            )),
             view,
             version: 0,
             shared,
@@ -195,6 +201,10 @@ impl<S, Req, P: Picker<Req>> Balance<S, Req, P> {
         let version = self.shared.version.load(Ordering::Acquire);
         if version != self.version {
             self.view = self.shared.current().clone();
+            self.loads = Arc::new(EndpointLoads::with_weights(
+                self.view.weights.clone(),
+                Instant::now(),
+            ));
             self.version = version;
         }
     }
@@ -267,13 +277,12 @@ where
         };
         let index = self
             .picker
-            .pick(&request, &view.stats, prepared, &mut self.state);
+            .pick(&request, &self.loads, prepared, &mut self.state);
         let call = Oneshot::new(view.services[index].clone(), request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
-            let stats = view.stats[index].clone();
-            stats.start();
+            self.loads.start(index);
             let sent = self.picker.tracks_latency().then(Instant::now);
-            ResponseFuture::tracked(call, stats, sent)
+            ResponseFuture::tracked(call, self.loads.clone(), index, sent)
         } else {
             ResponseFuture::plain(call)
         }
@@ -287,6 +296,11 @@ impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
             picker: self.picker.clone(),
             state: self.picker.state(),
             view: self.view.clone(),
+            // Each handle balances its own traffic: fresh loads.
+            loads: Arc::new(EndpointLoads::with_weights(
+                self.view.weights.clone(),
+                Instant::now(),
+            )),
             version: self.version,
             waiting: None,
         }
@@ -320,13 +334,14 @@ pin_project! {
 
 /// An in-flight request counted against its endpoint (and timed, for latency pickers).
 struct Tracked {
-    stats: Arc<EndpointStats>,
+    loads: Arc<EndpointLoads>,
+    index: usize,
     sent: Option<Instant>,
 }
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.stats.finish();
+        self.loads.finish(self.index);
     }
 }
 
@@ -347,11 +362,16 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    fn tracked(call: Oneshot<S, Req>, stats: Arc<EndpointStats>, sent: Option<Instant>) -> Self {
+    fn tracked(
+        call: Oneshot<S, Req>,
+        loads: Arc<EndpointLoads>,
+        index: usize,
+        sent: Option<Instant>,
+    ) -> Self {
         Self {
             call: Some(call),
             failed: None,
-            tracked: Some(Tracked { stats, sent }),
+            tracked: Some(Tracked { loads, index, sent }),
         }
     }
 }
@@ -374,12 +394,13 @@ where
         };
         let result = std::task::ready!(call.poll(cx));
         if let Some(Tracked {
-            stats,
+            loads,
+            index,
             sent: Some(sent),
         }) = this.tracked.as_ref()
         {
             let now = Instant::now();
-            stats.observe(now - *sent, now);
+            loads.observe(*index, now - *sent, now);
         }
         // Dropping the bookkeeping counts the request as finished.
         *this.tracked = None;

@@ -4,7 +4,6 @@
 use super::picker::Picker;
 use super::ring::stable_hash;
 use super::service::{Shared, Snapshot};
-use super::stats::EndpointStats;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -23,7 +22,7 @@ struct Endpoint<K, S> {
     key: K,
     hash: u64,
     service: S,
-    stats: Arc<EndpointStats>,
+    weight: u32,
     ready: bool,
     /// After a readiness error: not polled again before this.
     retry_at: Option<Instant>,
@@ -53,7 +52,6 @@ pub(crate) async fn run<D, Req, P>(
     let Some(name) = shared.upgrade().map(|shared| shared.name.clone()) else {
         return;
     };
-    let origin = Instant::now();
     let mut endpoints: Vec<Endpoint<D::Key, D::Service>> = Vec::new();
     let mut discovering = true;
     loop {
@@ -112,7 +110,7 @@ pub(crate) async fn run<D, Req, P>(
                     hash: stable_hash(&key),
                     key,
                     service,
-                    stats: Arc::new(EndpointStats::new(1, origin)),
+                    weight: 1,
                     ready: false,
                     retry_at: None,
                 });
@@ -159,12 +157,12 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
     // Ordered by key hash, so every handle and every rebuild sees the same order.
     let mut ready: Vec<&Endpoint<K, S>> = endpoints.iter().filter(|e| e.ready).collect();
     ready.sort_by_key(|e| e.hash);
-    let stats: Vec<Arc<EndpointStats>> = ready.iter().map(|e| e.stats.clone()).collect();
+    let weights: Arc<[u32]> = ready.iter().map(|e| e.weight).collect();
     let keys: Vec<u64> = ready.iter().map(|e| e.hash).collect();
-    let prepared = (!ready.is_empty()).then(|| picker.prepare(&stats, &keys));
+    let prepared = (!ready.is_empty()).then(|| picker.prepare(&weights, &keys));
     Snapshot {
         services: ready.iter().map(|e| e.service.clone()).collect(),
-        stats,
+        weights,
         prepared,
         known: endpoints.len(),
     }

@@ -245,3 +245,48 @@ async fn dropping_every_handle_stops_the_worker() {
     );
     drop(tx);
 }
+
+#[tokio::test(start_paused = true)]
+async fn weights_from_the_builder_shape_weighted_round_robin() {
+    use meshkit::balance::WeightedRoundRobin;
+    let (tx, rx) = changes();
+    for name in ["heavy", "light"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let mut balance = Balance::builder(rx, WeightedRoundRobin)
+        .weights(|name: &&'static str| if *name == "heavy" { 3 } else { 1 })
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 400).await;
+    assert_eq!((counts["heavy"], counts["light"]), (300, 100), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_balancer_from_config_uses_the_named_picker() {
+    use meshkit::balance::{BalanceConfig, PickerKind};
+    let (tx, rx) = changes();
+    for name in ["a", "b", "c"] {
+        tx.unbounded_send(insert(name)).unwrap();
+    }
+    let config = BalanceConfig {
+        picker: PickerKind::RoundRobin,
+        ..BalanceConfig::default()
+    };
+    let mut balance = Balance::from_config(rx, &config).unwrap();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 300).await;
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [100, 100, 100]
+    );
+
+    let bad = BalanceConfig {
+        failfast_after: Duration::from_secs(7_200),
+        ..BalanceConfig::default()
+    };
+    let (_tx, rx) = changes();
+    let error = Balance::<Endpoint, u64, _>::from_config(rx, &bad).unwrap_err();
+    assert_eq!(error.field(), "failfast_after");
+}

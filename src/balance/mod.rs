@@ -47,6 +47,7 @@
 //! rather than dropped. When no endpoint is ready for `failfast_after`, calls fail at once
 //! with [`NoEndpoints`] instead of hanging, and resume as soon as one is ready.
 
+mod config;
 mod error;
 mod picker;
 mod ring;
@@ -54,10 +55,11 @@ mod service;
 mod stats;
 mod worker;
 
+pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
 pub use error::NoEndpoints;
 pub use picker::{
     ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
 };
 pub use ring::HashRing;
-pub use service::{Balance, ResponseFuture};
+pub use service::{Balance, BalanceBuilder, ResponseFuture};
 pub use stats::EndpointLoads;

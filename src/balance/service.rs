@@ -1,7 +1,9 @@
 //! [`Balance`]: a `Clone` balancer whose handles pick from a shared, immutable snapshot.
 
+use super::config::{BalanceConfig, ConfiguredPicker};
 use super::error::NoEndpoints;
 use super::picker::Picker;
+use super::picker::RoundRobin;
 use super::stats::EndpointLoads;
 use super::worker;
 use crate::padded::CachePadded;
@@ -138,7 +140,7 @@ where
         S::Error: Into<BoxError>,
         Req: 'static,
     {
-        Self::with_options(discover, picker, "balance", Duration::from_secs(3))
+        Balance::builder(discover, picker).build()
     }
 
     /// As [`new`](Self::new), naming the service (in [`NoEndpoints`] and events) and setting
@@ -157,6 +159,101 @@ where
         S::Error: Into<BoxError>,
         Req: 'static,
     {
+        Balance::builder(discover, picker)
+            .name(name)
+            .failfast_after(failfast_after)
+            .build()
+    }
+}
+
+impl<S, Req> Balance<S, Req, ConfiguredPicker>
+where
+    S: Clone + Send + 'static,
+{
+    /// A balancer as `config` describes (picker and fail-fast).
+    ///
+    /// # Errors
+    /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
+    pub fn from_config<D>(discover: D, config: &BalanceConfig) -> Result<Self, crate::ConfigError>
+    where
+        D: Discover<Service = S> + Send + Unpin + 'static,
+        D::Key: std::hash::Hash + Clone + Send,
+        D::Error: Into<BoxError>,
+        S: Service<Req> + Sync,
+        S::Error: Into<BoxError>,
+        Req: 'static,
+    {
+        config.validate()?;
+        Ok(
+            Balance::builder(discover, ConfiguredPicker::new(config.picker))
+                .failfast_after(config.failfast_after)
+                .build(),
+        )
+    }
+}
+
+/// Sets up a [`Balance`]: its name, fail-fast delay and endpoint weights.
+#[must_use]
+pub struct BalanceBuilder<D: Discover, P> {
+    discover: D,
+    picker: P,
+    name: Arc<str>,
+    failfast_after: Duration,
+    weight: Option<worker::WeightOf<D::Key>>,
+}
+
+impl Balance<(), (), RoundRobin> {
+    /// Starts a balancer over `discover`'s endpoints with `picker`.
+    pub fn builder<D: Discover, P>(discover: D, picker: P) -> BalanceBuilder<D, P> {
+        BalanceBuilder {
+            discover,
+            picker,
+            name: Arc::from("balance"),
+            failfast_after: Duration::from_secs(3),
+            weight: None,
+        }
+    }
+}
+
+impl<D: Discover, P> BalanceBuilder<D, P> {
+    /// Names the balanced service (in [`NoEndpoints`] and tracing events).
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// How long calls wait for a ready endpoint before failing fast (default 3 s).
+    pub fn failfast_after(mut self, after: Duration) -> Self {
+        self.failfast_after = after;
+        self
+    }
+
+    /// Each endpoint's weight, from its key (read when it is inserted; 1 without this). With
+    /// meshkit discovery the key is the `InstanceId`: look the instance's `weight` up in the
+    /// registry.
+    pub fn weights(mut self, weight: impl Fn(&D::Key) -> u32 + Send + Sync + 'static) -> Self {
+        self.weight = Some(Arc::new(weight));
+        self
+    }
+
+    /// The balancer; its worker starts with the first `poll_ready`.
+    pub fn build<Req>(self) -> Balance<D::Service, Req, P>
+    where
+        P: Picker<Req>,
+        D: Send + Unpin + 'static,
+        D::Key: std::hash::Hash + Clone + Send,
+        D::Error: Into<BoxError>,
+        D::Service: Service<Req> + Clone + Send + Sync + 'static,
+        <D::Service as Service<Req>>::Error: Into<BoxError>,
+        Req: 'static,
+    {
+        let Self {
+            discover,
+            picker,
+            name,
+            failfast_after,
+            weight,
+        } = self;
         let picker = Arc::new(picker);
         let worker_picker = picker.clone();
         let closed = Arc::new(tokio::sync::Notify::new());
@@ -165,12 +262,13 @@ where
             version: CachePadded::default(),
             current: Mutex::new(Arc::new(Snapshot::empty())),
             waiters: Mutex::new(Vec::new()),
-            name: name.into(),
+            name,
             failfast_after,
             start: Mutex::new(Some(Box::new(move |shared| {
                 tokio::spawn(worker::run::<D, Req, P>(
                     discover,
                     worker_picker,
+                    weight,
                     shared,
                     worker_closed,
                 ));
@@ -179,7 +277,7 @@ where
         });
         let state = picker.state();
         let view = shared.current().clone();
-        Self {
+        Balance {
             loads: Arc::new(EndpointLoads::with_weights(
                 view.weights.clone(),
                 Instant::now(),
@@ -191,6 +289,15 @@ where
             state,
             waiting: None,
         }
+    }
+}
+
+impl<D: Discover, P> fmt::Debug for BalanceBuilder<D, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceBuilder")
+            .field("name", &self.name)
+            .field("failfast_after", &self.failfast_after)
+            .finish_non_exhaustive()
     }
 }
 

@@ -18,6 +18,9 @@ use tower::{BoxError, Service};
 /// balancer drops such an endpoint for good).
 const RETRY_NOT_READY: Duration = Duration::from_secs(1);
 
+/// An endpoint's weight from its key.
+pub(crate) type WeightOf<K> = Arc<dyn Fn(&K) -> u32 + Send + Sync>;
+
 struct Endpoint<K, S> {
     key: K,
     hash: u64,
@@ -39,6 +42,7 @@ enum Event<K, S> {
 pub(crate) async fn run<D, Req, P>(
     mut discover: D,
     picker: Arc<P>,
+    weight_of: Option<WeightOf<D::Key>>,
     shared: Weak<Shared<D::Service, P::Prepared>>,
     closed: Arc<Notify>,
 ) where
@@ -106,11 +110,12 @@ pub(crate) async fn run<D, Req, P>(
                     .position(|e| e.key == key)
                     .map(|at| endpoints.swap_remove(at).ready)
                     .unwrap_or(false);
+                let weight = weight_of.as_ref().map_or(1, |weight| weight(&key).max(1));
                 endpoints.push(Endpoint {
                     hash: stable_hash(&key),
                     key,
                     service,
-                    weight: 1,
+                    weight,
                     ready: false,
                     retry_at: None,
                 });

@@ -1,0 +1,161 @@
+//! [`BalanceConfig`]: the picker and fail-fast settings as plain data, and [`ConfiguredPicker`],
+//! the picker it names.
+
+use super::picker::{LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin};
+use super::stats::EndpointLoads;
+use crate::config::{duration_in_range, ConfigError};
+use crate::random::SplitMix64;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Configuration of a [`Balance`](super::Balance) built with
+/// [`Balance::from_config`](super::Balance::from_config).
+///
+/// ```
+/// use meshkit::balance::{BalanceConfig, PickerKind};
+///
+/// let config: BalanceConfig =
+///     serde_json::from_str(r#"{ "picker": "peak_ewma", "failfast_after": "2s" }"#).unwrap();
+/// assert_eq!(config.picker, PickerKind::PeakEwma);
+/// config.validate().unwrap();
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// How endpoints are chosen. Default `least_requests`. (`ConsistentHash` needs a key
+    /// function, so it is built in code.)
+    pub picker: PickerKind,
+    /// How long calls wait for a ready endpoint before failing fast with
+    /// [`NoEndpoints`](super::NoEndpoints), in `[0s, 1h]`. Default `"3s"`.
+    #[serde(with = "crate::duration")]
+    pub failfast_after: Duration,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        Self {
+            picker: PickerKind::LeastRequests,
+            failfast_after: Duration::from_secs(3),
+        }
+    }
+}
+
+impl BalanceConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming `failfast_after` and its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        duration_in_range(
+            "failfast_after",
+            self.failfast_after,
+            Duration::ZERO,
+            Duration::from_secs(3_600),
+        )
+    }
+}
+
+/// The pickers a [`BalanceConfig`] can name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PickerKind {
+    /// [`RoundRobin`].
+    RoundRobin,
+    /// [`Random`].
+    Random,
+    /// [`WeightedRoundRobin`].
+    WeightedRoundRobin,
+    /// [`LeastRequests`].
+    #[default]
+    LeastRequests,
+    /// [`PeakEwma`].
+    PeakEwma,
+}
+
+/// The picker a [`PickerKind`] names, chosen at run time.
+#[derive(Clone, Debug)]
+pub struct ConfiguredPicker {
+    kind: PickerKind,
+    random: Random,
+}
+
+impl ConfiguredPicker {
+    /// The picker `kind` names.
+    pub fn new(kind: PickerKind) -> Self {
+        Self {
+            kind,
+            random: Random::new(),
+        }
+    }
+}
+
+impl<Req> Picker<Req> for ConfiguredPicker {
+    type Prepared = Option<Box<[u32]>>;
+    type State = (usize, SplitMix64);
+
+    fn prepare(&self, weights: &[u32], keys: &[u64]) -> Option<Box<[u32]>> {
+        (self.kind == PickerKind::WeightedRoundRobin).then(|| {
+            <WeightedRoundRobin as Picker<Req>>::prepare(&WeightedRoundRobin, weights, keys)
+        })
+    }
+
+    fn state(&self) -> (usize, SplitMix64) {
+        (
+            <RoundRobin as Picker<Req>>::state(&RoundRobin),
+            <Random as Picker<Req>>::state(&self.random),
+        )
+    }
+
+    fn pick(
+        &self,
+        request: &Req,
+        endpoints: &EndpointLoads,
+        prepared: &Option<Box<[u32]>>,
+        (cursor, random): &mut (usize, SplitMix64),
+    ) -> usize {
+        match (self.kind, prepared) {
+            (PickerKind::RoundRobin, _) => RoundRobin.pick(request, endpoints, &(), cursor),
+            (PickerKind::WeightedRoundRobin, Some(cycle)) => {
+                WeightedRoundRobin.pick(request, endpoints, cycle, cursor)
+            }
+            (PickerKind::WeightedRoundRobin, None) => {
+                RoundRobin.pick(request, endpoints, &(), cursor)
+            }
+            (PickerKind::Random, _) => self.random.pick(request, endpoints, &(), random),
+            (PickerKind::LeastRequests, _) => {
+                LeastRequests::default().pick(request, endpoints, &(), random)
+            }
+            (PickerKind::PeakEwma, _) => PeakEwma::default().pick(request, endpoints, &(), random),
+        }
+    }
+
+    fn tracks_load(&self) -> bool {
+        matches!(self.kind, PickerKind::LeastRequests | PickerKind::PeakEwma)
+    }
+
+    fn tracks_latency(&self) -> bool {
+        self.kind == PickerKind::PeakEwma
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_an_empty_document_and_bad_values_are_named() {
+        assert_eq!(
+            serde_json::from_str::<BalanceConfig>("{}").unwrap(),
+            BalanceConfig::default()
+        );
+        let bad = BalanceConfig {
+            failfast_after: Duration::from_secs(7_200),
+            ..BalanceConfig::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "failfast_after must be in [0s, 1h], got 2h"
+        );
+        assert!(serde_json::from_str::<BalanceConfig>(r#"{ "picker": "fastest" }"#).is_err());
+    }
+}

@@ -29,6 +29,8 @@ pub struct BalanceConfig {
     /// [`NoEndpoints`](super::NoEndpoints), in `[0s, 1h]`. Default `"3s"`.
     #[serde(with = "crate::duration")]
     pub failfast_after: Duration,
+    /// Outlier ejection and panic mode; `null` (the default) turns them off.
+    pub ejection: Option<super::EjectionConfig>,
 }
 
 impl Default for BalanceConfig {
@@ -36,6 +38,7 @@ impl Default for BalanceConfig {
         Self {
             picker: PickerKind::LeastRequests,
             failfast_after: Duration::from_secs(3),
+            ejection: None,
         }
     }
 }
@@ -44,14 +47,19 @@ impl BalanceConfig {
     /// Checks every field.
     ///
     /// # Errors
-    /// A [`ConfigError`] naming `failfast_after` and its range.
+    /// A [`ConfigError`] naming the field (`failfast_after`, `ejection.failure_rate`, ...)
+    /// and its range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         duration_in_range(
             "failfast_after",
             self.failfast_after,
             Duration::ZERO,
             Duration::from_secs(3_600),
-        )
+        )?;
+        match &self.ejection {
+            Some(ejection) => ejection.validate().map_err(|e| e.at("ejection")),
+            None => Ok(()),
+        }
     }
 }
 

@@ -48,6 +48,7 @@
 //! with [`NoEndpoints`] instead of hanging, and resume as soon as one is ready.
 
 mod config;
+mod eject;
 mod error;
 mod picker;
 mod ring;
@@ -56,6 +57,7 @@ mod stats;
 mod worker;
 
 pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
+pub use eject::{EjectionConfig, Guarded, GuardedCall, GuardedFuture};
 pub use error::NoEndpoints;
 pub use picker::{
     ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,

@@ -1,6 +1,7 @@
 //! [`Balance`]: a `Clone` balancer whose handles pick from a shared, immutable snapshot.
 
 use super::config::{BalanceConfig, ConfiguredPicker};
+use super::eject::{EjectionConfig, Guarded, GuardedCall};
 use super::error::NoEndpoints;
 use super::picker::Picker;
 use super::picker::RoundRobin;
@@ -17,12 +18,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 use tower::discover::Discover;
-use tower::util::Oneshot;
 use tower::{BoxError, Service};
 
 /// The ready endpoints at one moment, and what the picker derived from them.
 pub(crate) struct Snapshot<S, T> {
-    pub(crate) services: Vec<S>,
+    pub(crate) services: Vec<Guarded<S>>,
     pub(crate) weights: Arc<[u32]>,
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
@@ -200,6 +200,7 @@ pub struct BalanceBuilder<D: Discover, P> {
     name: Arc<str>,
     failfast_after: Duration,
     weight: Option<worker::WeightOf<D::Key>>,
+    ejection: Option<EjectionConfig>,
 }
 
 impl Balance<(), (), RoundRobin> {
@@ -211,6 +212,7 @@ impl Balance<(), (), RoundRobin> {
             name: Arc::from("balance"),
             failfast_after: Duration::from_secs(3),
             weight: None,
+            ejection: None,
         }
     }
 }
@@ -236,6 +238,16 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
         self
     }
 
+    /// Ejects outliers as `ejection` says (off by default).
+    ///
+    /// # Errors
+    /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
+    pub fn ejection(mut self, ejection: EjectionConfig) -> Result<Self, crate::ConfigError> {
+        ejection.validate().map_err(|e| e.at("ejection"))?;
+        self.ejection = Some(ejection);
+        Ok(self)
+    }
+
     /// The balancer; its worker starts with the first `poll_ready`.
     pub fn build<Req>(self) -> Balance<D::Service, Req, P>
     where
@@ -253,6 +265,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             name,
             failfast_after,
             weight,
+            ejection,
         } = self;
         let picker = Arc::new(picker);
         let worker_picker = picker.clone();
@@ -269,6 +282,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
                     discover,
                     worker_picker,
                     weight,
+                    ejection,
                     shared,
                     worker_closed,
                 ));
@@ -385,7 +399,7 @@ where
         let index = self
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
-        let call = Oneshot::new(view.services[index].clone(), request);
+        let call = GuardedCall::new(view.services[index].clone(), request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(Instant::now);
@@ -432,7 +446,7 @@ pin_project! {
         S: Service<Req>,
     {
         #[pin]
-        call: Option<Oneshot<S, Req>>,
+        call: Option<GuardedCall<S, Req>>,
         failed: Option<NoEndpoints>,
         // Load bookkeeping for pickers that read it: finished on completion or drop.
         tracked: Option<Tracked>,
@@ -461,7 +475,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    fn plain(call: Oneshot<S, Req>) -> Self {
+    fn plain(call: GuardedCall<S, Req>) -> Self {
         Self {
             call: Some(call),
             failed: None,
@@ -470,7 +484,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     }
 
     fn tracked(
-        call: Oneshot<S, Req>,
+        call: GuardedCall<S, Req>,
         loads: Arc<EndpointLoads>,
         index: usize,
         sent: Option<Instant>,
@@ -511,7 +525,7 @@ where
         }
         // Dropping the bookkeeping counts the request as finished.
         *this.tracked = None;
-        Poll::Ready(result.map_err(Into::into))
+        Poll::Ready(result)
     }
 }
 

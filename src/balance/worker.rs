@@ -1,9 +1,12 @@
 //! The balancer's background task: applies discovery changes, drives endpoints that are not
 //! ready, and publishes the ready set, with or without traffic.
 
+use super::eject::{EjectionConfig, Guarded};
 use super::picker::Picker;
 use super::ring::stable_hash;
 use super::service::{Shared, Snapshot};
+use crate::breaker::{BreakerHandle, BreakerState, CircuitBreakerLayer};
+use futures::stream::{SelectAll, StreamExt};
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -12,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tower::discover::{Change, Discover};
-use tower::{BoxError, Service};
+use tower::{BoxError, Layer, Service};
 
 /// How long an endpoint whose readiness failed waits before it is polled again (tower's
 /// balancer drops such an endpoint for good).
@@ -24,14 +27,21 @@ pub(crate) type WeightOf<K> = Arc<dyn Fn(&K) -> u32 + Send + Sync>;
 struct Endpoint<K, S> {
     key: K,
     hash: u64,
-    service: S,
+    service: Guarded<S>,
     weight: u32,
     ready: bool,
     /// After a readiness error: not polled again before this.
     retry_at: Option<Instant>,
+    /// Its ejection breaker, when ejection is on.
+    breaker: Option<BreakerHandle>,
+    ejected: bool,
 }
 
+/// Breaker transitions of every endpoint, tagged with the endpoint's key hash.
+type Transitions = SelectAll<Pin<Box<dyn futures::Stream<Item = (u64, BreakerState)> + Send>>>;
+
 enum Event<K, S> {
+    Transition(u64, BreakerState),
     Change(Change<K, S>),
     DiscoveryFailed(BoxError),
     DiscoveryEnded,
@@ -43,6 +53,7 @@ pub(crate) async fn run<D, Req, P>(
     mut discover: D,
     picker: Arc<P>,
     weight_of: Option<WeightOf<D::Key>>,
+    ejection: Option<EjectionConfig>,
     shared: Weak<Shared<D::Service, P::Prepared>>,
     closed: Arc<Notify>,
 ) where
@@ -57,11 +68,16 @@ pub(crate) async fn run<D, Req, P>(
         return;
     };
     let mut endpoints: Vec<Endpoint<D::Key, D::Service>> = Vec::new();
+    let mut transitions: Transitions = SelectAll::new();
+    let mut panicking = false;
     let mut discovering = true;
     loop {
         let now = Instant::now();
         let next_retry = endpoints.iter().filter_map(|e| e.retry_at).min();
         let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(Some((hash, state))) = transitions.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Transition(hash, state));
+            }
             if discovering {
                 match Pin::new(&mut discover).poll_discover(cx) {
                     Poll::Ready(Some(Ok(change))) => return Poll::Ready(Event::Change(change)),
@@ -78,9 +94,7 @@ pub(crate) async fn run<D, Req, P>(
                 }
                 match endpoint.service.poll_ready(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Event::Ready(index)),
-                    Poll::Ready(Err(error)) => {
-                        return Poll::Ready(Event::NotReady(index, error.into()))
-                    }
+                    Poll::Ready(Err(error)) => return Poll::Ready(Event::NotReady(index, error)),
                     Poll::Pending => {}
                 }
             }
@@ -111,13 +125,24 @@ pub(crate) async fn run<D, Req, P>(
                     .map(|at| endpoints.swap_remove(at).ready)
                     .unwrap_or(false);
                 let weight = weight_of.as_ref().map_or(1, |weight| weight(&key).max(1));
+                let hash = stable_hash(&key);
+                let (service, breaker) = match &ejection {
+                    Some(ejection) => {
+                        let (service, handle) = guard(&name, hash, ejection, service);
+                        transitions.push(watch(hash, &handle));
+                        (service, Some(handle))
+                    }
+                    None => (Guarded::plain(service), None),
+                };
                 endpoints.push(Endpoint {
-                    hash: stable_hash(&key),
+                    hash,
                     key,
                     service,
                     weight,
                     ready: false,
                     retry_at: None,
+                    breaker,
+                    ejected: false,
                 });
                 was_ready
             }
@@ -135,6 +160,10 @@ pub(crate) async fn run<D, Req, P>(
                 discovering = false;
                 false
             }
+            Event::Transition(hash, state) => {
+                let max_share = ejection.as_ref().map_or(1.0, |e| e.max_ejection_percent);
+                on_transition(&name, &mut endpoints, hash, state, max_share)
+            }
             Event::Ready(index) => {
                 endpoints[index].ready = true;
                 true
@@ -151,17 +180,140 @@ pub(crate) async fn run<D, Req, P>(
         // Every change of the known set is published (its count appears in `NoEndpoints`);
         // the ready set is what handles pick from.
         let _ = changed;
-        shared.publish(snapshot(&endpoints, &*picker));
+        let panic_threshold = ejection.as_ref().map_or(0.0, |e| e.panic_threshold);
+        shared.publish(snapshot(
+            &name,
+            &endpoints,
+            &*picker,
+            panic_threshold,
+            &mut panicking,
+        ));
+    }
+}
+
+/// Wraps an endpoint in its ejection breaker.
+fn guard<S>(
+    name: &str,
+    hash: u64,
+    ejection: &EjectionConfig,
+    service: S,
+) -> (Guarded<S>, BreakerHandle) {
+    let layer = CircuitBreakerLayer::new(ejection.breaker())
+        .expect("an ejection config is validated before it reaches the worker")
+        .name(format!("{name}/{hash:016x}"));
+    let handle = layer.handle();
+    (Guarded::breaker(layer.layer(service)), handle)
+}
+
+/// The endpoint's breaker transitions, tagged with its key hash, until the breaker is gone.
+fn watch(
+    hash: u64,
+    handle: &BreakerHandle,
+) -> Pin<Box<dyn futures::Stream<Item = (u64, BreakerState)> + Send>> {
+    let receiver = handle.subscribe();
+    Box::pin(futures::stream::unfold(
+        receiver,
+        move |mut receiver| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(transition) => return Some(((hash, transition.to), receiver)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        },
+    ))
+}
+
+/// Ejects or re-admits an endpoint as its breaker says; returns whether the set changed.
+fn on_transition<K, S>(
+    name: &str,
+    endpoints: &mut [Endpoint<K, S>],
+    hash: u64,
+    state: BreakerState,
+    max_share: f64,
+) -> bool {
+    let ready = endpoints.iter().filter(|e| e.ready).count();
+    let ejected = endpoints.iter().filter(|e| e.ready && e.ejected).count();
+    let Some(endpoint) = endpoints.iter_mut().find(|e| e.hash == hash) else {
+        return false; // removed since
+    };
+    match state {
+        BreakerState::Open if !endpoint.ejected => {
+            // Checked after the ejection it would cause.
+            if ready == 0 || (ejected + 1) as f64 / ready as f64 > max_share {
+                tracing::warn!(
+                    service = name,
+                    endpoint = format_args!("{hash:016x}"),
+                    ejected,
+                    ready,
+                    "ejection capped by max_ejection_percent; endpoint stays in rotation"
+                );
+                if let Some(breaker) = &endpoint.breaker {
+                    breaker.reset();
+                }
+                return false;
+            }
+            endpoint.ejected = true;
+            tracing::warn!(
+                service = name,
+                endpoint = format_args!("{hash:016x}"),
+                "endpoint ejected"
+            );
+            true
+        }
+        BreakerState::HalfOpen | BreakerState::Closed if endpoint.ejected => {
+            endpoint.ejected = false;
+            let how = if state == BreakerState::Closed {
+                "endpoint re-admitted"
+            } else {
+                "endpoint back in rotation for a probe"
+            };
+            tracing::info!(
+                service = name,
+                endpoint = format_args!("{hash:016x}"),
+                "{how}"
+            );
+            true
+        }
+        _ => false,
     }
 }
 
 fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
+    name: &str,
     endpoints: &[Endpoint<K, S>],
     picker: &P,
+    panic_threshold: f64,
+    panicking: &mut bool,
 ) -> Snapshot<S, P::Prepared> {
     // Ordered by key hash, so every handle and every rebuild sees the same order.
     let mut ready: Vec<&Endpoint<K, S>> = endpoints.iter().filter(|e| e.ready).collect();
     ready.sort_by_key(|e| e.hash);
+    let healthy = ready.iter().filter(|e| !e.ejected).count();
+    // Panic mode: too few healthy endpoints, so spread the load over all of them.
+    let panic = !ready.is_empty() && (healthy as f64) < panic_threshold * ready.len() as f64;
+    if panic != *panicking {
+        *panicking = panic;
+        if panic {
+            tracing::warn!(
+                service = name,
+                healthy,
+                ready = ready.len(),
+                "panic mode: balancing over every endpoint, ejected or not"
+            );
+        } else {
+            tracing::info!(
+                service = name,
+                healthy,
+                ready = ready.len(),
+                "panic mode over"
+            );
+        }
+    }
+    if !panic {
+        ready.retain(|e| !e.ejected);
+    }
     let weights: Arc<[u32]> = ready.iter().map(|e| e.weight).collect();
     let keys: Vec<u64> = ready.iter().map(|e| e.hash).collect();
     let prepared = (!ready.is_empty()).then(|| picker.prepare(&weights, &keys));

@@ -1,0 +1,308 @@
+//! Outlier ejection: [`EjectionConfig`], and [`Guarded`], an endpoint behind its own circuit
+//! breaker when ejection is on.
+
+use crate::breaker::{BreakerConfig, CircuitBreaker, WindowConfig};
+use crate::config::{duration_in_range, int_in_range, ConfigError};
+use pin_project_lite::pin_project;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::{BoxError, Service};
+
+/// When an endpoint is taken out of rotation, and for how long.
+///
+/// Each endpoint gets its own circuit breaker: when `failure_rate` of its last `failures`
+/// calls failed (by default: 5 failures in a row) it is ejected for `base_ejection`, doubling
+/// with each ejection in a row up to `max_ejection`; after that, the next call to it is a
+/// probe, and its success re-admits the endpoint. Ejection never takes more than
+/// `max_ejection_percent` of the ready endpoints out (counted after the ejection it would
+/// cause), and when fewer than `panic_threshold` of them are healthy, the balancer uses all of
+/// them (a degraded service keeps serving).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EjectionConfig {
+    /// Calls looked at, in `[1, 1000]`. Default `5`.
+    pub failures: u32,
+    /// Share of those that must have failed, in `(0, 1]`. Default `1.0` (all: in a row).
+    pub failure_rate: f64,
+    /// First ejection time, in `[1s, 1h]`. Default `"30s"`.
+    #[serde(with = "crate::duration")]
+    pub base_ejection: Duration,
+    /// Longest ejection time, in `[base_ejection, 1day]`. Default `"5m"`.
+    #[serde(with = "crate::duration")]
+    pub max_ejection: Duration,
+    /// Most of the ready endpoints that may be ejected at once, in `(0, 1]`. Default `0.5`.
+    pub max_ejection_percent: f64,
+    /// Below this share of healthy endpoints, balance over all of them, in `[0, 1]`. Default
+    /// `0.5`.
+    pub panic_threshold: f64,
+}
+
+impl Default for EjectionConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            failure_rate: 1.0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 0.5,
+            panic_threshold: 0.5,
+        }
+    }
+}
+
+impl EjectionConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first invalid field and its range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        int_in_range("failures", self.failures, 1, 1_000)?;
+        crate::config::rate_in_unit_interval("failure_rate", self.failure_rate)?;
+        duration_in_range(
+            "base_ejection",
+            self.base_ejection,
+            Duration::from_secs(1),
+            Duration::from_secs(3_600),
+        )?;
+        duration_in_range(
+            "max_ejection",
+            self.max_ejection,
+            self.base_ejection,
+            Duration::from_secs(86_400),
+        )?;
+        crate::config::rate_in_unit_interval("max_ejection_percent", self.max_ejection_percent)?;
+        if !(0.0..=1.0).contains(&self.panic_threshold) {
+            return Err(ConfigError::new(
+                "panic_threshold",
+                "in [0, 1]",
+                self.panic_threshold,
+            ));
+        }
+        Ok(())
+    }
+
+    /// The breaker each endpoint gets.
+    pub(crate) fn breaker(&self) -> BreakerConfig {
+        BreakerConfig {
+            failure_rate: self.failure_rate,
+            window: WindowConfig::Count {
+                size: self.failures,
+            },
+            minimum_calls: self.failures,
+            open_for: self.base_ejection,
+            open_for_max: self.max_ejection,
+            open_backoff: 2.0,
+            half_open_calls: 1,
+            ..BreakerConfig::default()
+        }
+    }
+}
+
+/// An endpoint as the balancer calls it: as discovered, or behind its ejection breaker.
+#[derive(Clone)]
+pub struct Guarded<S>(Kind<S>);
+
+#[derive(Clone)]
+enum Kind<S> {
+    Plain(S),
+    Breaker(CircuitBreaker<S>),
+}
+
+impl<S> Guarded<S> {
+    pub(crate) fn plain(service: S) -> Self {
+        Self(Kind::Plain(service))
+    }
+
+    pub(crate) fn breaker(service: CircuitBreaker<S>) -> Self {
+        Self(Kind::Breaker(service))
+    }
+}
+
+impl<S> fmt::Debug for Guarded<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Plain(_) => "Guarded::Plain",
+            Kind::Breaker(_) => "Guarded::Breaker",
+        })
+    }
+}
+
+impl<S, Req> Service<Req> for Guarded<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = GuardedFuture<S, Req>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match &mut self.0 {
+            Kind::Plain(service) => service.poll_ready(cx).map_err(Into::into),
+            Kind::Breaker(service) => service.poll_ready(cx),
+        }
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> Self::Future {
+        match &mut self.0 {
+            Kind::Plain(service) => GuardedFuture {
+                kind: FutureKind::Plain {
+                    future: service.call(request),
+                },
+            },
+            Kind::Breaker(service) => GuardedFuture {
+                kind: FutureKind::Breaker {
+                    future: service.call(request),
+                },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Guarded`].
+    pub struct GuardedFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        kind: FutureKind<S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = FutureKindProjection]
+    enum FutureKind<F> {
+        Plain { #[pin] future: F },
+        Breaker { #[pin] future: crate::breaker::ResponseFuture<F, crate::classify::DefaultClassifier> },
+    }
+}
+
+// Bounded through `S` (not a free error type), so that the error's type is the service's
+// own: an erased lifetime inside a boxed error cannot make a spawned call fail to be `Send`.
+impl<S, Req> Future for GuardedFuture<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            FutureKindProjection::Plain { future } => future.poll(cx).map_err(Into::into),
+            FutureKindProjection::Breaker { future } => future.poll(cx),
+        }
+    }
+}
+
+pin_project! {
+    /// One call to a [`Guarded`] endpoint: waits for its readiness, then its response.
+    ///
+    /// Its fields name only the endpoint's own future type (never a projection through
+    /// `Guarded`'s `Service` impl), so a spawned call stays `Send` even when the endpoint's
+    /// error type carries a lifetime the compiler erases (`Box<dyn Error + Send + Sync>`).
+    pub struct GuardedCall<S, Req>
+    where
+        S: Service<Req>,
+    {
+        service: Guarded<S>,
+        request: Option<Req>,
+        #[pin]
+        kind: CallKind<S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = CallKindProjection]
+    enum CallKind<F> {
+        Readying,
+        Plain { #[pin] future: F },
+        Breaker { #[pin] future: crate::breaker::ResponseFuture<F, crate::classify::DefaultClassifier> },
+    }
+}
+
+impl<S: Service<Req>, Req> GuardedCall<S, Req> {
+    pub(crate) fn new(service: Guarded<S>, request: Req) -> Self {
+        Self {
+            service,
+            request: Some(request),
+            kind: CallKind::Readying,
+        }
+    }
+}
+
+impl<S, Req> Future for GuardedCall<S, Req>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.kind.as_mut().project() {
+                CallKindProjection::Readying => {
+                    let request = match &mut this.service.0 {
+                        Kind::Plain(service) => {
+                            std::task::ready!(service.poll_ready(cx)).map_err(Into::into)?;
+                            let request = this.request.take().expect("called once");
+                            CallKind::Plain {
+                                future: service.call(request),
+                            }
+                        }
+                        Kind::Breaker(service) => {
+                            std::task::ready!(service.poll_ready(cx))?;
+                            let request = this.request.take().expect("called once");
+                            CallKind::Breaker {
+                                future: service.call(request),
+                            }
+                        }
+                    };
+                    this.kind.set(request);
+                }
+                CallKindProjection::Plain { future } => return future.poll(cx).map_err(Into::into),
+                CallKindProjection::Breaker { future } => return future.poll(cx),
+            }
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for GuardedCall<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GuardedCall")
+    }
+}
+
+impl<S: Service<Req>, Req> fmt::Debug for GuardedFuture<S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GuardedFuture")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        EjectionConfig::default().validate().unwrap();
+        let bad = EjectionConfig {
+            max_ejection_percent: 0.0,
+            ..EjectionConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field(), "max_ejection_percent");
+        let bad = EjectionConfig {
+            max_ejection: Duration::from_secs(10),
+            ..EjectionConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field(), "max_ejection");
+    }
+}

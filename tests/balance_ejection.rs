@@ -1,0 +1,143 @@
+//! Outlier ejection, re-admission, the ejection cap and panic mode, with paused time.
+
+use futures::channel::mpsc;
+use meshkit::balance::{Balance, EjectionConfig, RoundRobin};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::discover::Change;
+use tower::{BoxError, Service, ServiceExt};
+
+type Endpoint = tower::util::BoxCloneSyncService<u64, &'static str, BoxError>;
+type Discovered = Result<Change<&'static str, Endpoint>, Infallible>;
+
+/// An endpoint named `name` that fails while `failing` is set.
+fn endpoint(name: &'static str, failing: Arc<AtomicBool>) -> Discovered {
+    let service = tower::service_fn(move |_: u64| {
+        let failing = failing.load(Ordering::SeqCst);
+        async move {
+            if failing {
+                Err(BoxError::from(format!("{name} failed")))
+            } else {
+                Ok(name)
+            }
+        }
+    });
+    Ok(Change::Insert(
+        name,
+        tower::util::BoxCloneSyncService::new(service),
+    ))
+}
+
+fn ejection(max_ejection_percent: f64, panic_threshold: f64) -> EjectionConfig {
+    EjectionConfig {
+        failures: 3,
+        base_ejection: Duration::from_secs(30),
+        max_ejection: Duration::from_secs(300),
+        max_ejection_percent,
+        panic_threshold,
+        ..EjectionConfig::default()
+    }
+}
+
+/// Sends `calls` calls; counts the answers (errors under their message).
+async fn tally<S>(balance: &mut S, calls: u64) -> BTreeMap<String, u64>
+where
+    S: Service<u64, Response = &'static str, Error = BoxError>,
+{
+    let mut counts = BTreeMap::new();
+    for n in 0..calls {
+        let answer = match balance.ready().await.unwrap().call(n).await {
+            Ok(name) => name.to_string(),
+            Err(error) => error.to_string(),
+        };
+        *counts.entry(answer).or_insert(0) += 1;
+        // Let the worker see breaker transitions between calls.
+        tokio::task::yield_now().await;
+    }
+    counts
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_endpoint_is_ejected_then_probed_and_readmitted() {
+    let (tx, rx) = mpsc::unbounded();
+    let bad = Arc::new(AtomicBool::new(true));
+    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
+        .unwrap();
+    tx.unbounded_send(endpoint("bad", bad.clone())).unwrap();
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection(0.5, 0.0))
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+
+    let first = tally(&mut balance, 40).await;
+    assert_eq!(
+        first.get("bad failed"),
+        Some(&3),
+        "ejected after 3 failures: {first:?}"
+    );
+    assert_eq!(first["good"], 37);
+
+    // Still failing at the end of the ejection: the probe fails, ejected again (for longer).
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let second = tally(&mut balance, 40).await;
+    assert_eq!(second.get("bad failed"), Some(&1), "one probe: {second:?}");
+
+    // Healthy by the next probe (60 s later, the ejection doubled): re-admitted.
+    bad.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let third = tally(&mut balance, 40).await;
+    assert_eq!((third["good"], third["bad"]), (20, 20), "{third:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejection_never_exceeds_max_ejection_percent() {
+    let (tx, rx) = mpsc::unbounded();
+    for name in ["a", "b"] {
+        tx.unbounded_send(endpoint(name, Arc::new(AtomicBool::new(true))))
+            .unwrap();
+    }
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection(0.5, 0.0))
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 60).await;
+    // One of the two may go (50 %); ejecting the second would make it 100 %.
+    let a = counts.get("a failed").copied().unwrap_or(0);
+    let b = counts.get("b failed").copied().unwrap_or(0);
+    assert_eq!(a + b, 60);
+    assert!(
+        a.min(b) == 3 && a.max(b) == 57,
+        "one ejected after 3 failures, not both: {counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn panic_mode_balances_over_all_endpoints_when_too_few_are_healthy() {
+    let (tx, rx) = mpsc::unbounded();
+    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
+        .unwrap();
+    for name in ["bad1", "bad2"] {
+        tx.unbounded_send(endpoint(name, Arc::new(AtomicBool::new(true))))
+            .unwrap();
+    }
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection(1.0, 0.5))
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 90).await;
+    // With one ejected, 2 of 3 are healthy; with both bad ones ejected only 1 of 3 (< 50 %):
+    // panic mode puts them back, and their breakers (open) reject at once.
+    assert!(
+        counts["good"] < 90,
+        "traffic still spreads in panic mode: {counts:?}"
+    );
+}

@@ -109,7 +109,8 @@ pub struct Guarded<S>(Kind<S>);
 #[derive(Clone)]
 enum Kind<S> {
     Plain(S),
-    Breaker(CircuitBreaker<S>),
+    // Boxed: a plain endpoint stays the size of the service itself.
+    Breaker(Box<CircuitBreaker<S>>),
 }
 
 impl<S> Guarded<S> {
@@ -118,7 +119,7 @@ impl<S> Guarded<S> {
     }
 
     pub(crate) fn breaker(service: CircuitBreaker<S>) -> Self {
-        Self(Kind::Breaker(service))
+        Self(Kind::Breaker(Box::new(service)))
     }
 }
 
@@ -205,36 +206,47 @@ where
 pin_project! {
     /// One call to a [`Guarded`] endpoint: waits for its readiness, then its response.
     ///
-    /// Its fields name only the endpoint's own future type (never a projection through
-    /// `Guarded`'s `Service` impl), so a spawned call stays `Send` even when the endpoint's
-    /// error type carries a lifetime the compiler erases (`Box<dyn Error + Send + Sync>`).
+    /// Its fields name only the endpoint's own types (never a projection through a `Service`
+    /// impl with conditions on the error type), so a spawned call stays `Send` even when the
+    /// endpoint's error type carries a lifetime the compiler erases (`Box<dyn Error + ..>`).
     pub struct GuardedCall<S, Req>
     where
         S: Service<Req>,
     {
-        service: Guarded<S>,
-        request: Option<Req>,
         #[pin]
-        kind: CallKind<S::Future>,
+        inner: CallInner<S, Req>,
     }
 }
 
 pin_project! {
-    #[project = CallKindProjection]
-    enum CallKind<F> {
-        Readying,
-        Plain { #[pin] future: F },
-        Breaker { #[pin] future: crate::breaker::ResponseFuture<F, crate::classify::DefaultClassifier> },
+    #[project = CallInnerProjection]
+    enum CallInner<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Plain { #[pin] call: tower::util::Oneshot<S, Req> },
+        // Boxed: only calls with ejection on pay for the breaker's larger future.
+        Breaker {
+            service: Box<CircuitBreaker<S>>,
+            request: Option<Req>,
+            future: Option<Pin<Box<crate::breaker::ResponseFuture<S::Future, crate::classify::DefaultClassifier>>>>,
+        },
     }
 }
 
 impl<S: Service<Req>, Req> GuardedCall<S, Req> {
     pub(crate) fn new(service: Guarded<S>, request: Req) -> Self {
-        Self {
-            service,
-            request: Some(request),
-            kind: CallKind::Readying,
-        }
+        let inner = match service.0 {
+            Kind::Plain(service) => CallInner::Plain {
+                call: tower::util::Oneshot::new(service, request),
+            },
+            Kind::Breaker(service) => CallInner::Breaker {
+                service,
+                request: Some(request),
+                future: None,
+            },
+        };
+        Self { inner }
     }
 }
 
@@ -245,31 +257,21 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        loop {
-            match this.kind.as_mut().project() {
-                CallKindProjection::Readying => {
-                    let request = match &mut this.service.0 {
-                        Kind::Plain(service) => {
-                            std::task::ready!(service.poll_ready(cx)).map_err(Into::into)?;
-                            let request = this.request.take().expect("called once");
-                            CallKind::Plain {
-                                future: service.call(request),
-                            }
-                        }
-                        Kind::Breaker(service) => {
-                            std::task::ready!(service.poll_ready(cx))?;
-                            let request = this.request.take().expect("called once");
-                            CallKind::Breaker {
-                                future: service.call(request),
-                            }
-                        }
-                    };
-                    this.kind.set(request);
+        match self.project().inner.project() {
+            CallInnerProjection::Plain { call } => call.poll(cx).map_err(Into::into),
+            CallInnerProjection::Breaker {
+                service,
+                request,
+                future,
+            } => {
+                if future.is_none() {
+                    std::task::ready!(service.poll_ready(cx))?;
+                    let request = request.take().expect("called once");
+                    *future = Some(Box::pin(service.call(request)));
                 }
-                CallKindProjection::Plain { future } => return future.poll(cx).map_err(Into::into),
-                CallKindProjection::Breaker { future } => return future.poll(cx),
+                future.as_mut().expect("set above").as_mut().poll(cx)
             }
         }
     }

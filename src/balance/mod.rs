@@ -40,6 +40,15 @@
 //! them per worker thread: a call only touches counters of its own handle, so handles on
 //! different cores never contend. Clone a handle per task.
 //!
+//! ## Outlier ejection
+//!
+//! With [`EjectionConfig`] (builder `.ejection(..)` or `BalanceConfig::ejection`), each
+//! endpoint gets its own circuit breaker: failures eject it for a time that doubles with each
+//! ejection in a row, and the first call after that is a probe whose success re-admits it.
+//! Ejection never takes out more than `max_ejection_percent` of the ready endpoints, and below
+//! `panic_threshold` healthy endpoints the balancer uses all of them. Ejections, probes,
+//! re-admissions and panic mode emit `tracing` events.
+//!
 //! ## Readiness and failing fast
 //!
 //! A background task applies discovery changes and drives endpoints that are not ready even

@@ -35,6 +35,8 @@ struct Endpoint<K, S> {
     /// Its ejection breaker, when ejection is on.
     breaker: Option<BreakerHandle>,
     ejected: bool,
+    /// Back in rotation after an ejection, its next call a probe.
+    probing: bool,
 }
 
 /// Breaker transitions of every endpoint, tagged with the endpoint's key hash.
@@ -143,6 +145,7 @@ pub(crate) async fn run<D, Req, P>(
                     retry_at: None,
                     breaker,
                     ejected: false,
+                    probing: false,
                 });
                 was_ready
             }
@@ -262,19 +265,26 @@ fn on_transition<K, S>(
             );
             true
         }
-        BreakerState::HalfOpen | BreakerState::Closed if endpoint.ejected => {
+        BreakerState::HalfOpen if endpoint.ejected => {
             endpoint.ejected = false;
-            let how = if state == BreakerState::Closed {
-                "endpoint re-admitted"
-            } else {
-                "endpoint back in rotation for a probe"
-            };
+            endpoint.probing = true;
             tracing::info!(
                 service = name,
                 endpoint = format_args!("{hash:016x}"),
-                "{how}"
+                "endpoint back in rotation for a probe"
             );
             true
+        }
+        BreakerState::Closed if endpoint.ejected || endpoint.probing => {
+            let changed = endpoint.ejected;
+            endpoint.ejected = false;
+            endpoint.probing = false;
+            tracing::info!(
+                service = name,
+                endpoint = format_args!("{hash:016x}"),
+                "endpoint re-admitted"
+            );
+            changed
         }
         _ => false,
     }

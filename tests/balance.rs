@@ -90,7 +90,18 @@ async fn without_endpoints_calls_fail_fast_then_resume() {
     );
     let no_endpoints = error.downcast_ref::<NoEndpoints>().expect("NoEndpoints");
     assert_eq!(no_endpoints.service(), "users");
-    assert_eq!((no_endpoints.known(), no_endpoints.ready()), (0, 0));
+    assert_eq!(
+        (
+            no_endpoints.known(),
+            no_endpoints.ready(),
+            no_endpoints.ejected()
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(
+        error.to_string(),
+        "no endpoint of users is ready (0 known, 0 ready, 0 ejected)"
+    );
     assert!(
         meshkit::error::is_rejection(&*error),
         "a meshkit rejection: not retried"
@@ -289,4 +300,33 @@ async fn a_balancer_from_config_uses_the_named_picker() {
     let (_tx, rx) = changes();
     let error = Balance::<Endpoint, u64, _>::from_config(rx, &bad).unwrap_err();
     assert_eq!(error.field(), "failfast_after");
+}
+
+#[tokio::test(start_paused = true)]
+async fn weights_come_from_registered_instances() {
+    use meshkit::balance::WeightedRoundRobin;
+    use meshkit::discovery::{discover, weights, Instance, MemoryRegistry, Registry};
+    let registry = MemoryRegistry::new();
+    let heavy = Instance::builder("users", "10.0.0.1", 80)
+        .weight(4)
+        .build()
+        .unwrap();
+    let light = Instance::builder("users", "10.0.0.2", 80).build().unwrap();
+    let _heavy = registry.register(heavy).await.unwrap();
+    let _light = registry.register(light).await.unwrap();
+    let endpoints = discover(&registry, "users", |instance: &Instance| {
+        let host: &'static str = if instance.host.ends_with(".1") {
+            "heavy"
+        } else {
+            "light"
+        };
+        endpoint(host, Duration::ZERO)
+    });
+    let mut balance = Balance::builder(endpoints, WeightedRoundRobin)
+        .weights(weights(&registry, "users"))
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 500).await;
+    assert_eq!((counts["heavy"], counts["light"]), (400, 100), "{counts:?}");
 }

@@ -12,14 +12,16 @@ pub struct NoEndpoints {
     service: Arc<str>,
     known: usize,
     ready: usize,
+    ejected: usize,
 }
 
 impl NoEndpoints {
-    pub(crate) fn new(service: Arc<str>, known: usize, ready: usize) -> Self {
+    pub(crate) fn new(service: Arc<str>, known: usize, ready: usize, ejected: usize) -> Self {
         Self {
             service,
             known,
             ready,
+            ejected,
         }
     }
 
@@ -33,9 +35,14 @@ impl NoEndpoints {
         self.known
     }
 
-    /// Endpoints ready (zero, or the balancer would have used one).
+    /// Endpoints ready but not usable: zero, or the balancer would have used one.
     pub fn ready(&self) -> usize {
         self.ready
+    }
+
+    /// Endpoints ejected as outliers.
+    pub fn ejected(&self) -> usize {
+        self.ejected
     }
 }
 
@@ -43,8 +50,8 @@ impl fmt::Display for NoEndpoints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "no endpoint of {} is ready ({} known, {} ready)",
-            self.service, self.known, self.ready
+            "no endpoint of {} is ready ({} known, {} ready, {} ejected)",
+            self.service, self.known, self.ready, self.ejected
         )
     }
 }

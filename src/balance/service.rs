@@ -27,6 +27,8 @@ pub(crate) struct Snapshot<S, T> {
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
     pub(crate) known: usize,
+    /// Ready endpoints left out as outliers.
+    pub(crate) ejected: usize,
 }
 
 impl<S, T> Snapshot<S, T> {
@@ -36,6 +38,7 @@ impl<S, T> Snapshot<S, T> {
             weights: Arc::from([]),
             prepared: None,
             known: 0,
+            ejected: 0,
         }
     }
 }
@@ -393,7 +396,7 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let view = &self.view;
         let Some(prepared) = view.prepared.as_ref().filter(|_| !view.services.is_empty()) else {
-            let error = NoEndpoints::new(self.shared.name.clone(), view.known, 0);
+            let error = NoEndpoints::new(self.shared.name.clone(), view.known, 0, view.ejected);
             return ResponseFuture::failed(error);
         };
         let index = self

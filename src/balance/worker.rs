@@ -321,6 +321,7 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
             );
         }
     }
+    let ejected = if panic { 0 } else { ready.len() - healthy };
     if !panic {
         ready.retain(|e| !e.ejected);
     }
@@ -332,5 +333,6 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
         weights,
         prepared,
         known: endpoints.len(),
+        ejected,
     }
 }

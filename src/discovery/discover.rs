@@ -50,6 +50,22 @@ where
     }
 }
 
+/// The weight of each instance of `service` as registered in `registry`, for a balancer built
+/// over [`discover`]: `Balance::builder(..).weights(discovery::weights(&registry, "users"))`.
+/// An instance the registry no longer knows weighs 1.
+pub fn weights(
+    registry: &super::MemoryRegistry,
+    service: &str,
+) -> impl Fn(&InstanceId) -> u32 + Send + Sync + 'static {
+    let (registry, service) = (registry.clone(), service.to_string());
+    move |id: &InstanceId| {
+        registry
+            .snapshot(&service)
+            .get(id)
+            .map_or(1, |instance| instance.weight)
+    }
+}
+
 /// The stream [`discover`] returns: a `tower::discover::Discover`.
 #[must_use = "streams do nothing unless polled"]
 pub struct Discovered<F, S> {

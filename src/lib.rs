@@ -55,6 +55,7 @@ pub mod config;
 pub mod discovery;
 pub mod duration;
 pub mod error;
+pub mod events;
 pub mod hedge;
 mod keepalive;
 mod padded;

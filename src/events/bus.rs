@@ -1,0 +1,354 @@
+//! [`EventBus`]: typed events on `tokio::sync::broadcast`, shared (`Arc`) with every subscriber.
+
+use super::event::Event;
+use futures::future::BoxFuture;
+use futures::{FutureExt, Stream};
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::{broadcast, watch};
+use tower::BoxError;
+
+/// Why a subscriber got no event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvError {
+    /// The subscriber fell this many events behind and they were dropped for it (the bus
+    /// never waits for a slow subscriber); the next call returns the oldest event kept. With a
+    /// store attached, catch up from it with the store's `subscribe`.
+    Lagged(u64),
+    /// The bus was shut down (or dropped) and every event before that was delivered.
+    Closed,
+}
+
+impl fmt::Display for RecvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Lagged(n) => write!(f, "subscriber fell behind by {n} events"),
+            Self::Closed => f.write_str("event bus closed"),
+        }
+    }
+}
+
+impl std::error::Error for RecvError {}
+
+/// The bus was shut down: the event was not published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BusClosed;
+
+impl fmt::Display for BusClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("event bus is shut down")
+    }
+}
+
+impl std::error::Error for BusClosed {}
+
+/// Reacts to events on its own task (see [`EventBus::handle`]).
+///
+/// Implemented for closures `Fn(Arc<Event<T>>) -> impl Future<Output = Result<(), BoxError>>`.
+pub trait EventHandler<T>: Send + Sync + 'static {
+    /// Handles one event; an error (or a panic) is reported and the handler goes on.
+    fn handle(&self, event: Arc<Event<T>>) -> BoxFuture<'static, Result<(), BoxError>>;
+}
+
+impl<T, F, Fut> EventHandler<T> for F
+where
+    F: Fn(Arc<Event<T>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), BoxError>> + Send + 'static,
+{
+    fn handle(&self, event: Arc<Event<T>>) -> BoxFuture<'static, Result<(), BoxError>> {
+        Box::pin(self(event))
+    }
+}
+
+/// Counts of a bus since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusStats {
+    /// Events published.
+    pub published: u64,
+    /// Handler calls that returned an error.
+    pub handler_errors: u64,
+    /// Handler calls that panicked.
+    pub handler_panics: u64,
+    /// Events handlers missed by falling behind.
+    pub handler_lagged: u64,
+}
+
+/// A typed event bus: `publish` never blocks or waits for subscribers; each subscriber gets
+/// every event (shared, not cloned) or a visible [`RecvError::Lagged`].
+///
+/// ```
+/// use meshkit::events::{Event, EventBus};
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let bus = EventBus::new(1024);
+/// let mut users = bus.subscribe_to_type("UserCreated");
+/// bus.publish(Event::new("OrderPlaced", "order-1", json!({}))).unwrap();
+/// bus.publish(Event::new("UserCreated", "user-7", json!({ "name": "Ada" }))).unwrap();
+/// let event = users.recv().await.unwrap();
+/// assert_eq!(event.aggregate_id, "user-7");
+/// # }
+/// ```
+pub struct EventBus<T = serde_json::Value> {
+    inner: Arc<Inner<T>>,
+}
+
+struct Inner<T> {
+    sender: broadcast::Sender<Arc<Event<T>>>,
+    closed: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    handlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    published: AtomicU64,
+    handler_errors: AtomicU64,
+    handler_panics: AtomicU64,
+    handler_lagged: AtomicU64,
+}
+
+impl<T> Clone for EventBus<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> EventBus<T> {
+    /// A bus keeping the last `capacity` events (at least 1) for subscribers that are behind.
+    pub fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(1));
+        let (shutdown, _) = watch::channel(false);
+        Self {
+            inner: Arc::new(Inner {
+                sender,
+                closed: AtomicBool::new(false),
+                shutdown,
+                handlers: Mutex::new(Vec::new()),
+                published: AtomicU64::new(0),
+                handler_errors: AtomicU64::new(0),
+                handler_panics: AtomicU64::new(0),
+                handler_lagged: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Publishes an event to every current subscriber; never blocks. Returns how many
+    /// subscribers will see it.
+    ///
+    /// # Errors
+    /// [`BusClosed`] after [`shutdown`](Self::shutdown).
+    #[inline]
+    pub fn publish(&self, event: Event<T>) -> Result<usize, BusClosed> {
+        self.publish_shared(Arc::new(event))
+    }
+
+    /// Publishes an event already shared (the store hands them out so).
+    ///
+    /// # Errors
+    /// [`BusClosed`] after [`shutdown`](Self::shutdown).
+    #[inline]
+    pub fn publish_shared(&self, event: Arc<Event<T>>) -> Result<usize, BusClosed> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(BusClosed);
+        }
+        self.inner.published.fetch_add(1, Ordering::Relaxed);
+        Ok(self.inner.sender.send(event).unwrap_or(0))
+    }
+
+    /// Every event published from now on.
+    pub fn subscribe(&self) -> Subscription<T> {
+        self.subscribe_filtered(|_| true)
+    }
+
+    /// The events `keep` accepts.
+    pub fn subscribe_filtered(
+        &self,
+        keep: impl Fn(&Event<T>) -> bool + Send + Sync + 'static,
+    ) -> Subscription<T> {
+        Subscription::new(
+            self.inner.sender.subscribe(),
+            self.inner.shutdown.subscribe(),
+            Box::new(keep),
+        )
+    }
+
+    /// The events of one type.
+    pub fn subscribe_to_type(&self, event_type: impl Into<String>) -> Subscription<T> {
+        let event_type = event_type.into();
+        self.subscribe_filtered(move |event| event.event_type == event_type)
+    }
+
+    /// The events of one aggregate.
+    pub fn subscribe_to_aggregate(&self, aggregate_id: impl Into<String>) -> Subscription<T> {
+        let aggregate_id = aggregate_id.into();
+        self.subscribe_filtered(move |event| event.aggregate_id == aggregate_id)
+    }
+
+    /// Runs `handler` on its own task (on the current tokio runtime) for every event from now
+    /// on. An error or a panic in one call is reported (a `tracing` event and a count in
+    /// [`stats`](Self::stats)) and the handler goes on with the next event; other handlers
+    /// never notice.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn handle(&self, name: impl Into<String>, handler: impl EventHandler<T>) {
+        let name = name.into();
+        let mut subscription = self.subscribe();
+        let inner = self.inner.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let event = match subscription.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(missed)) => {
+                        inner.handler_lagged.fetch_add(missed, Ordering::Relaxed);
+                        tracing::warn!(handler = %name, missed, "event handler fell behind");
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                let outcome = AssertUnwindSafe(handler.handle(event.clone()))
+                    .catch_unwind()
+                    .await;
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        inner.handler_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(handler = %name, event = %event.id, event_type = %event.event_type, %error, "event handler failed");
+                    }
+                    Err(_) => {
+                        inner.handler_panics.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(handler = %name, event = %event.id, event_type = %event.event_type, "event handler panicked");
+                    }
+                }
+            }
+        });
+        self.inner
+            .handlers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    /// Stops intake (`publish` fails from now on), lets every handler finish the events
+    /// already published, and waits for them. Subscribers get what was published, then
+    /// [`RecvError::Closed`].
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let _ = self.inner.shutdown.send(true);
+        let handlers = std::mem::take(
+            &mut *self
+                .inner
+                .handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for handler in handlers {
+            let _ = handler.await;
+        }
+    }
+
+    /// Counts since creation.
+    pub fn stats(&self) -> BusStats {
+        BusStats {
+            published: self.inner.published.load(Ordering::Relaxed),
+            handler_errors: self.inner.handler_errors.load(Ordering::Relaxed),
+            handler_panics: self.inner.handler_panics.load(Ordering::Relaxed),
+            handler_lagged: self.inner.handler_lagged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<T> fmt::Debug for EventBus<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventBus")
+            .field("subscribers", &self.inner.sender.receiver_count())
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+type Filter<T> = Box<dyn Fn(&Event<T>) -> bool + Send + Sync>;
+
+/// One subscriber's view of a bus: [`recv`](Self::recv) events one at a time, or use it as a
+/// `Stream` of `Result<Arc<Event<T>>, RecvError>`.
+pub struct Subscription<T> {
+    stream: Pin<Box<dyn Stream<Item = Received<T>> + Send>>,
+}
+
+/// What a subscription yields.
+type Received<T> = Result<Arc<Event<T>>, RecvError>;
+
+impl<T: Send + Sync + 'static> Subscription<T> {
+    fn new(
+        receiver: broadcast::Receiver<Arc<Event<T>>>,
+        shutdown: watch::Receiver<bool>,
+        keep: Filter<T>,
+    ) -> Self {
+        let stream = futures::stream::unfold(
+            (receiver, shutdown, keep, false),
+            |(mut receiver, mut shutdown, keep, mut draining)| async move {
+                loop {
+                    let received = if draining {
+                        match receiver.try_recv() {
+                            Ok(event) => Ok(event),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(RecvError::Lagged(n))
+                            }
+                            Err(_) => return None,
+                        }
+                    } else {
+                        tokio::select! {
+                            biased;
+                            received = receiver.recv() => match received {
+                                Ok(event) => Ok(event),
+                                Err(broadcast::error::RecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+                                Err(broadcast::error::RecvError::Closed) => return None,
+                            },
+                            _ = shutdown.wait_for(|closed| *closed) => {
+                                // Deliver what was published before the shutdown, then end.
+                                draining = true;
+                                continue;
+                            }
+                        }
+                    };
+                    match received {
+                        Ok(event) if !keep(&event) => continue,
+                        item => return Some((item, (receiver, shutdown, keep, draining))),
+                    }
+                }
+            },
+        );
+        Self {
+            stream: Box::pin(stream),
+        }
+    }
+
+    /// The next event, or why there is none.
+    ///
+    /// # Errors
+    /// [`RecvError::Lagged`] once after falling behind; [`RecvError::Closed`] after shutdown.
+    pub async fn recv(&mut self) -> Result<Arc<Event<T>>, RecvError> {
+        use futures::StreamExt;
+        self.stream.next().await.unwrap_or(Err(RecvError::Closed))
+    }
+}
+
+impl<T> Stream for Subscription<T> {
+    type Item = Result<Arc<Event<T>>, RecvError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+impl<T> fmt::Debug for Subscription<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Subscription")
+    }
+}

@@ -1,0 +1,272 @@
+//! [`MemoryEventStore`]: the embedded event store.
+
+use super::bus::EventBus;
+use super::event::Event;
+use super::store::{AppendError, EventStore, ExpectedVersion, StoredEvent};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// Live events kept for subscribers that are catching up; further behind, they re-read.
+const LIVE_CAPACITY: usize = 4_096;
+
+/// The embedded event store: every event in memory, in one global order. Cheap to clone
+/// (clones share one store).
+///
+/// Appends take one lock; events are shared (`Arc`) between the store, readers and the bus.
+/// With [`with_bus`](Self::with_bus), every appended event is also published on the bus.
+///
+/// ```
+/// use meshkit::events::{Event, EventStore, ExpectedVersion, MemoryEventStore};
+/// use serde_json::json;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), meshkit::events::AppendError> {
+/// let store = MemoryEventStore::new();
+/// let created = Event::new("UserCreated", "user-7", json!({ "name": "Ada" }));
+/// assert_eq!(store.append("user-7", ExpectedVersion::NoStream, vec![created.clone()]).await?, 1);
+/// // The same event again is stored once.
+/// assert_eq!(store.append("user-7", ExpectedVersion::Any, vec![created]).await?, 1);
+/// let stream = store.read_stream("user-7", 1).await;
+/// assert_eq!(stream[0].event.version, 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MemoryEventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    live: broadcast::Sender<StoredEvent>,
+    bus: Option<EventBus>,
+    max_event_size: usize,
+}
+
+#[derive(Default)]
+struct State {
+    all: Vec<StoredEvent>,
+    /// Positions (index + 1 into `all`) of each aggregate's events, in version order.
+    streams: HashMap<String, Vec<u64>>,
+    ids: HashMap<Uuid, u64>,
+}
+
+impl Default for MemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryEventStore {
+    /// An empty store accepting events up to 1 MiB serialized.
+    pub fn new() -> Self {
+        Self::build(None, 1 << 20)
+    }
+
+    /// An empty store that also publishes every appended event on `bus`.
+    pub fn with_bus(bus: EventBus) -> Self {
+        Self::build(Some(bus), 1 << 20)
+    }
+
+    /// An empty store (publishing on `bus`, if any) that rejects events larger than
+    /// `max_event_size` bytes serialized.
+    pub fn with_options(bus: Option<EventBus>, max_event_size: usize) -> Self {
+        Self::build(bus, max_event_size)
+    }
+
+    fn build(bus: Option<EventBus>, max_event_size: usize) -> Self {
+        let (live, _) = broadcast::channel(LIVE_CAPACITY);
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                live,
+                bus,
+                max_event_size,
+            }),
+        }
+    }
+
+    /// Events stored.
+    pub fn len(&self) -> usize {
+        self.inner.state().all.len()
+    }
+
+    /// Whether no event is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append_now(
+        &self,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<Event>,
+    ) -> Result<u64, AppendError> {
+        for event in &events {
+            if event.aggregate_id != aggregate_id {
+                return Err(AppendError::WrongAggregate { id: event.id });
+            }
+            // Sized before the lock: a serialization per event.
+            let size = serde_json::to_vec(event)
+                .map(|bytes| bytes.len())
+                .unwrap_or(usize::MAX);
+            if size > self.inner.max_event_size {
+                return Err(AppendError::TooLarge {
+                    id: event.id,
+                    size,
+                    limit: self.inner.max_event_size,
+                });
+            }
+        }
+        let mut state = self.inner.state();
+        let actual = state
+            .streams
+            .get(aggregate_id)
+            .map_or(0, |s| s.len() as u64);
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .filter(|event| !state.ids.contains_key(&event.id))
+            .collect();
+        if fresh.is_empty() {
+            // Everything already stored (a retried append): idempotent.
+            return Ok(actual);
+        }
+        if !expected.accepts(actual) {
+            return Err(AppendError::Conflict { expected, actual });
+        }
+        let mut version = actual;
+        let mut appended = Vec::with_capacity(fresh.len());
+        for mut event in fresh {
+            version += 1;
+            event.version = version;
+            let position = state.all.len() as u64 + 1;
+            let stored = StoredEvent {
+                position,
+                event: Arc::new(event),
+            };
+            state.ids.insert(stored.event.id, position);
+            state
+                .streams
+                .entry(aggregate_id.to_string())
+                .or_default()
+                .push(position);
+            state.all.push(stored.clone());
+            appended.push(stored);
+        }
+        // Published under the lock, so live subscribers see positions in order.
+        for stored in appended {
+            if let Some(bus) = &self.inner.bus {
+                let _ = bus.publish_shared(stored.event.clone());
+            }
+            let _ = self.inner.live.send(stored);
+        }
+        Ok(version)
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl EventStore for MemoryEventStore {
+    fn append(
+        &self,
+        aggregate_id: &str,
+        expected: ExpectedVersion,
+        events: Vec<Event>,
+    ) -> BoxFuture<'_, Result<u64, AppendError>> {
+        let result = self.append_now(aggregate_id, expected, events);
+        Box::pin(async move { result })
+    }
+
+    fn read_stream(
+        &self,
+        aggregate_id: &str,
+        from_version: u64,
+    ) -> BoxFuture<'_, Vec<StoredEvent>> {
+        let state = self.inner.state();
+        let events = state
+            .streams
+            .get(aggregate_id)
+            .map(|positions| {
+                positions
+                    .iter()
+                    .skip(from_version.saturating_sub(1) as usize)
+                    .map(|&p| state.all[(p - 1) as usize].clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        drop(state);
+        Box::pin(async move { events })
+    }
+
+    fn read_all(&self, from_position: u64, limit: usize) -> BoxFuture<'_, Vec<StoredEvent>> {
+        let state = self.inner.state();
+        let start = from_position.max(1) as usize - 1;
+        let events = state.all.iter().skip(start).take(limit).cloned().collect();
+        drop(state);
+        Box::pin(async move { events })
+    }
+
+    fn subscribe(&self, from_position: u64) -> BoxStream<'static, StoredEvent> {
+        let inner = self.inner.clone();
+        let stream = futures::stream::unfold(
+            (
+                inner,
+                from_position.max(1),
+                None::<broadcast::Receiver<StoredEvent>>,
+                Vec::<StoredEvent>::new(),
+            ),
+            |(inner, mut next, mut live, mut backlog)| async move {
+                loop {
+                    if let Some(stored) = backlog.pop() {
+                        next = stored.position + 1;
+                        return Some((stored, (inner, next, live, backlog)));
+                    }
+                    if let Some(receiver) = live.as_mut() {
+                        match receiver.recv().await {
+                            // Already delivered from the backlog: skip.
+                            Ok(stored) if stored.position < next => continue,
+                            Ok(stored) => {
+                                next = stored.position + 1;
+                                return Some((stored, (inner, next, live, backlog)));
+                            }
+                            // Fell behind the live channel: read the store again.
+                            Err(broadcast::error::RecvError::Lagged(_)) => live = None,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        }
+                        continue;
+                    }
+                    // Subscribe to live events and read the backlog under one lock: nothing
+                    // is appended in between, so there is no gap and no duplicate.
+                    let state = inner.state();
+                    live = Some(inner.live.subscribe());
+                    backlog = state
+                        .all
+                        .iter()
+                        .skip((next - 1) as usize)
+                        .cloned()
+                        .rev()
+                        .collect();
+                    drop(state);
+                }
+            },
+        );
+        Box::pin(stream)
+    }
+}
+
+impl fmt::Debug for MemoryEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryEventStore")
+            .field("events", &self.len())
+            .finish_non_exhaustive()
+    }
+}

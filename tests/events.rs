@@ -1,0 +1,321 @@
+//! The event bus and the memory event store through the public API.
+
+use futures::StreamExt;
+use meshkit::events::{
+    AppendError, Event, EventBus, EventStore, ExpectedVersion, MemoryEventStore, RecvError,
+};
+use serde_json::json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn event(event_type: &str, aggregate: &str, n: u64) -> Event {
+    Event::new(event_type, aggregate, json!({ "n": n }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_with_optimistic_concurrency_lose_and_duplicate_nothing() {
+    let store = MemoryEventStore::new();
+    let writers: Vec<_> = (0..8)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                // The version this writer last saw; a conflict means others appended since.
+                let mut known = 0u64;
+                for n in 0..10_000u64 {
+                    let event = event("Counted", "counter", writer * 1_000_000 + n);
+                    loop {
+                        match store
+                            .append(
+                                "counter",
+                                ExpectedVersion::Exact(known),
+                                vec![event.clone()],
+                            )
+                            .await
+                        {
+                            Ok(version) => {
+                                known = version;
+                                break;
+                            }
+                            Err(AppendError::Conflict { actual, .. }) => known = actual,
+                            Err(other) => panic!("{other}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let stream = store.read_stream("counter", 1).await;
+    assert_eq!(stream.len(), 80_000);
+    for (i, stored) in stream.iter().enumerate() {
+        assert_eq!(stored.event.version, i as u64 + 1, "contiguous versions");
+    }
+    let mut ns: Vec<u64> = stream
+        .iter()
+        .map(|s| s.event.data["n"].as_u64().unwrap())
+        .collect();
+    ns.sort_unstable();
+    ns.dedup();
+    assert_eq!(ns.len(), 80_000, "none lost, none duplicated");
+}
+
+#[tokio::test]
+async fn re_appending_an_event_is_idempotent() {
+    let store = MemoryEventStore::new();
+    let created = event("UserCreated", "user-1", 1);
+    assert_eq!(
+        store
+            .append("user-1", ExpectedVersion::NoStream, vec![created.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .append("user-1", ExpectedVersion::NoStream, vec![created])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.len(), 1);
+}
+
+#[tokio::test]
+async fn conflicts_carry_the_actual_version_and_store_nothing() {
+    let store = MemoryEventStore::new();
+    store
+        .append(
+            "a",
+            ExpectedVersion::Any,
+            vec![event("E", "a", 1), event("E", "a", 2)],
+        )
+        .await
+        .unwrap();
+    match store
+        .append("a", ExpectedVersion::Exact(1), vec![event("E", "a", 3)])
+        .await
+    {
+        Err(AppendError::Conflict { actual, .. }) => assert_eq!(actual, 2),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store
+            .append("a", ExpectedVersion::NoStream, vec![event("E", "a", 4)])
+            .await,
+        Err(AppendError::Conflict { actual: 2, .. })
+    ));
+    assert_eq!(store.len(), 2);
+}
+
+#[tokio::test]
+async fn oversized_events_are_rejected_not_stored() {
+    let store = MemoryEventStore::with_options(None, 256);
+    let big = Event::new("Big", "a", json!({ "blob": "x".repeat(1_000) }));
+    assert!(matches!(
+        store.append("a", ExpectedVersion::Any, vec![big]).await,
+        Err(AppendError::TooLarge { limit: 256, .. })
+    ));
+    assert!(store.is_empty());
+}
+
+#[tokio::test]
+async fn read_all_is_in_global_order() {
+    let store = MemoryEventStore::new();
+    for n in 0..10 {
+        let aggregate = if n % 2 == 0 { "even" } else { "odd" };
+        store
+            .append(
+                aggregate,
+                ExpectedVersion::Any,
+                vec![event("E", aggregate, n)],
+            )
+            .await
+            .unwrap();
+    }
+    let all = store.read_all(1, 100).await;
+    let ns: Vec<u64> = all
+        .iter()
+        .map(|s| s.event.data["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        store
+            .read_all(4, 2)
+            .await
+            .iter()
+            .map(|s| s.position)
+            .collect::<Vec<_>>(),
+        [4, 5]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_subscription_replays_then_follows_with_no_gap_and_no_duplicate() {
+    let store = MemoryEventStore::new();
+    for n in 0..500 {
+        store
+            .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+            .await
+            .unwrap();
+    }
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 500..5_000 {
+                store
+                    .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let positions: Vec<u64> = store
+        .subscribe(1)
+        .take(5_000)
+        .map(|s| s.position)
+        .collect()
+        .await;
+    writer.await.unwrap();
+    assert_eq!(positions, (1..=5_000).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_lagging_subscriber_is_told_and_catches_up_from_the_store_without_loss() {
+    let bus = EventBus::new(16);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    let mut subscription = bus.subscribe();
+    for n in 0..100 {
+        store
+            .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    match subscription.recv().await {
+        Err(RecvError::Lagged(missed)) => assert_eq!(missed, 84),
+        other => panic!("a lag is visible: {other:?}"),
+    }
+    // Catch up from the store: everything from the start, then live.
+    let mut catch_up = store.subscribe(1);
+    while seen.len() < 100 {
+        seen.push(
+            catch_up.next().await.unwrap().event.data["n"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    store
+        .append("a", ExpectedVersion::Any, vec![event("E", "a", 100)])
+        .await
+        .unwrap();
+    seen.push(
+        catch_up.next().await.unwrap().event.data["n"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert_eq!(seen, (0..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn subscriptions_filter_by_type_aggregate_and_predicate() {
+    let bus: EventBus = EventBus::new(64);
+    let mut by_type = bus.subscribe_to_type("UserCreated");
+    let mut by_aggregate = bus.subscribe_to_aggregate("order-9");
+    let mut by_predicate = bus.subscribe_filtered(|e| e.data["n"].as_u64() == Some(3));
+    bus.publish(event("OrderPlaced", "order-9", 1)).unwrap();
+    bus.publish(event("UserCreated", "user-1", 2)).unwrap();
+    bus.publish(event("OrderPlaced", "order-2", 3)).unwrap();
+    assert_eq!(by_type.recv().await.unwrap().aggregate_id, "user-1");
+    assert_eq!(by_aggregate.recv().await.unwrap().event_type, "OrderPlaced");
+    assert_eq!(by_predicate.recv().await.unwrap().aggregate_id, "order-2");
+}
+
+#[tokio::test]
+async fn subscribers_share_one_event_not_copies() {
+    let bus: EventBus = EventBus::new(8);
+    let (mut a, mut b) = (bus.subscribe(), bus.subscribe());
+    bus.publish(event("E", "a", 1)).unwrap();
+    assert!(Arc::ptr_eq(
+        &a.recv().await.unwrap(),
+        &b.recv().await.unwrap()
+    ));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_does_not_stop_the_others() {
+    let bus: EventBus = EventBus::new(64);
+    let handled = Arc::new(AtomicU64::new(0));
+    bus.handle("panics", |_event: Arc<Event>| async move {
+        panic!("handler bug");
+    });
+    bus.handle("fails", |_event: Arc<Event>| async move {
+        Err::<(), tower::BoxError>("refused".into())
+    });
+    bus.handle("counts", {
+        let handled = handled.clone();
+        move |_event: Arc<Event>| {
+            let handled = handled.clone();
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    });
+    for n in 0..10 {
+        bus.publish(event("E", "a", n)).unwrap();
+    }
+    bus.shutdown().await;
+    assert_eq!(handled.load(Ordering::SeqCst), 10);
+    let stats = bus.stats();
+    assert_eq!((stats.handler_panics, stats.handler_errors), (10, 10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_stops_intake_and_drains_handlers() {
+    let bus: EventBus = EventBus::new(64);
+    let handled = Arc::new(AtomicU64::new(0));
+    bus.handle("slow", {
+        let handled = handled.clone();
+        move |_event: Arc<Event>| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    });
+    let mut subscription = bus.subscribe();
+    for n in 0..5 {
+        bus.publish(event("E", "a", n)).unwrap();
+    }
+    bus.shutdown().await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        5,
+        "every published event was handled"
+    );
+    assert!(bus.publish(event("E", "a", 9)).is_err(), "intake stopped");
+    for _ in 0..5 {
+        subscription.recv().await.unwrap();
+    }
+    assert_eq!(subscription.recv().await.unwrap_err(), RecvError::Closed);
+}
+
+#[tokio::test]
+async fn a_payload_that_does_not_fit_the_subscribers_type_is_an_error() {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        #[allow(dead_code)]
+        total: u64,
+    }
+    let bus: EventBus = EventBus::new(8);
+    let mut subscription = bus.subscribe();
+    bus.publish(Event::new("OrderPlaced", "o", json!({ "total": "lots" })))
+        .unwrap();
+    let received = subscription.recv().await.unwrap();
+    assert!(received.decode::<Order>().is_err());
+}

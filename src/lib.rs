@@ -26,6 +26,7 @@
 //! | [`retry`] | Retries with backoff, a lock-free budget, server delay hints, per-try timeouts and a deadline |
 //! | [`hedge`] | Hedged requests after a fixed or percentile delay, bounded by a budget |
 //! | [`balance`] | A `Clone` balancer over any tower `Discover`, lock-free picks, six pickers, fail-fast `NoEndpoints` |
+//! | [`events`] | A typed event bus on `tokio::sync::broadcast`, handlers with panic isolation, and an event store with optimistic concurrency and gap-free replay |
 //! | [`discovery`] | An embedded registry with revisions, bounded watches, TTL and TCP health checks, and a tower `Discover` adapter |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
 //! | [`classify`] | What counts as success, failure or neither, shared by every layer |

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tower::BoxError;
 
 /// Why a subscriber got no event.
@@ -69,8 +69,6 @@ where
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BusStats {
-    /// Events published.
-    pub published: u64,
     /// Handler calls that returned an error.
     pub handler_errors: u64,
     /// Handler calls that panicked.
@@ -100,12 +98,27 @@ pub struct EventBus<T = serde_json::Value> {
     inner: Arc<Inner<T>>,
 }
 
+/// What the channel carries: events, then one `Shutdown` that tells subscribers the bus is
+/// closed once they have everything published before it (no extra wake-up source needed).
+enum Message<T> {
+    Event(Arc<Event<T>>),
+    Shutdown,
+}
+
+// By hand: an `Arc` clones whatever `T` is.
+impl<T> Clone for Message<T> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Event(event) => Self::Event(event.clone()),
+            Self::Shutdown => Self::Shutdown,
+        }
+    }
+}
+
 struct Inner<T> {
-    sender: broadcast::Sender<Arc<Event<T>>>,
+    sender: broadcast::Sender<Message<T>>,
     closed: AtomicBool,
-    shutdown: watch::Sender<bool>,
     handlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    published: AtomicU64,
     handler_errors: AtomicU64,
     handler_panics: AtomicU64,
     handler_lagged: AtomicU64,
@@ -123,14 +136,11 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     /// A bus keeping the last `capacity` events (at least 1) for subscribers that are behind.
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity.max(1));
-        let (shutdown, _) = watch::channel(false);
         Self {
             inner: Arc::new(Inner {
                 sender,
                 closed: AtomicBool::new(false),
-                shutdown,
                 handlers: Mutex::new(Vec::new()),
-                published: AtomicU64::new(0),
                 handler_errors: AtomicU64::new(0),
                 handler_panics: AtomicU64::new(0),
                 handler_lagged: AtomicU64::new(0),
@@ -157,13 +167,13 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(BusClosed);
         }
-        self.inner.published.fetch_add(1, Ordering::Relaxed);
-        Ok(self.inner.sender.send(event).unwrap_or(0))
+        Ok(self.inner.sender.send(Message::Event(event)).unwrap_or(0))
     }
 
     /// Every event published from now on.
     pub fn subscribe(&self) -> Subscription<T> {
-        self.subscribe_filtered(|_| true)
+        let closed = self.inner.closed.load(Ordering::SeqCst);
+        Subscription::new(self.inner.sender.subscribe(), None, closed)
     }
 
     /// The events `keep` accepts.
@@ -171,11 +181,8 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         &self,
         keep: impl Fn(&Event<T>) -> bool + Send + Sync + 'static,
     ) -> Subscription<T> {
-        Subscription::new(
-            self.inner.sender.subscribe(),
-            self.inner.shutdown.subscribe(),
-            Box::new(keep),
-        )
+        let closed = self.inner.closed.load(Ordering::SeqCst);
+        Subscription::new(self.inner.sender.subscribe(), Some(Box::new(keep)), closed)
     }
 
     /// The events of one type.
@@ -239,8 +246,9 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     /// already published, and waits for them. Subscribers get what was published, then
     /// [`RecvError::Closed`].
     pub async fn shutdown(&self) {
-        self.inner.closed.store(true, Ordering::SeqCst);
-        let _ = self.inner.shutdown.send(true);
+        if !self.inner.closed.swap(true, Ordering::SeqCst) {
+            let _ = self.inner.sender.send(Message::Shutdown);
+        }
         let handlers = std::mem::take(
             &mut *self
                 .inner
@@ -256,7 +264,6 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     /// Counts since creation.
     pub fn stats(&self) -> BusStats {
         BusStats {
-            published: self.inner.published.load(Ordering::Relaxed),
             handler_errors: self.inner.handler_errors.load(Ordering::Relaxed),
             handler_panics: self.inner.handler_panics.load(Ordering::Relaxed),
             handler_lagged: self.inner.handler_lagged.load(Ordering::Relaxed),
@@ -275,57 +282,34 @@ impl<T> fmt::Debug for EventBus<T> {
 
 type Filter<T> = Box<dyn Fn(&Event<T>) -> bool + Send + Sync>;
 
-/// One subscriber's view of a bus: [`recv`](Self::recv) events one at a time, or use it as a
-/// `Stream` of `Result<Arc<Event<T>>, RecvError>`.
-pub struct Subscription<T> {
-    stream: Pin<Box<dyn Stream<Item = Received<T>> + Send>>,
-}
-
 /// What a subscription yields.
 type Received<T> = Result<Arc<Event<T>>, RecvError>;
 
+/// One subscriber's view of a bus: [`recv`](Self::recv) events one at a time, or use it as a
+/// `Stream` of `Result<Arc<Event<T>>, RecvError>`.
+pub struct Subscription<T> {
+    receiver: Option<broadcast::Receiver<Message<T>>>,
+    keep: Option<Filter<T>>,
+    closed: bool,
+    /// The receive in progress when used as a `Stream` (it owns the receiver meanwhile).
+    pending: Option<Pin<Box<dyn Future<Output = (Received<T>, Resume<T>)> + Send>>>,
+}
+
+/// What a `Stream` receive hands back: the receiver, the filter and whether the bus closed.
+type Resume<T> = (broadcast::Receiver<Message<T>>, Option<Filter<T>>, bool);
+
 impl<T: Send + Sync + 'static> Subscription<T> {
+    /// `closed`: the bus was already shut down (its `Shutdown` message went out before).
     fn new(
-        receiver: broadcast::Receiver<Arc<Event<T>>>,
-        shutdown: watch::Receiver<bool>,
-        keep: Filter<T>,
+        receiver: broadcast::Receiver<Message<T>>,
+        keep: Option<Filter<T>>,
+        closed: bool,
     ) -> Self {
-        let stream = futures::stream::unfold(
-            (receiver, shutdown, keep, false),
-            |(mut receiver, mut shutdown, keep, mut draining)| async move {
-                loop {
-                    let received = if draining {
-                        match receiver.try_recv() {
-                            Ok(event) => Ok(event),
-                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                Err(RecvError::Lagged(n))
-                            }
-                            Err(_) => return None,
-                        }
-                    } else {
-                        tokio::select! {
-                            biased;
-                            received = receiver.recv() => match received {
-                                Ok(event) => Ok(event),
-                                Err(broadcast::error::RecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
-                                Err(broadcast::error::RecvError::Closed) => return None,
-                            },
-                            _ = shutdown.wait_for(|closed| *closed) => {
-                                // Deliver what was published before the shutdown, then end.
-                                draining = true;
-                                continue;
-                            }
-                        }
-                    };
-                    match received {
-                        Ok(event) if !keep(&event) => continue,
-                        item => return Some((item, (receiver, shutdown, keep, draining))),
-                    }
-                }
-            },
-        );
         Self {
-            stream: Box::pin(stream),
+            receiver: Some(receiver),
+            keep,
+            closed,
+            pending: None,
         }
     }
 
@@ -334,16 +318,66 @@ impl<T: Send + Sync + 'static> Subscription<T> {
     /// # Errors
     /// [`RecvError::Lagged`] once after falling behind; [`RecvError::Closed`] after shutdown.
     pub async fn recv(&mut self) -> Result<Arc<Event<T>>, RecvError> {
-        use futures::StreamExt;
-        self.stream.next().await.unwrap_or(Err(RecvError::Closed))
+        if let Some(pending) = self.pending.take() {
+            // A `Stream` poll left a receive half done: finish it.
+            let (received, (receiver, keep, closed)) = pending.await;
+            (self.receiver, self.keep, self.closed) = (Some(receiver), keep, closed);
+            return received;
+        }
+        let (Some(receiver), false) = (self.receiver.as_mut(), self.closed) else {
+            return Err(RecvError::Closed);
+        };
+        let (received, closed) = next(receiver, self.keep.as_deref()).await;
+        self.closed = closed;
+        received
     }
 }
 
-impl<T> Stream for Subscription<T> {
-    type Item = Result<Arc<Event<T>>, RecvError>;
+/// Receives the next event `keep` accepts; the flag says the bus is closed.
+async fn next<T>(
+    receiver: &mut broadcast::Receiver<Message<T>>,
+    keep: Option<&(dyn Fn(&Event<T>) -> bool + Send + Sync)>,
+) -> (Received<T>, bool) {
+    loop {
+        match receiver.recv().await {
+            Ok(Message::Event(event)) => {
+                if keep.is_none_or(|keep| keep(&event)) {
+                    return (Ok(event), false);
+                }
+            }
+            Ok(Message::Shutdown) | Err(broadcast::error::RecvError::Closed) => {
+                return (Err(RecvError::Closed), true)
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                return (Err(RecvError::Lagged(n)), false)
+            }
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> Stream for Subscription<T> {
+    type Item = Received<T>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.stream.as_mut().poll_next(cx)
+        let this = &mut *self;
+        if this.pending.is_none() {
+            let Some(mut receiver) = this.receiver.take().filter(|_| !this.closed) else {
+                return Poll::Ready(None);
+            };
+            let keep = this.keep.take();
+            this.pending = Some(Box::pin(async move {
+                let (received, closed) = next(&mut receiver, keep.as_deref()).await;
+                (received, (receiver, keep, closed))
+            }));
+        }
+        let pending = this.pending.as_mut().expect("set above");
+        let (received, (receiver, keep, closed)) = std::task::ready!(pending.as_mut().poll(cx));
+        this.pending = None;
+        (this.receiver, this.keep, this.closed) = (Some(receiver), keep, closed);
+        match received {
+            Err(RecvError::Closed) => Poll::Ready(None),
+            other => Poll::Ready(Some(other)),
+        }
     }
 }
 

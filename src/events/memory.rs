@@ -111,10 +111,8 @@ impl MemoryEventStore {
             if event.aggregate_id != aggregate_id {
                 return Err(AppendError::WrongAggregate { id: event.id });
             }
-            // Sized before the lock: a serialization per event.
-            let size = serde_json::to_vec(event)
-                .map(|bytes| bytes.len())
-                .unwrap_or(usize::MAX);
+            // Sized before the lock, by serializing into a counter (no buffer).
+            let size = serialized_size(event);
             if size > self.inner.max_event_size {
                 return Err(AppendError::TooLarge {
                     id: event.id,
@@ -150,11 +148,14 @@ impl MemoryEventStore {
                 event: Arc::new(event),
             };
             state.ids.insert(stored.event.id, position);
-            state
-                .streams
-                .entry(aggregate_id.to_string())
-                .or_default()
-                .push(position);
+            match state.streams.get_mut(aggregate_id) {
+                Some(stream) => stream.push(position),
+                None => {
+                    state
+                        .streams
+                        .insert(aggregate_id.to_string(), vec![position]);
+                }
+            }
             state.all.push(stored.clone());
             appended.push(stored);
         }
@@ -166,6 +167,40 @@ impl MemoryEventStore {
             let _ = self.inner.live.send(stored);
         }
         Ok(version)
+    }
+}
+
+/// An event's size as JSON: its data serialized into a counter (no buffer), plus its strings
+/// and the fixed-size fields (id, timestamp, version, punctuation) at their largest.
+fn serialized_size(event: &Event) -> usize {
+    /// Field names, the id, an RFC 3339 timestamp with nanoseconds and a 20-digit version.
+    const FIXED: usize = 160;
+    let strings = event.event_type.len()
+        + event.aggregate_id.len()
+        + event
+            .metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 6)
+            .sum::<usize>();
+    data_size(&event.data).saturating_add(strings + FIXED)
+}
+
+/// `data` serialized as JSON, counted without building it.
+fn data_size(data: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, data) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
     }
 }
 

@@ -292,11 +292,14 @@ pub struct Subscription<T> {
     keep: Option<Filter<T>>,
     closed: bool,
     /// The receive in progress when used as a `Stream` (it owns the receiver meanwhile).
-    pending: Option<Pin<Box<dyn Future<Output = (Received<T>, Resume<T>)> + Send>>>,
+    pending: Option<PendingReceive<T>>,
 }
 
 /// What a `Stream` receive hands back: the receiver, the filter and whether the bus closed.
 type Resume<T> = (broadcast::Receiver<Message<T>>, Option<Filter<T>>, bool);
+
+/// A receive started by `poll_next`, owning the receiver until it completes.
+type PendingReceive<T> = Pin<Box<dyn Future<Output = (Received<T>, Resume<T>)> + Send>>;
 
 impl<T: Send + Sync + 'static> Subscription<T> {
     /// `closed`: the bus was already shut down (its `Shutdown` message went out before).

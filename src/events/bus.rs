@@ -280,7 +280,9 @@ impl<T> fmt::Debug for EventBus<T> {
     }
 }
 
-type Filter<T> = Box<dyn Fn(&Event<T>) -> bool + Send + Sync>;
+/// A subscription's predicate.
+type Keep<T> = dyn Fn(&Event<T>) -> bool + Send + Sync;
+type Filter<T> = Box<Keep<T>>;
 
 /// What a subscription yields.
 type Received<T> = Result<Arc<Event<T>>, RecvError>;
@@ -339,7 +341,7 @@ impl<T: Send + Sync + 'static> Subscription<T> {
 /// Receives the next event `keep` accepts; the flag says the bus is closed.
 async fn next<T>(
     receiver: &mut broadcast::Receiver<Message<T>>,
-    keep: Option<&(dyn Fn(&Event<T>) -> bool + Send + Sync)>,
+    keep: Option<&Keep<T>>,
 ) -> (Received<T>, bool) {
     loop {
         match receiver.recv().await {

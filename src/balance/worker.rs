@@ -263,6 +263,13 @@ fn on_transition<K, S>(
                 endpoint = format_args!("{hash:016x}"),
                 "endpoint ejected"
             );
+            crate::events::system::publish(
+                name,
+                crate::events::system::SystemEvent::EndpointEjected {
+                    service: name.to_string(),
+                    endpoint: format!("{hash:016x}"),
+                },
+            );
             true
         }
         BreakerState::HalfOpen if endpoint.ejected => {
@@ -283,6 +290,13 @@ fn on_transition<K, S>(
                 service = name,
                 endpoint = format_args!("{hash:016x}"),
                 "endpoint re-admitted"
+            );
+            crate::events::system::publish(
+                name,
+                crate::events::system::SystemEvent::EndpointReadmitted {
+                    service: name.to_string(),
+                    endpoint: format!("{hash:016x}"),
+                },
             );
             changed
         }

@@ -37,6 +37,14 @@ impl Announcement {
             ),
             _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
         }
+        crate::events::system::publish(
+            name,
+            crate::events::system::SystemEvent::BreakerTransition {
+                breaker: name.to_string(),
+                from,
+                to,
+            },
+        );
         // No receivers is fine: nobody subscribed.
         let _ = subscribers.send(self.transition);
     }

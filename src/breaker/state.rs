@@ -3,7 +3,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 /// The state of a circuit breaker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BreakerState {
     /// Calls pass and their outcomes are recorded in the sliding window.
     Closed,

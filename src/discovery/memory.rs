@@ -192,6 +192,13 @@ impl MemoryRegistry {
             service.rebuild(revision);
             let _ = service.updates.send(Update::Upsert { revision, instance });
             tracing::info!(service = &*name, instance = %id, revision, "instance registered");
+            crate::events::system::publish(
+                &name,
+                crate::events::system::SystemEvent::InstanceRegistered {
+                    service: name.to_string(),
+                    instance: id.to_string(),
+                },
+            );
             revision
         };
         let key = Key { id, generation };
@@ -378,6 +385,15 @@ impl Inner {
         let _ = svc.updates.send(Update::Upsert { revision, instance });
         state.revision = revision;
         tracing::info!(service = &*service, instance = %key.id, %from, %to, reason = why, revision, "instance health changed");
+        crate::events::system::publish(
+            &service,
+            crate::events::system::SystemEvent::HealthChanged {
+                service: service.to_string(),
+                instance: key.id.to_string(),
+                from,
+                to,
+            },
+        );
         Some(after)
     }
 
@@ -452,6 +468,14 @@ impl State {
         svc.rebuild(revision);
         let _ = svc.updates.send(Update::Remove { revision, id: *id });
         tracing::info!(service = &**service, instance = %id, revision, reason = why, "instance removed");
+        crate::events::system::publish(
+            service,
+            crate::events::system::SystemEvent::InstanceRemoved {
+                service: service.to_string(),
+                instance: id.to_string(),
+                reason: why.to_string(),
+            },
+        );
     }
 }
 

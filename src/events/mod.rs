@@ -28,6 +28,12 @@
 //! with [`EventStore::subscribe`] from the position it last saw, which replays the stored
 //! events and then follows live ones with no gap and no duplicate.
 //!
+//! ## System events
+//!
+//! Every meshkit component reports its lifecycle on [`system::bus()`]: breaker transitions,
+//! instances registered, removed and changing health, retries exhausted, budget refusals,
+//! endpoints ejected and re-admitted.
+//!
 //! ## Closing
 //!
 //! [`EventBus::shutdown`] stops intake, lets handlers finish what was published and waits for
@@ -37,6 +43,7 @@ mod bus;
 mod event;
 mod memory;
 mod store;
+pub mod system;
 
 pub use bus::{BusClosed, BusStats, EventBus, EventHandler, RecvError, Subscription};
 pub use event::Event;

@@ -177,6 +177,13 @@ where
                     attempt,
                     "hedge budget refused a hedge"
                 );
+                crate::events::system::publish(
+                    &shared.name,
+                    crate::events::system::SystemEvent::BudgetRefused {
+                        service: shared.name.to_string(),
+                        attempt,
+                    },
+                );
                 *this.service = None;
                 continue;
             }

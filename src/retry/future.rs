@@ -272,6 +272,13 @@ where
     }
     if attempt >= shared.limits.max_attempts {
         tracing::info!(service, attempt, "retries exhausted");
+        crate::events::system::publish(
+            service,
+            crate::events::system::SystemEvent::RetriesExhausted {
+                service: service.to_string(),
+                attempts: attempt,
+            },
+        );
         return finish(this, result);
     }
     if this.spare.is_none() {
@@ -449,6 +456,13 @@ fn schedule<T>(
             service,
             attempt = attempt + 1,
             "retry budget refused a retry"
+        );
+        crate::events::system::publish(
+            service,
+            crate::events::system::SystemEvent::BudgetRefused {
+                service: service.to_string(),
+                attempt: attempt + 1,
+            },
         );
         return None;
     }

@@ -332,9 +332,20 @@ impl<T: Send + Sync + 'static> Subscription<T> {
         let (Some(receiver), false) = (self.receiver.as_mut(), self.closed) else {
             return Err(RecvError::Closed);
         };
-        let (received, closed) = next(receiver, self.keep.as_deref()).await;
-        self.closed = closed;
-        received
+        loop {
+            match receiver.recv().await {
+                Ok(Message::Event(event)) => {
+                    if self.keep.as_deref().is_none_or(|keep| keep(&event)) {
+                        return Ok(event);
+                    }
+                }
+                Ok(Message::Shutdown) | Err(broadcast::error::RecvError::Closed) => {
+                    self.closed = true;
+                    return Err(RecvError::Closed);
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => return Err(RecvError::Lagged(n)),
+            }
+        }
     }
 }
 

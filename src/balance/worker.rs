@@ -121,11 +121,9 @@ pub(crate) async fn run<D, Req, P>(
         };
         let changed = match event {
             Event::Change(Change::Insert(key, service)) => {
-                let was_ready = endpoints
-                    .iter()
-                    .position(|e| e.key == key)
-                    .map(|at| endpoints.swap_remove(at).ready)
-                    .unwrap_or(false);
+                if let Some(at) = endpoints.iter().position(|e| e.key == key) {
+                    endpoints.swap_remove(at);
+                }
                 let weight = weight_of.as_ref().map_or(1, |weight| weight(&key).max(1));
                 let hash = stable_hash(&key);
                 let (service, breaker) = match &ejection {
@@ -147,13 +145,18 @@ pub(crate) async fn run<D, Req, P>(
                     ejected: false,
                     probing: false,
                 });
-                was_ready
+                // The known count (in `NoEndpoints`) changed, and maybe the ready set.
+                true
             }
-            Event::Change(Change::Remove(key)) => endpoints
-                .iter()
-                .position(|e| e.key == key)
-                .map(|at| endpoints.swap_remove(at).ready)
-                .unwrap_or(false),
+            Event::Change(Change::Remove(key)) => {
+                match endpoints.iter().position(|e| e.key == key) {
+                    Some(at) => {
+                        endpoints.swap_remove(at);
+                        true
+                    }
+                    None => false,
+                }
+            }
             Event::DiscoveryFailed(error) => {
                 tracing::warn!(service = &*name, %error, "discovery failed; keeping the endpoints known");
                 discovering = false;
@@ -180,9 +183,10 @@ pub(crate) async fn run<D, Req, P>(
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // Every change of the known set is published (its count appears in `NoEndpoints`);
-        // the ready set is what handles pick from.
-        let _ = changed;
+        if !changed {
+            // A new snapshot makes every handle re-read it and start its loads afresh.
+            continue;
+        }
         let panic_threshold = ejection.as_ref().map_or(0.0, |e| e.panic_threshold);
         shared.publish(snapshot(
             &name,

@@ -199,15 +199,21 @@ impl LeastRequests {
     }
 }
 
-/// Two distinct random indexes (the same one when there is only one endpoint).
+/// Power of two choices: of two distinct random endpoints, the one with the lower `load`
+/// (the only one when there is one).
 #[inline]
-fn two(random: &SplitMix64, n: usize) -> (usize, usize) {
+fn power_of_two<L: PartialOrd>(random: &SplitMix64, n: usize, load: impl Fn(usize) -> L) -> usize {
     let a = below(random, n);
     if n < 2 {
-        return (a, a);
+        return a;
     }
     let b = below(random, n - 1);
-    (a, if b >= a { b + 1 } else { b })
+    let b = if b >= a { b + 1 } else { b };
+    if load(b) < load(a) {
+        b
+    } else {
+        a
+    }
 }
 
 impl<Req> Picker<Req> for LeastRequests {
@@ -222,12 +228,7 @@ impl<Req> Picker<Req> for LeastRequests {
 
     #[inline]
     fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), random: &mut SplitMix64) -> usize {
-        let (a, b) = two(random, endpoints.len());
-        if endpoints.in_flight(b) < endpoints.in_flight(a) {
-            b
-        } else {
-            a
-        }
+        power_of_two(random, endpoints.len(), |i| endpoints.in_flight(i))
     }
 
     fn tracks_load(&self) -> bool {
@@ -263,12 +264,7 @@ impl<Req> Picker<Req> for PeakEwma {
 
     #[inline]
     fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), random: &mut SplitMix64) -> usize {
-        let (a, b) = two(random, endpoints.len());
-        if endpoints.peak_ewma_load(b) < endpoints.peak_ewma_load(a) {
-            b
-        } else {
-            a
-        }
+        power_of_two(random, endpoints.len(), |i| endpoints.peak_ewma_load(i))
     }
 
     fn tracks_load(&self) -> bool {

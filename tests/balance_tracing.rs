@@ -7,9 +7,8 @@ use futures::channel::mpsc;
 use meshkit::balance::{Balance, EjectionConfig, RoundRobin};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use support::OnEvent;
 use tower::discover::Change;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -37,44 +36,33 @@ fn endpoint(
 
 #[test]
 fn ejections_and_readmissions_are_traced() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = OnEvent({
-        let events = events.clone();
-        move |event: &tracing::Event<'_>| {
-            events.lock().unwrap().push(support::describe_event(event));
+    let events = support::events_during(|| async {
+        let (tx, rx) = mpsc::unbounded();
+        let bad = Arc::new(AtomicBool::new(true));
+        tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
+            .unwrap();
+        tx.unbounded_send(endpoint("bad", bad.clone())).unwrap();
+        let config = EjectionConfig {
+            failures: 2,
+            base_ejection: Duration::from_secs(10),
+            ..EjectionConfig::default()
+        };
+        let mut balance = Balance::builder(rx, RoundRobin)
+            .name("users")
+            .ejection(config)
+            .unwrap()
+            .build();
+        for n in 0..10 {
+            let _ = balance.ready().await.unwrap().call(n).await;
+            tokio::task::yield_now().await;
+        }
+        bad.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        for n in 0..10 {
+            let _ = balance.ready().await.unwrap().call(n).await;
+            tokio::task::yield_now().await;
         }
     });
-    let runtime = support::paused_runtime();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let (tx, rx) = mpsc::unbounded();
-            let bad = Arc::new(AtomicBool::new(true));
-            tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
-                .unwrap();
-            tx.unbounded_send(endpoint("bad", bad.clone())).unwrap();
-            let config = EjectionConfig {
-                failures: 2,
-                base_ejection: Duration::from_secs(10),
-                ..EjectionConfig::default()
-            };
-            let mut balance = Balance::builder(rx, RoundRobin)
-                .name("users")
-                .ejection(config)
-                .unwrap()
-                .build();
-            for n in 0..10 {
-                let _ = balance.ready().await.unwrap().call(n).await;
-                tokio::task::yield_now().await;
-            }
-            bad.store(false, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_secs(11)).await;
-            for n in 0..10 {
-                let _ = balance.ready().await.unwrap().call(n).await;
-                tokio::task::yield_now().await;
-            }
-        });
-    });
-    let events = events.lock().unwrap();
     let has = |words: &[&str]| events.iter().any(|e| words.iter().all(|w| e.contains(w)));
     assert!(
         has(&["WARN", "endpoint ejected", "service=\"users\""]),

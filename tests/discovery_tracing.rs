@@ -4,46 +4,33 @@
 mod support;
 
 use meshkit::discovery::{HealthCheck, Instance, MemoryRegistry, Registry};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::OnEvent;
 
 #[test]
 fn registrations_health_changes_expiry_and_removals_are_traced() {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = OnEvent({
-        let events = events.clone();
-        move |event: &tracing::Event<'_>| {
-            events.lock().unwrap().push(support::describe_event(event));
-        }
+    let events = support::events_during(|| async {
+        let registry = MemoryRegistry::new();
+        let check = HealthCheck::Ttl {
+            ttl: Duration::from_secs(5),
+        };
+        let expiring = registry
+            .register(
+                Instance::builder("users", "10.0.0.1", 80)
+                    .check(check)
+                    .deregister_after(Duration::from_secs(10))
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let plain = registry
+            .register(Instance::builder("users", "10.0.0.2", 80).build().unwrap())
+            .await
+            .unwrap();
+        plain.deregister().await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        expiring.forget();
     });
-    let runtime = support::paused_runtime();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let registry = MemoryRegistry::new();
-            let check = HealthCheck::Ttl {
-                ttl: Duration::from_secs(5),
-            };
-            let expiring = registry
-                .register(
-                    Instance::builder("users", "10.0.0.1", 80)
-                        .check(check)
-                        .deregister_after(Duration::from_secs(10))
-                        .build()
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            let plain = registry
-                .register(Instance::builder("users", "10.0.0.2", 80).build().unwrap())
-                .await
-                .unwrap();
-            plain.deregister().await;
-            tokio::time::sleep(Duration::from_secs(20)).await;
-            expiring.forget();
-        });
-    });
-    let events = events.lock().unwrap();
     let has = |words: &[&str]| events.iter().any(|e| words.iter().all(|w| e.contains(w)));
     assert!(
         has(&[

@@ -5,9 +5,8 @@ mod support;
 
 use meshkit::random::SplitMix64;
 use meshkit::retry::{Backoff, BackoffKind, BudgetConfig, Jitter, RetryConfig, RetryLayer};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use support::OnEvent;
 use tower::{BoxError, Layer, ServiceExt};
 
 fn config(max_attempts: u32, budget: BudgetConfig) -> RetryConfig {
@@ -27,30 +26,18 @@ fn config(max_attempts: u32, budget: BudgetConfig) -> RetryConfig {
 
 /// Runs `calls` failing calls through a retry layer built from `config`; returns the events.
 fn events_of(config: RetryConfig, calls: usize) -> Vec<String> {
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = OnEvent({
-        let events = events.clone();
-        move |event: &tracing::Event<'_>| {
-            events.lock().unwrap().push(support::describe_event(event));
+    support::events_during(|| async move {
+        let service = RetryLayer::new(config)
+            .unwrap()
+            .name("users")
+            .random(Arc::new(SplitMix64::seeded(1)))
+            .layer(tower::service_fn(|()| async {
+                Err::<(), _>(BoxError::from("down"))
+            }));
+        for _ in 0..calls {
+            service.clone().oneshot(()).await.unwrap_err();
         }
-    });
-    let runtime = support::paused_runtime();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let service = RetryLayer::new(config)
-                .unwrap()
-                .name("users")
-                .random(Arc::new(SplitMix64::seeded(1)))
-                .layer(tower::service_fn(|()| async {
-                    Err::<(), _>(BoxError::from("down"))
-                }));
-            for _ in 0..calls {
-                service.clone().oneshot(()).await.unwrap_err();
-            }
-        });
-    });
-    let events = events.lock().unwrap().clone();
-    events
+    })
 }
 
 #[test]
@@ -90,37 +77,26 @@ fn budget_refusals_are_traced_with_the_attempt_number() {
 #[test]
 fn hedges_and_their_refusals_are_traced_with_the_attempt_number() {
     use meshkit::hedge::{HedgeConfig, HedgeDelay, HedgeLayer};
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = OnEvent({
-        let events = events.clone();
-        move |event: &tracing::Event<'_>| {
-            events.lock().unwrap().push(support::describe_event(event));
-        }
+    let events = support::events_during(|| async {
+        let config = HedgeConfig {
+            delay: HedgeDelay::Fixed(Duration::from_millis(10)),
+            budget: BudgetConfig::Limited {
+                ratio: 0.0,
+                min_per_sec: 1,
+                ttl: Duration::from_secs(1),
+            },
+            ..HedgeConfig::default()
+        };
+        let service = HedgeLayer::new(config)
+            .unwrap()
+            .name("search")
+            .layer(tower::service_fn(|()| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok::<_, BoxError>(())
+            }));
+        service.clone().oneshot(()).await.unwrap();
+        service.oneshot(()).await.unwrap();
     });
-    let runtime = support::paused_runtime();
-    tracing::subscriber::with_default(subscriber, || {
-        runtime.block_on(async {
-            let config = HedgeConfig {
-                delay: HedgeDelay::Fixed(Duration::from_millis(10)),
-                budget: BudgetConfig::Limited {
-                    ratio: 0.0,
-                    min_per_sec: 1,
-                    ttl: Duration::from_secs(1),
-                },
-                ..HedgeConfig::default()
-            };
-            let service = HedgeLayer::new(config)
-                .unwrap()
-                .name("search")
-                .layer(tower::service_fn(|()| async {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    Ok::<_, BoxError>(())
-                }));
-            service.clone().oneshot(()).await.unwrap();
-            service.oneshot(()).await.unwrap();
-        });
-    });
-    let events = events.lock().unwrap();
     assert!(
         events.iter().any(|e| e.starts_with("DEBUG")
             && e.contains("service=\"search\"")

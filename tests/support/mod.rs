@@ -180,3 +180,17 @@ pub fn resets_the_breaker_when_it_opens(
         }
     })
 }
+
+/// Runs `test` on a paused runtime under a subscriber that records every event (described by
+/// [`describe_event`]); returns them in order.
+pub fn events_during<F: Future<Output = ()>>(test: impl FnOnce() -> F) -> Vec<String> {
+    let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let subscriber = OnEvent({
+        let events = events.clone();
+        move |event: &Event<'_>| events.lock().unwrap().push(describe_event(event))
+    });
+    let runtime = paused_runtime();
+    tracing::subscriber::with_default(subscriber, || runtime.block_on(test()));
+    let events = events.lock().unwrap().clone();
+    events
+}

@@ -1,5 +1,7 @@
 //! The embedded registry, health checks and the `discover` adapter through the public API.
 
+mod support;
+
 use futures::StreamExt;
 use meshkit::discovery::{
     discover, filter_watch, Filter, Health, HealthCheck, Instance, MemoryRegistry, Registry,
@@ -253,7 +255,7 @@ async fn tcp_checks_follow_a_real_listener() {
         failures_before_critical: 2,
         successes_before_passing: 2,
     };
-    let users = registry
+    let _users = registry
         .register(
             Instance::builder("users", "127.0.0.1", port)
                 .check(check)
@@ -285,18 +287,7 @@ async fn tcp_checks_follow_a_real_listener() {
     accept.abort();
     let _ = accept.await;
     let started = tokio::time::Instant::now();
-    loop {
-        match tokio::time::timeout_at(deadline, watch.next()).await {
-            Ok(Some(Update::Upsert { instance, .. })) if instance.health == Health::Critical => {
-                break
-            }
-            Ok(Some(_)) => {}
-            _ => panic!(
-                "never turned critical: {:?}",
-                registry.snapshot("users").get(&users.id())
-            ),
-        }
-    }
+    support::next_health(&mut watch, Health::Critical).await;
     assert!(
         started.elapsed() >= Duration::from_millis(150),
         "two failures, not one"

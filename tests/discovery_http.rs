@@ -1,25 +1,14 @@
 //! HTTP health checks against a real axum server on 127.0.0.1 (the `http` feature).
 #![cfg(feature = "http")]
 
+mod support;
+
 use axum::http::StatusCode;
 use axum::routing::get;
-use futures::StreamExt;
-use meshkit::discovery::{Health, HealthCheck, Instance, MemoryRegistry, Registry, Update, Watch};
+use meshkit::discovery::{Health, HealthCheck, Instance, MemoryRegistry, Registry};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Waits (real time, the check runs real I/O) until the watch reports `want`.
-async fn next_health(watch: &mut Watch, want: Health) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::time::timeout_at(deadline, watch.next()).await {
-            Ok(Some(Update::Upsert { instance, .. })) if instance.health == want => return,
-            Ok(Some(_)) => {}
-            other => panic!("never reached {want}: {other:?}"),
-        }
-    }
-}
 
 #[tokio::test]
 async fn http_checks_follow_the_status_a_real_server_returns() {
@@ -58,13 +47,13 @@ async fn http_checks_follow_the_status_a_real_server_returns() {
         Health::Unknown
     );
 
-    next_health(&mut watch, Health::Passing).await;
+    support::next_health(&mut watch, Health::Passing).await;
     status.store(500, Ordering::SeqCst);
-    next_health(&mut watch, Health::Critical).await;
+    support::next_health(&mut watch, Health::Critical).await;
     status.store(429, Ordering::SeqCst);
-    next_health(&mut watch, Health::Warning).await;
+    support::next_health(&mut watch, Health::Warning).await;
     status.store(200, Ordering::SeqCst);
-    next_health(&mut watch, Health::Passing).await;
+    support::next_health(&mut watch, Health::Passing).await;
 }
 
 #[tokio::test]
@@ -92,5 +81,5 @@ async fn an_http_check_on_a_closed_port_turns_critical() {
         )
         .await
         .unwrap();
-    next_health(&mut watch, Health::Critical).await;
+    support::next_health(&mut watch, Health::Critical).await;
 }

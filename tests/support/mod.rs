@@ -194,3 +194,21 @@ pub fn events_during<F: Future<Output = ()>>(test: impl FnOnce() -> F) -> Vec<St
     let events = events.lock().unwrap().clone();
     events
 }
+
+/// Waits (real time: health checks do real I/O) until `watch` reports an instance at `want`;
+/// panics after 5 s.
+pub async fn next_health(watch: &mut meshkit::discovery::Watch, want: meshkit::discovery::Health) {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Some(meshkit::discovery::Update::Upsert { instance, .. }))
+                if instance.health == want =>
+            {
+                return
+            }
+            Ok(Some(_)) => {}
+            other => panic!("never reached {want}: {other:?}"),
+        }
+    }
+}

@@ -102,9 +102,10 @@ impl EjectionConfig {
     }
 }
 
-/// An endpoint as the balancer calls it: as discovered, or behind its ejection breaker.
+/// An endpoint as the balancer calls it (through [`GuardedCall`]): as discovered, or behind
+/// its ejection breaker.
 #[derive(Clone)]
-pub struct Guarded<S>(Kind<S>);
+pub(crate) struct Guarded<S>(Kind<S>);
 
 #[derive(Clone)]
 enum Kind<S> {
@@ -121,6 +122,18 @@ impl<S> Guarded<S> {
     pub(crate) fn breaker(service: CircuitBreaker<S>) -> Self {
         Self(Kind::Breaker(Box::new(service)))
     }
+
+    /// Polls the endpoint (through its breaker, if any) for readiness.
+    pub(crate) fn poll_ready<Req>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>>
+    where
+        S: Service<Req>,
+        S::Error: Into<BoxError>,
+    {
+        match &mut self.0 {
+            Kind::Plain(service) => service.poll_ready(cx).map_err(Into::into),
+            Kind::Breaker(service) => service.poll_ready(cx),
+        }
+    }
 }
 
 impl<S> fmt::Debug for Guarded<S> {
@@ -132,84 +145,13 @@ impl<S> fmt::Debug for Guarded<S> {
     }
 }
 
-impl<S, Req> Service<Req> for Guarded<S>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = GuardedFuture<S, Req>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        match &mut self.0 {
-            Kind::Plain(service) => service.poll_ready(cx).map_err(Into::into),
-            Kind::Breaker(service) => service.poll_ready(cx),
-        }
-    }
-
-    #[inline]
-    fn call(&mut self, request: Req) -> Self::Future {
-        match &mut self.0 {
-            Kind::Plain(service) => GuardedFuture {
-                kind: FutureKind::Plain {
-                    future: service.call(request),
-                },
-            },
-            Kind::Breaker(service) => GuardedFuture {
-                kind: FutureKind::Breaker {
-                    future: service.call(request),
-                },
-            },
-        }
-    }
-}
-
-pin_project! {
-    /// Response future of [`Guarded`].
-    pub struct GuardedFuture<S, Req>
-    where
-        S: Service<Req>,
-    {
-        #[pin]
-        kind: FutureKind<S::Future>,
-    }
-}
-
-pin_project! {
-    #[project = FutureKindProjection]
-    enum FutureKind<F> {
-        Plain { #[pin] future: F },
-        Breaker { #[pin] future: crate::breaker::ResponseFuture<F, crate::classify::DefaultClassifier> },
-    }
-}
-
-// Bounded through `S` (not a free error type), so that the error's type is the service's
-// own: an erased lifetime inside a boxed error cannot make a spawned call fail to be `Send`.
-impl<S, Req> Future for GuardedFuture<S, Req>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Output = Result<S::Response, BoxError>;
-
-    #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            FutureKindProjection::Plain { future } => future.poll(cx).map_err(Into::into),
-            FutureKindProjection::Breaker { future } => future.poll(cx),
-        }
-    }
-}
-
 pin_project! {
     /// One call to a [`Guarded`] endpoint: waits for its readiness, then its response.
     ///
     /// Its fields name only the endpoint's own types (never a projection through a `Service`
     /// impl with conditions on the error type), so a spawned call stays `Send` even when the
     /// endpoint's error type carries a lifetime the compiler erases (`Box<dyn Error + ..>`).
-    pub struct GuardedCall<S, Req>
+    pub(crate) struct GuardedCall<S, Req>
     where
         S: Service<Req>,
     {
@@ -280,12 +222,6 @@ where
 impl<S: Service<Req>, Req> fmt::Debug for GuardedCall<S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("GuardedCall")
-    }
-}
-
-impl<S: Service<Req>, Req> fmt::Debug for GuardedFuture<S, Req> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("GuardedFuture")
     }
 }
 

@@ -66,7 +66,7 @@ mod stats;
 mod worker;
 
 pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
-pub use eject::{EjectionConfig, Guarded, GuardedCall, GuardedFuture};
+pub use eject::EjectionConfig;
 pub use error::NoEndpoints;
 pub use picker::{
     ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,

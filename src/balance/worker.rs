@@ -94,7 +94,7 @@ pub(crate) async fn run<D, Req, P>(
                 if endpoint.ready || endpoint.retry_at.is_some_and(|at| at > now) {
                     continue;
                 }
-                match endpoint.service.poll_ready(cx) {
+                match endpoint.service.poll_ready::<Req>(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Event::Ready(index)),
                     Poll::Ready(Err(error)) => return Poll::Ready(Event::NotReady(index, error)),
                     Poll::Pending => {}

@@ -96,9 +96,9 @@ static SLOTS: Mutex<Slots> = Mutex::new(Slots {
 const UNASSIGNED: u32 = u32::MAX;
 
 /// Returns the calling thread's slot to [`SLOTS`] when the thread exits.
-struct Owner(Cell<Option<Slot>>);
+struct SlotGuard(Cell<Option<Slot>>);
 
-impl Drop for Owner {
+impl Drop for SlotGuard {
     fn drop(&mut self) {
         // Later thread-local destructors that still count share a stripe.
         let _ = SLOT.try_with(|slot| slot.set(Slot::SHARED_ZERO.encode()));
@@ -114,7 +114,7 @@ thread_local! {
     // Read on every increment: no destructor, so no registration check on access.
     static SLOT: Cell<u32> = const { Cell::new(UNASSIGNED) };
     // Touched once per thread, to give the slot back.
-    static OWNER: Owner = const { Owner(Cell::new(None)) };
+    static OWNER: SlotGuard = const { SlotGuard(Cell::new(None)) };
 }
 
 #[inline]

@@ -123,22 +123,20 @@ impl Latencies {
     }
 
     fn refresh(&self) {
-        let counts: Vec<u64> = (0..BUCKETS)
-            .map(|i| {
-                self.generations[0].buckets[i].load(Ordering::Relaxed)
-                    + self.generations[1].buckets[i].load(Ordering::Relaxed)
-            })
-            .collect();
-        let total: u64 = counts.iter().sum();
+        let count = |i: usize| {
+            self.generations[0].buckets[i].load(Ordering::Relaxed)
+                + self.generations[1].buckets[i].load(Ordering::Relaxed)
+        };
+        // Two passes over the counters (no buffer): the total, then the rank's bucket.
+        let total: u64 = (0..BUCKETS).map(count).sum();
         let value = if total < self.min_samples || total == 0 {
             NOT_ENOUGH
         } else {
             let rank = ((self.quantile * total as f64).ceil() as u64).clamp(1, total);
             let mut seen = 0;
-            let bucket = counts
-                .iter()
-                .position(|&count| {
-                    seen += count;
+            let bucket = (0..BUCKETS)
+                .position(|i| {
+                    seen += count(i);
                     seen >= rank
                 })
                 .unwrap_or(BUCKETS - 1);

@@ -7,7 +7,8 @@
 //!   Subscribers: 1 and 8; payloads: a `u64` and 256 bytes.
 //! * `events/store/append_1` and `append_100` – `MemoryEventStore::append` of one event, and
 //!   of a batch of 100 (per event), to a store that keeps growing through the run.
-//! * `events/store/append_after_1M` – one-event appends to a store already holding 1 000 000.
+//! * `events/store/append_at/<n>` – one-event appends to a store already holding `n` events
+//!   (10 000, 1 000 000 and 10 000 000): the cost must not grow with the store.
 //! * `events/store/read_all` – `read_all` over 10 000 events (per event).
 //!
 //! Regenerate the table in BENCHMARKS.md with `cargo bench --bench events`.
@@ -15,7 +16,7 @@
 // Benchmarks measure real elapsed time; paused tokio time has no place here.
 #![allow(clippy::disallowed_types)]
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::FutureExt;
 use meshkit::events::{Event, EventBus, EventStore, ExpectedVersion, MemoryEventStore};
 use serde_json::json;
@@ -80,67 +81,84 @@ fn bus_groups(c: &mut Criterion) {
 fn store(c: &mut Criterion) {
     let mut g = c.benchmark_group("events/store");
     let template = Event::new("Counted", "counter", json!({ "n": 1 }));
-    let fresh = |template: &Event| {
-        let mut event = template.clone();
-        event.id = uuid::Uuid::now_v7();
-        event
-    };
     g.throughput(Throughput::Elements(1));
     let store = MemoryEventStore::new();
     g.bench_function("append_1", |b| {
-        b.iter_batched(
-            || vec![fresh(&template)],
-            |events| {
-                store
-                    .append("counter", ExpectedVersion::Any, events)
-                    .now_or_never()
-                    .unwrap()
-                    .unwrap()
-            },
-            BatchSize::SmallInput,
-        )
+        b.iter_custom(|iters| appends(&store, &template, iters, 1))
     });
     g.throughput(Throughput::Elements(100));
     let store = MemoryEventStore::new();
     g.bench_function("append_100", |b| {
-        b.iter_batched(
-            || (0..100).map(|_| fresh(&template)).collect::<Vec<_>>(),
-            |events| {
+        b.iter_custom(|iters| appends(&store, &template, iters, 100))
+    });
+    g.throughput(Throughput::Elements(1));
+    for (label, size) in [("10k", 10_000), ("1M", 1_000_000), ("10M", 10_000_000)] {
+        let big = filled(size);
+        g.bench_function(format!("append_at/{label}"), |b| {
+            b.iter_custom(|iters| appends(&big, &template, iters, 1))
+        });
+        if size == 1_000_000 {
+            g.throughput(Throughput::Elements(10_000));
+            g.bench_function("read_all", |b| {
+                b.iter(|| big.read_all(1, 10_000).now_or_never().unwrap())
+            });
+            g.throughput(Throughput::Elements(1));
+        }
+    }
+    g.finish();
+}
+
+/// Times `iters` appends of `batch` fresh copies of `template` each. The events are built
+/// (untimed) just before they are appended, 64 appends at a time, as a service appends an
+/// event it has just created: building them all up front would time cache misses on events
+/// made long before, which no caller sees.
+fn appends(store: &MemoryEventStore, template: &Event, iters: u64, batch: usize) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let chunk = left.min(64);
+        left -= chunk;
+        let inputs: Vec<Vec<Event>> = (0..chunk)
+            .map(|_| {
+                (0..batch)
+                    .map(|_| {
+                        let mut event = template.clone();
+                        event.id = uuid::Uuid::now_v7();
+                        event
+                    })
+                    .collect()
+            })
+            .collect();
+        let start = Instant::now();
+        for events in inputs {
+            std::hint::black_box(
                 store
                     .append("counter", ExpectedVersion::Any, events)
                     .now_or_never()
                     .unwrap()
-                    .unwrap()
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.throughput(Throughput::Elements(1));
-    let big = MemoryEventStore::new();
-    for _ in 0..10_000 {
-        let batch = (0..100).map(|_| fresh(&template)).collect();
-        big.append("counter", ExpectedVersion::Any, batch)
+                    .unwrap(),
+            );
+        }
+        total += start.elapsed();
+    }
+    total
+}
+
+/// A store holding `size` events of one aggregate (small payloads: 10 M events must fit in
+/// memory), appended in batches of 1 000.
+fn filled(size: u64) -> MemoryEventStore {
+    let store = MemoryEventStore::new();
+    for batch in 0..size / 1_000 {
+        let events = (0..1_000)
+            .map(|n| Event::new("Counted", "counter", json!(batch * 1_000 + n)))
+            .collect();
+        store
+            .append("counter", ExpectedVersion::Any, events)
             .now_or_never()
             .unwrap()
             .unwrap();
     }
-    g.bench_function("append_after_1M", |b| {
-        b.iter_batched(
-            || vec![fresh(&template)],
-            |events| {
-                big.append("counter", ExpectedVersion::Any, events)
-                    .now_or_never()
-                    .unwrap()
-                    .unwrap()
-            },
-            BatchSize::SmallInput,
-        )
-    });
-    g.throughput(Throughput::Elements(10_000));
-    g.bench_function("read_all", |b| {
-        b.iter(|| big.read_all(1, 10_000).now_or_never().unwrap())
-    });
-    g.finish();
+    store
 }
 
 criterion_group! {

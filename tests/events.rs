@@ -220,6 +220,107 @@ async fn a_lagging_subscriber_is_told_and_catches_up_from_the_store_without_loss
 }
 
 #[tokio::test]
+async fn catch_up_returns_exactly_what_a_lagging_subscriber_missed() {
+    let bus = EventBus::new(16);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    // Stored before subscribing: not missed, never caught up.
+    store
+        .append("a", ExpectedVersion::Any, vec![event("E", "a", 0)])
+        .await
+        .unwrap();
+    let mut subscription = bus.subscribe();
+    for n in 1..=100 {
+        store
+            .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        subscription.recv().await,
+        Err(RecvError::Lagged(84))
+    ));
+    let missed = subscription.catch_up(&store).await;
+    let numbers: Vec<u64> = missed
+        .iter()
+        .map(|e| e.data["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, (1..=100).collect::<Vec<_>>());
+    // The 16 events the bus still holds were caught up: the next one received is new.
+    store
+        .append("a", ExpectedVersion::Any, vec![event("E", "a", 101)])
+        .await
+        .unwrap();
+    assert_eq!(subscription.recv().await.unwrap().data["n"], 101);
+}
+
+#[tokio::test]
+async fn catch_up_keeps_the_subscriptions_filter() {
+    let bus = EventBus::new(4);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    let mut subscription = bus.subscribe_to_type("Wanted");
+    for n in 0..20 {
+        let kind = if n % 2 == 0 { "Wanted" } else { "Other" };
+        store
+            .append("a", ExpectedVersion::Any, vec![event(kind, "a", n)])
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        subscription.recv().await,
+        Err(RecvError::Lagged(_))
+    ));
+    let missed = subscription.catch_up(&store).await;
+    assert!(missed.iter().all(|e| e.event_type == "Wanted"));
+    assert_eq!(missed.len(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_lags_and_catches_up_while_writers_run_loses_nothing() {
+    const EVENTS: u64 = 20_000;
+    let bus = EventBus::new(8);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    let mut subscription = bus.subscribe();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for n in 0..EVENTS {
+                store
+                    .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+                    .await
+                    .unwrap();
+                if n % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut received = Vec::new();
+    let mut lags = 0;
+    while received.len() < EVENTS as usize {
+        match subscription.recv().await {
+            Ok(event) => received.push(event.data["n"].as_u64().unwrap()),
+            Err(RecvError::Lagged(_)) => {
+                lags += 1;
+                received.extend(
+                    subscription
+                        .catch_up(&store)
+                        .await
+                        .iter()
+                        .map(|e| e.data["n"].as_u64().unwrap()),
+                );
+            }
+            Err(RecvError::Closed) => panic!("the bus is open"),
+        }
+    }
+    writer.await.unwrap();
+    assert_eq!(
+        received,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "after {lags} lags"
+    );
+}
+
+#[tokio::test]
 async fn subscriptions_filter_by_type_aggregate_and_predicate() {
     let bus: EventBus = EventBus::new(64);
     let mut by_type = bus.subscribe_to_type("UserCreated");

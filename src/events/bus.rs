@@ -1,6 +1,7 @@
 //! [`EventBus`]: typed events on `tokio::sync::broadcast`, shared (`Arc`) with every subscriber.
 
 use super::event::Event;
+use super::store::EventStore;
 use futures::future::BoxFuture;
 use futures::{FutureExt, Stream};
 use std::fmt;
@@ -11,14 +12,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::TryRecvError;
 use tower::BoxError;
 
 /// Why a subscriber got no event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecvError {
     /// The subscriber fell this many events behind and they were dropped for it (the bus
-    /// never waits for a slow subscriber); the next call returns the oldest event kept. With a
-    /// store attached, catch up from it with the store's `subscribe`.
+    /// never waits for a slow subscriber); the next call returns the oldest event kept. When
+    /// the events come from a store, [`Subscription::catch_up`] reads the missed ones from it.
     Lagged(u64),
     /// The bus was shut down (or dropped) and every event before that was delivered.
     Closed,
@@ -98,10 +100,11 @@ pub struct EventBus<T = serde_json::Value> {
     inner: Arc<Inner<T>>,
 }
 
-/// What the channel carries: events, then one `Shutdown` that tells subscribers the bus is
-/// closed once they have everything published before it (no extra wake-up source needed).
+/// What the channel carries: events (with their store position, 0 if not from a store), then
+/// one `Shutdown` that tells subscribers the bus is closed once they have everything published
+/// before it (no extra wake-up source needed).
 enum Message<T> {
-    Event(Arc<Event<T>>),
+    Event(Arc<Event<T>>, u64),
     Shutdown,
 }
 
@@ -109,7 +112,7 @@ enum Message<T> {
 impl<T> Clone for Message<T> {
     fn clone(&self) -> Self {
         match self {
-            Self::Event(event) => Self::Event(event.clone()),
+            Self::Event(event, position) => Self::Event(event.clone(), *position),
             Self::Shutdown => Self::Shutdown,
         }
     }
@@ -118,6 +121,8 @@ impl<T> Clone for Message<T> {
 struct Inner<T> {
     sender: broadcast::Sender<Message<T>>,
     closed: AtomicBool,
+    /// The highest store position published (see [`EventBus::publish_stored`]).
+    position: AtomicU64,
     handlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     handler_errors: AtomicU64,
     handler_panics: AtomicU64,
@@ -140,6 +145,7 @@ impl<T: Send + Sync + 'static> EventBus<T> {
             inner: Arc::new(Inner {
                 sender,
                 closed: AtomicBool::new(false),
+                position: AtomicU64::new(0),
                 handlers: Mutex::new(Vec::new()),
                 handler_errors: AtomicU64::new(0),
                 handler_panics: AtomicU64::new(0),
@@ -167,13 +173,42 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(BusClosed);
         }
-        Ok(self.inner.sender.send(Message::Event(event)).unwrap_or(0))
+        Ok(self
+            .inner
+            .sender
+            .send(Message::Event(event, 0))
+            .unwrap_or(0))
+    }
+
+    /// Publishes an event a store holds at global `position`. Positions let a subscriber that
+    /// lagged read exactly what it missed from the store ([`Subscription::catch_up`]); the
+    /// store calls this under its append lock, so positions go out in order.
+    pub(crate) fn publish_stored(&self, event: Arc<Event<T>>, position: u64) {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let _ = self.inner.sender.send(Message::Event(event, position));
+        // After the send: a subscriber that reads this position before subscribing cannot
+        // receive the event too, so it never drops it as a duplicate.
+        self.inner.position.fetch_max(position, Ordering::SeqCst);
     }
 
     /// Every event published from now on.
     pub fn subscribe(&self) -> Subscription<T> {
+        self.subscription(None)
+    }
+
+    fn subscription(&self, keep: Option<Filter<T>>) -> Subscription<T> {
+        // Read before subscribing: every stored event at or below `seen` went out before the
+        // receiver existed (see `publish_stored`).
+        let seen = self.inner.position.load(Ordering::SeqCst);
         let closed = self.inner.closed.load(Ordering::SeqCst);
-        Subscription::new(self.inner.sender.subscribe(), None, closed)
+        Subscription::new(Receiving {
+            receiver: self.inner.sender.subscribe(),
+            keep,
+            closed,
+            seen,
+        })
     }
 
     /// The events `keep` accepts.
@@ -181,8 +216,7 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         &self,
         keep: impl Fn(&Event<T>) -> bool + Send + Sync + 'static,
     ) -> Subscription<T> {
-        let closed = self.inner.closed.load(Ordering::SeqCst);
-        Subscription::new(self.inner.sender.subscribe(), Some(Box::new(keep)), closed)
+        self.subscription(Some(Box::new(keep)))
     }
 
     /// The events of one type.
@@ -290,51 +324,42 @@ type Received<T> = Result<Arc<Event<T>>, RecvError>;
 /// One subscriber's view of a bus: [`recv`](Self::recv) events one at a time, or use it as a
 /// `Stream` of `Result<Arc<Event<T>>, RecvError>`.
 pub struct Subscription<T> {
-    receiver: Option<broadcast::Receiver<Message<T>>>,
-    keep: Option<Filter<T>>,
-    closed: bool,
-    /// The receive in progress when used as a `Stream` (it owns the receiver meanwhile).
+    /// `None` while a `Stream` receive owns it (in `pending`).
+    receiving: Option<Receiving<T>>,
+    /// The receive in progress when used as a `Stream`.
     pending: Option<PendingReceive<T>>,
 }
 
-/// What a `Stream` receive hands back: the receiver, the filter and whether the bus closed.
-type Resume<T> = (broadcast::Receiver<Message<T>>, Option<Filter<T>>, bool);
+/// A subscription's receiving end.
+struct Receiving<T> {
+    receiver: broadcast::Receiver<Message<T>>,
+    keep: Option<Filter<T>>,
+    /// The bus closed (its `Shutdown` was received, or went out before subscribing).
+    closed: bool,
+    /// The highest store position received or caught up: stored events at or below it are
+    /// duplicates of what was delivered and are dropped.
+    seen: u64,
+}
 
-/// A receive started by `poll_next`, owning the receiver until it completes.
-type PendingReceive<T> = Pin<Box<dyn Future<Output = (Received<T>, Resume<T>)> + Send>>;
+/// A receive started by `poll_next`, owning the receiving end until it completes.
+type PendingReceive<T> = Pin<Box<dyn Future<Output = (Received<T>, Receiving<T>)> + Send>>;
 
-impl<T: Send + Sync + 'static> Subscription<T> {
-    /// `closed`: the bus was already shut down (its `Shutdown` message went out before).
-    fn new(
-        receiver: broadcast::Receiver<Message<T>>,
-        keep: Option<Filter<T>>,
-        closed: bool,
-    ) -> Self {
-        Self {
-            receiver: Some(receiver),
-            keep,
-            closed,
-            pending: None,
-        }
-    }
-
-    /// The next event, or why there is none.
-    ///
-    /// # Errors
-    /// [`RecvError::Lagged`] once after falling behind; [`RecvError::Closed`] after shutdown.
-    pub async fn recv(&mut self) -> Result<Arc<Event<T>>, RecvError> {
-        if let Some(pending) = self.pending.take() {
-            // A `Stream` poll left a receive half done: finish it.
-            let (received, (receiver, keep, closed)) = pending.await;
-            (self.receiver, self.keep, self.closed) = (Some(receiver), keep, closed);
-            return received;
-        }
-        let (Some(receiver), false) = (self.receiver.as_mut(), self.closed) else {
+impl<T: Send + Sync + 'static> Receiving<T> {
+    /// The next event `keep` accepts, or why there is none.
+    #[inline]
+    async fn next(&mut self) -> Received<T> {
+        if self.closed {
             return Err(RecvError::Closed);
-        };
+        }
         loop {
-            match receiver.recv().await {
-                Ok(Message::Event(event)) => {
+            match self.receiver.recv().await {
+                Ok(Message::Event(event, position)) => {
+                    if position != 0 {
+                        if position <= self.seen {
+                            continue;
+                        }
+                        self.seen = position;
+                    }
                     if self.keep.as_deref().is_none_or(|keep| keep(&event)) {
                         return Ok(event);
                     }
@@ -349,24 +374,119 @@ impl<T: Send + Sync + 'static> Subscription<T> {
     }
 }
 
-/// Receives the next event `keep` accepts; the flag says the bus is closed.
-async fn next<T>(
-    receiver: &mut broadcast::Receiver<Message<T>>,
-    keep: Option<&Keep<T>>,
-) -> (Received<T>, bool) {
-    loop {
-        match receiver.recv().await {
-            Ok(Message::Event(event)) => {
-                if keep.is_none_or(|keep| keep(&event)) {
-                    return (Ok(event), false);
+impl<T: Send + Sync + 'static> Subscription<T> {
+    fn new(receiving: Receiving<T>) -> Self {
+        Self {
+            receiving: Some(receiving),
+            pending: None,
+        }
+    }
+
+    /// The next event, or why there is none.
+    ///
+    /// # Errors
+    /// [`RecvError::Lagged`] once after falling behind; [`RecvError::Closed`] after shutdown.
+    #[inline]
+    pub async fn recv(&mut self) -> Result<Arc<Event<T>>, RecvError> {
+        if let Some(pending) = self.pending.take() {
+            // A `Stream` poll left a receive half done: finish it.
+            let (received, receiving) = pending.await;
+            self.receiving = Some(receiving);
+            return received;
+        }
+        match self.receiving.as_mut() {
+            Some(receiving) => receiving.next().await,
+            None => Err(RecvError::Closed),
+        }
+    }
+}
+
+impl Subscription<serde_json::Value> {
+    /// The events this subscription missed, read from `store`: call it after
+    /// [`RecvError::Lagged`] on a bus the store publishes to (see
+    /// [`MemoryEventStore::with_bus`](super::MemoryEventStore::with_bus)).
+    ///
+    /// Returns, in order, every stored event after the last one this subscription received
+    /// (or, if none, after the last one published before it subscribed) that its filter
+    /// accepts, followed by what the bus still holds for it; receiving then goes on with the
+    /// next event published. Nothing is lost and nothing arrives twice. Events published on
+    /// the bus directly, without the store, cannot be read back: those the bus dropped are
+    /// lost (the `Lagged` count says how many events were dropped in all).
+    ///
+    /// ```
+    /// use meshkit::events::{Event, EventBus, EventStore, ExpectedVersion, MemoryEventStore, RecvError};
+    /// use serde_json::json;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let bus = EventBus::new(4);
+    /// let store = MemoryEventStore::with_bus(bus.clone());
+    /// let mut subscription = bus.subscribe();
+    /// for n in 1..=10 {
+    ///     store.append("counter", ExpectedVersion::Any, vec![Event::new("Counted", "counter", json!(n))]).await?;
+    /// }
+    /// assert!(matches!(subscription.recv().await, Err(RecvError::Lagged(6))));
+    /// let missed = subscription.catch_up(&store).await;
+    /// assert_eq!(missed.len(), 10); // the 6 dropped and the 4 the bus held
+    /// assert_eq!(missed[9].data, json!(10));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn catch_up<S: EventStore + ?Sized>(&mut self, store: &S) -> Vec<Arc<Event>> {
+        /// Events read from the store at a time.
+        const PAGE: usize = 4_096;
+        let mut caught_up = Vec::new();
+        if let Some(pending) = self.pending.take() {
+            // Finish the receive a `Stream` poll started; its event comes first.
+            let (received, receiving) = pending.await;
+            self.receiving = Some(receiving);
+            if let Ok(event) = received {
+                caught_up.push(event);
+            }
+        }
+        let Some(receiving) = self.receiving.as_mut() else {
+            return caught_up;
+        };
+        loop {
+            // What the store holds after the last position seen...
+            loop {
+                let page = store.read_all(receiving.seen + 1, PAGE).await;
+                let full = page.len() == PAGE;
+                for stored in page {
+                    receiving.seen = stored.position;
+                    receiving.keep_into(stored.event, &mut caught_up);
+                }
+                if !full {
+                    break;
                 }
             }
-            Ok(Message::Shutdown) | Err(broadcast::error::RecvError::Closed) => {
-                return (Err(RecvError::Closed), true)
+            // ...then what the bus still holds for this subscriber, so that receiving goes
+            // on from the newest event (older ones would be overwritten and lag again).
+            loop {
+                match receiving.receiver.try_recv() {
+                    Ok(Message::Event(event, 0)) => receiving.keep_into(event, &mut caught_up),
+                    Ok(Message::Event(_, position)) if position <= receiving.seen => {}
+                    Ok(Message::Event(event, position)) => {
+                        receiving.seen = position;
+                        receiving.keep_into(event, &mut caught_up);
+                    }
+                    Ok(Message::Shutdown) | Err(TryRecvError::Closed) => {
+                        receiving.closed = true;
+                        return caught_up;
+                    }
+                    Err(TryRecvError::Empty) => return caught_up,
+                    // Fell behind again while draining: back to the store.
+                    Err(TryRecvError::Lagged(_)) => break,
+                }
             }
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                return (Err(RecvError::Lagged(n)), false)
-            }
+        }
+    }
+}
+
+impl<T> Receiving<T> {
+    fn keep_into(&self, event: Arc<Event<T>>, into: &mut Vec<Arc<Event<T>>>) {
+        if self.keep.as_deref().is_none_or(|keep| keep(&event)) {
+            into.push(event);
         }
     }
 }
@@ -377,19 +497,18 @@ impl<T: Send + Sync + 'static> Stream for Subscription<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.pending.is_none() {
-            let Some(mut receiver) = this.receiver.take().filter(|_| !this.closed) else {
+            let Some(mut receiving) = this.receiving.take().filter(|r| !r.closed) else {
                 return Poll::Ready(None);
             };
-            let keep = this.keep.take();
             this.pending = Some(Box::pin(async move {
-                let (received, closed) = next(&mut receiver, keep.as_deref()).await;
-                (received, (receiver, keep, closed))
+                let received = receiving.next().await;
+                (received, receiving)
             }));
         }
         let pending = this.pending.as_mut().expect("set above");
-        let (received, (receiver, keep, closed)) = std::task::ready!(pending.as_mut().poll(cx));
+        let (received, receiving) = std::task::ready!(pending.as_mut().poll(cx));
         this.pending = None;
-        (this.receiver, this.keep, this.closed) = (Some(receiver), keep, closed);
+        this.receiving = Some(receiving);
         match received {
             Err(RecvError::Closed) => Poll::Ready(None),
             other => Poll::Ready(Some(other)),

@@ -24,9 +24,11 @@
 //!
 //! The bus never waits for a slow subscriber: one that falls more than the bus's capacity
 //! behind gets [`RecvError::Lagged`] with the number of events it missed (never a silent
-//! skip). The store is the source of truth: a subscriber that must not miss anything reads
-//! with [`EventStore::subscribe`] from the position it last saw, which replays the stored
-//! events and then follows live ones with no gap and no duplicate.
+//! skip). The store is the source of truth: on a bus a store publishes to, the lagging
+//! subscriber calls [`Subscription::catch_up`], which reads exactly the events it missed from
+//! the store, and goes on receiving with no gap and no duplicate. A reader that works from
+//! positions of its own uses [`EventStore::subscribe`], which replays the stored events from a
+//! position and then follows live ones.
 //!
 //! ## System events
 //!

@@ -194,11 +194,12 @@ impl MemoryEventStore {
             }
         }
         // Published under the lock, so live subscribers see positions in order.
+        let live = self.inner.live.receiver_count() > 0;
         for stored in &all[first..] {
             if let Some(bus) = &self.inner.bus {
                 bus.publish_stored(stored.event.clone(), stored.position);
             }
-            if self.inner.live.receiver_count() > 0 {
+            if live {
                 let _ = self.inner.live.send(stored.clone());
             }
         }

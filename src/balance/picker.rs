@@ -320,7 +320,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::time::Instant;
 
     fn endpoints(weights: &[u32]) -> EndpointLoads {
         EndpointLoads::new(weights)
@@ -392,10 +391,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_prefers_the_fast_endpoint() {
         let set = endpoints(&[1, 1, 1]);
-        let now = Instant::now();
-        set.observe(0, std::time::Duration::from_millis(50), now);
-        set.observe(1, std::time::Duration::from_millis(5), now);
-        set.observe(2, std::time::Duration::from_millis(50), now);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        let now = set.now();
+        let ms = 1_000_000;
+        set.observe(0, now - 50 * ms, now);
+        set.observe(1, now - 5 * ms, now);
+        set.observe(2, now - 50 * ms, now);
         let observed = counts(&PeakEwma::seeded(3), &set, 3_000);
         // The fast endpoint wins every pair it is in: two pairs of three.
         assert!(observed[1] > 1_800, "{observed:?}");

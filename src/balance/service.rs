@@ -405,7 +405,7 @@ where
         let call = GuardedCall::new(view.services[index].clone(), request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
-            let sent = self.picker.tracks_latency().then(Instant::now);
+            let sent = self.picker.tracks_latency().then(|| self.loads.now());
             ResponseFuture::tracked(call, self.loads.clone(), index, sent)
         } else {
             ResponseFuture::plain(call)
@@ -460,7 +460,8 @@ pin_project! {
 struct Tracked {
     loads: Arc<EndpointLoads>,
     index: usize,
-    sent: Option<Instant>,
+    /// When it was sent, on the loads' clock.
+    sent: Option<u64>,
 }
 
 impl Drop for Tracked {
@@ -490,7 +491,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         call: GuardedCall<S, Req>,
         loads: Arc<EndpointLoads>,
         index: usize,
-        sent: Option<Instant>,
+        sent: Option<u64>,
     ) -> Self {
         Self {
             call: Some(call),
@@ -523,8 +524,7 @@ where
             sent: Some(sent),
         }) = this.tracked.as_ref()
         {
-            let now = Instant::now();
-            loads.observe(*index, now - *sent, now);
+            loads.observe(*index, *sent, loads.now());
         }
         // Dropping the bookkeeping counts the request as finished.
         *this.tracked = None;

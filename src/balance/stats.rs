@@ -17,7 +17,11 @@ const DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct EndpointLoads {
     weights: Arc<[u32]>,
-    in_flight: Box<[AtomicU64]>,
+    /// Requests sent to each endpoint, written by the handle's `call` only (it takes
+    /// `&mut self`), so a plain load and store, not a locked read-modify-write.
+    started: Box<[AtomicU64]>,
+    /// Requests finished, counted by their futures (which may run anywhere).
+    finished: Box<[AtomicU64]>,
     /// Peak-EWMA round-trip time in nanoseconds (`f64` bits), and its last update.
     ewma: Box<[(AtomicU64, AtomicU64)]>,
     origin: Instant,
@@ -33,7 +37,8 @@ impl EndpointLoads {
     pub(crate) fn with_weights(weights: Arc<[u32]>, origin: Instant) -> Self {
         let n = weights.len();
         Self {
-            in_flight: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            started: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            finished: (0..n).map(|_| AtomicU64::new(0)).collect(),
             ewma: (0..n).map(|_| Default::default()).collect(),
             weights,
             origin,
@@ -58,7 +63,10 @@ impl EndpointLoads {
     /// This handle's requests to endpoint `i` not yet finished.
     #[inline]
     pub fn in_flight(&self, i: usize) -> u64 {
-        self.in_flight[i].load(Ordering::Relaxed)
+        // Only the handle starts requests, and it is the one asking: nothing starts between
+        // the two loads, so `finished` cannot pass `started`.
+        let started = self.started[i].load(Ordering::Relaxed);
+        started.saturating_sub(self.finished[i].load(Ordering::Relaxed))
     }
 
     /// Endpoint `i`'s peak-EWMA round-trip time as this handle measured it (zero before its
@@ -75,30 +83,53 @@ impl EndpointLoads {
     }
 
     pub(crate) fn start(&self, i: usize) {
-        // Written by this handle's calls only: no other core contends for it.
-        self.in_flight[i].fetch_add(1, Ordering::Relaxed);
+        // Written by this handle's calls only (one writer): no read-modify-write needed, and
+        // no other core contends for it.
+        let started = &self.started[i];
+        started.store(started.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     pub(crate) fn finish(&self, i: usize) {
-        self.in_flight[i].fetch_sub(1, Ordering::Relaxed);
+        self.finished[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Records a round-trip time: a peak jumps the average up at once; lower times pull it
-    /// down exponentially with the time since the last update.
-    pub(crate) fn observe(&self, i: usize, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        let now_nanos = now.saturating_duration_since(self.origin).as_nanos() as u64;
+    /// Nanoseconds since this handle's origin: the clock latency pickers read.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        Instant::now()
+            .saturating_duration_since(self.origin)
+            .as_nanos() as u64
+    }
+
+    /// Records a round trip from `sent` to `now` (both from [`now`](Self::now)): a peak jumps
+    /// the average up at once; lower times pull it down exponentially with the time since the
+    /// last update.
+    #[inline]
+    pub(crate) fn observe(&self, i: usize, sent: u64, now: u64) {
+        // Integers until here: a `u128` of nanoseconds converts to `f64` in software.
+        let rtt = now.saturating_sub(sent) as f64;
         let (average, stamp) = &self.ewma[i];
         let previous = f64::from_bits(average.load(Ordering::Relaxed));
-        let elapsed = now_nanos.saturating_sub(stamp.load(Ordering::Relaxed)) as f64;
-        stamp.store(now_nanos, Ordering::Relaxed);
+        let elapsed = now.saturating_sub(stamp.load(Ordering::Relaxed));
+        stamp.store(now, Ordering::Relaxed);
         let next = if rtt > previous || previous == 0.0 {
             rtt
         } else {
-            let weight = (-elapsed / DECAY.as_nanos() as f64).exp();
+            let weight = decay(elapsed as f64 / DECAY.as_nanos() as f64);
             previous * weight + rtt * (1.0 - weight)
         };
         average.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// `e^-x` for `x >= 0`. Busy endpoints are updated microseconds apart, where `x` is tiny and
+/// five terms of the series are exact to `f64` precision, without calling `exp`.
+#[inline]
+fn decay(x: f64) -> f64 {
+    if x < 1.0 / 1024.0 {
+        1.0 - x * (1.0 - x * (0.5 - x * (1.0 / 6.0 - x / 24.0)))
+    } else {
+        (-x).exp()
     }
 }
 
@@ -106,20 +137,36 @@ impl EndpointLoads {
 mod tests {
     use super::*;
 
+    /// Records a call of `rtt` that ends now.
+    fn round_trip(loads: &EndpointLoads, rtt: Duration) {
+        let now = loads.now();
+        loads.observe(0, now - rtt.as_nanos() as u64, now);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn peaks_jump_up_and_decay_down() {
         let loads = EndpointLoads::new([1u32]);
         let ms = Duration::from_millis;
-        loads.observe(0, ms(10), Instant::now());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        round_trip(&loads, ms(10));
         assert_eq!(loads.latency(0), ms(10));
-        loads.observe(0, ms(100), Instant::now());
+        round_trip(&loads, ms(100));
         assert_eq!(loads.latency(0), ms(100), "a peak is taken at once");
         tokio::time::advance(Duration::from_secs(10)).await;
-        loads.observe(0, ms(10), Instant::now());
+        round_trip(&loads, ms(10));
         let decayed = loads.latency(0);
         assert!(
             decayed > ms(40) && decayed < ms(45),
             "one time constant: {decayed:?}"
         );
+    }
+
+    #[test]
+    fn the_decay_series_matches_exp_where_it_is_used() {
+        for i in 0..=1_000 {
+            let x = i as f64 / 1_024_000.0;
+            assert!((decay(x) - (-x).exp()).abs() < 1e-15, "x = {x}");
+        }
+        assert_eq!(decay(2.0), (-2.0f64).exp());
     }
 }

@@ -58,6 +58,8 @@ pub mod duration;
 pub mod error;
 pub mod events;
 pub mod hedge;
+#[cfg(feature = "http")]
+pub mod http;
 mod keepalive;
 mod padded;
 pub mod random;

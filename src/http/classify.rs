@@ -1,0 +1,204 @@
+//! [`HttpClassifier`]: what an HTTP response means to a breaker and to a retry layer.
+
+use super::retry_after::retry_after;
+use crate::classify::ClassifyRetry;
+use crate::classify::{Classify, Outcome, RetryDecision};
+use http::{HeaderMap, StatusCode};
+
+/// A response whose status and headers a classifier can read: `http::Response<B>`, and
+/// `reqwest::Response` with the `reqwest` feature.
+pub trait HttpResponse {
+    /// The response's status.
+    fn status(&self) -> StatusCode;
+    /// The response's headers.
+    fn headers(&self) -> &HeaderMap;
+}
+
+impl<B> HttpResponse for http::Response<B> {
+    fn status(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl HttpResponse for reqwest::Response {
+    fn status(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.headers()
+    }
+}
+
+/// Classifies HTTP results for breakers ([`Classify`]) and retry layers ([`ClassifyRetry`]).
+///
+/// * Breakers: a 5xx response and an error (connection refused, reset, timed out) are
+///   failures; every other response, 4xx included, is a success (the client erred, the
+///   server is fine).
+/// * Retries: 429, 503 and other retryable statuses (by default 408 and every 5xx) are tried
+///   again, waiting at least the response's `Retry-After` when it has one; errors are tried
+///   again; other responses are returned as they are. Whether a *request* may be repeated at
+///   all (its method, its body) is the replay side's decision: see
+///   [`HttpReplay`](super::HttpReplay).
+///
+/// ```
+/// use meshkit::classify::{Classify, ClassifyRetry, Outcome, RetryDecision};
+/// use meshkit::http::HttpClassifier;
+/// use std::time::Duration;
+///
+/// let classifier = HttpClassifier::default();
+/// let busy: Result<_, std::io::Error> = Ok(http::Response::builder()
+///     .status(503)
+///     .header("retry-after", "2")
+///     .body(())
+///     .unwrap());
+/// assert_eq!(classifier.classify(&busy), Outcome::Failure);
+/// assert_eq!(classifier.classify_retry(&busy), RetryDecision::RetryAfter(Duration::from_secs(2)));
+///
+/// let missing: Result<_, std::io::Error> = Ok(http::Response::builder().status(404).body(()).unwrap());
+/// assert_eq!(classifier.classify(&missing), Outcome::Success);
+/// assert_eq!(classifier.classify_retry(&missing), RetryDecision::Stop);
+/// ```
+#[derive(Clone, Debug)]
+pub struct HttpClassifier {
+    /// Bit `n` set: status `n` (100..=999) is retried.
+    retryable: [u64; 16],
+}
+
+impl Default for HttpClassifier {
+    /// Retries 408, 429 and every 5xx.
+    fn default() -> Self {
+        let mut classifier = Self { retryable: [0; 16] };
+        classifier.set(StatusCode::REQUEST_TIMEOUT, true);
+        classifier.set(StatusCode::TOO_MANY_REQUESTS, true);
+        for code in 500..=599 {
+            classifier.set_code(code, true);
+        }
+        classifier
+    }
+}
+
+impl HttpClassifier {
+    /// Retries exactly `statuses` (and errors), in place of the default set.
+    pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
+        let mut classifier = Self { retryable: [0; 16] };
+        for status in statuses {
+            classifier.set(status, true);
+        }
+        classifier
+    }
+
+    /// Whether a response with `status` is tried again.
+    pub fn retries(&self, status: StatusCode) -> bool {
+        let code = status.as_u16() as usize;
+        self.retryable[code / 64] & (1 << (code % 64)) != 0
+    }
+
+    fn set(&mut self, status: StatusCode, retry: bool) {
+        self.set_code(status.as_u16(), retry);
+    }
+
+    fn set_code(&mut self, code: u16, retry: bool) {
+        let (word, bit) = (code as usize / 64, code % 64);
+        if retry {
+            self.retryable[word] |= 1 << bit;
+        } else {
+            self.retryable[word] &= !(1 << bit);
+        }
+    }
+}
+
+impl<R: HttpResponse, E> Classify<R, E> for HttpClassifier {
+    #[inline]
+    fn classify(&self, result: &Result<R, E>) -> Outcome {
+        match result {
+            Ok(response) if response.status().is_server_error() => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failure,
+        }
+    }
+}
+
+impl<R: HttpResponse, E> ClassifyRetry<R, E> for HttpClassifier {
+    #[inline]
+    fn classify_retry(&self, result: &Result<R, E>) -> RetryDecision {
+        match result {
+            Ok(response) if self.retries(response.status()) => {
+                match retry_after(response.headers()) {
+                    Some(delay) => RetryDecision::RetryAfter(delay),
+                    None => RetryDecision::Retry,
+                }
+            }
+            Ok(_) => RetryDecision::Stop,
+            Err(_) => RetryDecision::Retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn response(status: u16, retry_after: Option<&str>) -> Result<http::Response<()>, ()> {
+        let mut builder = http::Response::builder().status(status);
+        if let Some(value) = retry_after {
+            builder = builder.header("retry-after", value);
+        }
+        Ok(builder.body(()).unwrap())
+    }
+
+    #[test]
+    fn server_errors_and_transport_errors_are_failures_client_errors_are_not() {
+        let classifier = HttpClassifier::default();
+        for (status, outcome) in [
+            (200, Outcome::Success),
+            (304, Outcome::Success),
+            (400, Outcome::Success),
+            (404, Outcome::Success),
+            (429, Outcome::Success),
+            (500, Outcome::Failure),
+            (503, Outcome::Failure),
+            (599, Outcome::Failure),
+        ] {
+            assert_eq!(
+                classifier.classify(&response(status, None)),
+                outcome,
+                "{status}"
+            );
+        }
+        let refused: Result<http::Response<()>, ()> = Err(());
+        assert_eq!(classifier.classify(&refused), Outcome::Failure);
+    }
+
+    #[test]
+    fn retryable_statuses_honour_retry_after_and_others_stop() {
+        let classifier = HttpClassifier::default();
+        let decide = |status, hint| classifier.classify_retry(&response(status, hint));
+        assert_eq!(
+            decide(429, Some("7")),
+            RetryDecision::RetryAfter(Duration::from_secs(7))
+        );
+        assert_eq!(decide(503, None), RetryDecision::Retry);
+        assert_eq!(decide(503, Some("garbage")), RetryDecision::Retry);
+        assert_eq!(decide(502, None), RetryDecision::Retry);
+        assert_eq!(decide(408, None), RetryDecision::Retry);
+        assert_eq!(decide(404, Some("7")), RetryDecision::Stop);
+        assert_eq!(decide(200, None), RetryDecision::Stop);
+        let refused: Result<http::Response<()>, ()> = Err(());
+        assert_eq!(classifier.classify_retry(&refused), RetryDecision::Retry);
+    }
+
+    #[test]
+    fn the_retried_statuses_can_be_chosen() {
+        let classifier = HttpClassifier::retrying([StatusCode::SERVICE_UNAVAILABLE]);
+        assert!(classifier.retries(StatusCode::SERVICE_UNAVAILABLE));
+        assert!(!classifier.retries(StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(!classifier.retries(StatusCode::TOO_MANY_REQUESTS));
+    }
+}

@@ -1,0 +1,54 @@
+//! HTTP for meshkit stacks: classifiers, `Retry-After`, replayable bodies and endpoint routing
+//! (feature `http`).
+//!
+//! ```
+//! use meshkit::http::{BufferBodyLayer, HttpClassifier, HttpReplay};
+//! use meshkit::retry::{RetryConfig, RetryLayer};
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), meshkit::ConfigError> {
+//! let retry = RetryLayer::new(RetryConfig::default())?
+//!     .classify(HttpClassifier::default())
+//!     .replay(HttpReplay::default());
+//! let client = tower::service_fn(|request: http::Request<_>| async move {
+//!     let _: &meshkit::http::ReplayBody<String> = request.body();
+//!     Ok::<_, std::io::Error>(http::Response::new(()))
+//! });
+//! let stack = ServiceBuilder::new()
+//!     .layer(BufferBodyLayer::new(64 * 1024))
+//!     .layer(retry)
+//!     .service(client);
+//! # let _ = stack;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## What an HTTP result means
+//!
+//! [`HttpClassifier`] tells breakers that 5xx responses and transport errors are failures and
+//! other responses (4xx included) successes, and tells retry layers to try 408, 429 and 5xx
+//! again, no sooner than their [`retry_after`] hint.
+//!
+//! ## What may be sent again
+//!
+//! [`HttpReplay`] lets retries and hedges repeat only idempotent methods, and only bodies held
+//! whole: [`BufferBodyLayer`] keeps bodies up to a size in memory ([`ReplayBody`]); larger ones
+//! stream through once.
+//!
+//! ## Where a request goes
+//!
+//! [`Endpoint`] wraps a client (a `reqwest::Client` with the `reqwest` feature, a hyper-util
+//! client, any HTTP `Service`) for one discovered instance and rewrites each request's URI
+//! authority to that instance's address: the balancer picks the endpoint, the URI follows.
+
+mod body;
+mod classify;
+mod endpoint;
+mod replay;
+mod retry_after;
+
+pub use body::{BufferBody, BufferBodyLayer, ReplayBody};
+pub use classify::{HttpClassifier, HttpResponse};
+pub use endpoint::{Endpoint, Routable};
+pub use replay::{is_idempotent, HttpReplay, ReplayableBody};
+pub use retry_after::{retry_after, retry_after_at};

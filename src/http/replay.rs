@@ -1,0 +1,161 @@
+//! [`HttpReplay`]: which HTTP requests a retry or hedge may send again.
+
+use super::body::ReplayBody;
+use crate::retry::Replay;
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body::Body;
+
+/// Whether `method` is idempotent (RFC 9110 §9.2.2): sending it twice has the effect of
+/// sending it once, so a retry cannot do harm. `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT` and
+/// `DELETE` are; `POST`, `PATCH` and `CONNECT` are not.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// A request body that can be copied for another try, or not.
+pub trait ReplayableBody: Sized {
+    /// A copy to send again, or `None` if this body can be sent only once.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+impl<B: Body> ReplayableBody for ReplayBody<B> {
+    fn try_clone_body(&self) -> Option<Self> {
+        self.try_clone()
+    }
+}
+
+macro_rules! cloned_bodies {
+    ($($body:ty),*) => {$(
+        impl ReplayableBody for $body {
+            fn try_clone_body(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
+    )*};
+}
+
+cloned_bodies!(
+    (),
+    String,
+    Vec<u8>,
+    Bytes,
+    http_body_util::Full<Bytes>,
+    http_body_util::Empty<Bytes>
+);
+
+/// Replays HTTP requests for retries and hedges: by default only idempotent methods (see
+/// [`is_idempotent`]) and only bodies held whole (see
+/// [`BufferBodyLayer`](super::BufferBodyLayer)); any other request is sent once.
+///
+/// ```
+/// use meshkit::retry::Replay;
+/// use meshkit::http::HttpReplay;
+///
+/// let get = http::Request::get("http://users/42").body(String::new()).unwrap();
+/// let post = http::Request::post("http://users").body("{}".to_string()).unwrap();
+/// assert!(HttpReplay::default().replay(&get).is_some());
+/// assert!(HttpReplay::default().replay(&post).is_none());
+/// assert!(HttpReplay::all_methods().replay(&post).is_some());
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HttpReplay {
+    all_methods: bool,
+}
+
+impl HttpReplay {
+    /// Replays requests of every method, idempotent or not (when the server deduplicates,
+    /// with an idempotency key say).
+    pub const fn all_methods() -> Self {
+        Self { all_methods: true }
+    }
+
+    fn allows(&self, method: &Method) -> bool {
+        self.all_methods || is_idempotent(method)
+    }
+}
+
+impl<B: ReplayableBody> Replay<Request<B>> for HttpReplay {
+    fn replay(&self, request: &Request<B>) -> Option<Request<B>> {
+        if !self.allows(request.method()) {
+            return None;
+        }
+        let mut copy = Request::new(request.body().try_clone_body()?);
+        *copy.method_mut() = request.method().clone();
+        *copy.uri_mut() = request.uri().clone();
+        *copy.version_mut() = request.version();
+        *copy.headers_mut() = request.headers().clone();
+        *copy.extensions_mut() = request.extensions().clone();
+        Some(copy)
+    }
+}
+
+#[cfg(feature = "reqwest")]
+impl Replay<reqwest::Request> for HttpReplay {
+    /// Streaming reqwest bodies cannot be cloned: those requests are sent once.
+    fn replay(&self, request: &reqwest::Request) -> Option<reqwest::Request> {
+        if !self.allows(request.method()) {
+            return None;
+        }
+        request.try_clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_idempotent_methods_are_replayed_by_default() {
+        for (method, replayed) in [
+            (Method::GET, true),
+            (Method::HEAD, true),
+            (Method::PUT, true),
+            (Method::DELETE, true),
+            (Method::OPTIONS, true),
+            (Method::POST, false),
+            (Method::PATCH, false),
+        ] {
+            let request = Request::builder()
+                .method(method.clone())
+                .uri("http://users/1")
+                .body(Bytes::from_static(b"x"))
+                .unwrap();
+            assert_eq!(
+                HttpReplay::default().replay(&request).is_some(),
+                replayed,
+                "{method}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_replayed_request_is_a_faithful_copy() {
+        let mut request = Request::put("http://users/1?x=1")
+            .header("x-trace", "abc")
+            .body(Bytes::from_static(b"payload"))
+            .unwrap();
+        request.extensions_mut().insert(7u32);
+        let copy = HttpReplay::default().replay(&request).unwrap();
+        assert_eq!(copy.method(), Method::PUT);
+        assert_eq!(copy.uri(), "http://users/1?x=1");
+        assert_eq!(copy.headers()["x-trace"], "abc");
+        assert_eq!(copy.extensions().get::<u32>(), Some(&7));
+        assert_eq!(copy.body(), &Bytes::from_static(b"payload"));
+    }
+
+    #[test]
+    fn streaming_bodies_are_sent_once() {
+        let streaming = Request::get("http://users/1")
+            .body(ReplayBody::streaming(http_body_util::Empty::<Bytes>::new()))
+            .unwrap();
+        assert!(HttpReplay::default().replay(&streaming).is_none());
+        let buffered = Request::get("http://users/1")
+            .body(ReplayBody::<http_body_util::Empty<Bytes>>::buffered("x"))
+            .unwrap();
+        assert!(HttpReplay::default().replay(&buffered).is_some());
+    }
+}

@@ -1,8 +1,8 @@
 //! Helpers for the errors meshkit's layers add, and for finding them in an error chain.
 //!
-//! Layers that add a failure (an open circuit, later a refused retry or a shed request) return
-//! a small typed error that converts into [`tower::BoxError`]. Other layers may wrap it, so ask
-//! the whole `source()` chain rather than only the outer error:
+//! Layers that add a failure (an open circuit, no ready endpoint, a rate limit, a shed request)
+//! return a small typed error that converts into [`tower::BoxError`]. Other layers may wrap it,
+//! so ask the whole `source()` chain rather than only the outer error:
 //!
 //! ```
 //! use meshkit::breaker::CircuitOpen;
@@ -24,14 +24,23 @@ pub fn find<'a, E>(err: &'a (dyn Error + 'static)) -> Option<&'a E>
 where
     E: Error + 'static,
 {
-    let mut current = Some(err);
-    while let Some(err) = current {
-        if let Some(found) = err.downcast_ref::<E>() {
-            return Some(found);
+    chain(err).find_map(|err| err.downcast_ref::<E>())
+}
+
+/// `err`, then each error it wraps. An `io::Error` made with `io::Error::other(e)` reports
+/// `e`'s source as its own, skipping `e`: the chain visits `e` itself.
+pub(crate) fn chain<'a>(
+    err: &'a (dyn Error + 'static),
+) -> impl Iterator<Item = &'a (dyn Error + 'static)> {
+    std::iter::successors(Some(err), |&err: &&'a (dyn Error + 'static)| {
+        match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn Error + 'static)),
+            None => err.source(),
         }
-        current = err.source();
-    }
-    None
+    })
 }
 
 /// Whether any error in `err`'s `source()` chain, `err` itself included, is an `E`.
@@ -43,12 +52,14 @@ where
 }
 
 /// Whether `err` (or an error in its chain) is a rejection made by a meshkit layer rather than
-/// a failure of the dependency itself.
+/// a failure of the dependency itself: [`CircuitOpen`](crate::breaker::CircuitOpen),
+/// [`NoEndpoints`](crate::balance::NoEndpoints), [`RateLimited`](crate::limit::RateLimited)
+/// or [`Overloaded`](crate::limit::Overloaded).
 ///
 /// Resilience layers ignore these by default: an open breaker lower in the stack must not
 /// count as a failure in the breaker above it, nor be retried.
 pub fn is_rejection(err: &(dyn Error + 'static)) -> bool {
-    is::<crate::breaker::CircuitOpen>(err) || is::<crate::balance::NoEndpoints>(err)
+    chain(err).any(is_rejection_type)
 }
 
 /// [`is_rejection`] for an error of any type: recognises meshkit's rejections when `err` is a
@@ -70,7 +81,33 @@ pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
     if let Some(io) = any.downcast_ref::<std::io::Error>() {
         return io.get_ref().is_some_and(|inner| is_rejection(inner));
     }
-    any.is::<crate::breaker::CircuitOpen>() || any.is::<crate::balance::NoEndpoints>()
+    is_rejection_type(any)
+}
+
+/// Whether `value` itself (not its chain) is one of meshkit's rejection errors. The one list
+/// of them, asked of an error by [`is_rejection`] and of any value by [`is_rejection_value`].
+fn is_rejection_type(value: &(impl IsType + ?Sized)) -> bool {
+    value.is_type::<crate::breaker::CircuitOpen>()
+        || value.is_type::<crate::balance::NoEndpoints>()
+        || value.is_type::<crate::limit::RateLimited>()
+        || value.is_type::<crate::limit::Overloaded>()
+}
+
+/// The concrete-type test of `dyn Error` and of `dyn Any`, which are separate methods.
+trait IsType {
+    fn is_type<E: Error + 'static>(&self) -> bool;
+}
+
+impl IsType for dyn Error + 'static {
+    fn is_type<E: Error + 'static>(&self) -> bool {
+        self.is::<E>()
+    }
+}
+
+impl IsType for dyn Any {
+    fn is_type<E: Error + 'static>(&self) -> bool {
+        self.is::<E>()
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +154,23 @@ mod tests {
         assert!(is_rejection_value(&std::io::Error::other(open())));
         let io: BoxError = Box::new(std::io::Error::other("reset"));
         assert!(!is_rejection_value(&io));
+    }
+
+    #[test]
+    fn limit_rejections_are_rejections() {
+        use crate::limit::{OverloadReason, Overloaded, RateLimited};
+        let limited = RateLimited::new(Duration::from_millis(10));
+        let shed = Overloaded::new(OverloadReason::LoadShed);
+        let full = Overloaded::new(OverloadReason::ConcurrencyLimit { max: 4 });
+        assert!(is_rejection(&limited));
+        assert!(is_rejection(&Wrapper(Box::new(shed))));
+        assert!(is_rejection_value(&limited));
+        assert!(is_rejection_value(&full));
+        let boxed: BoxError = Box::new(full);
+        assert!(is_rejection_value(&boxed));
+        let wrapped: BoxError = Box::new(Wrapper(Box::new(limited)));
+        assert!(is_rejection_value(&wrapped));
+        assert!(is_rejection_value(&std::io::Error::other(shed)));
     }
 
     #[test]

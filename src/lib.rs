@@ -26,6 +26,8 @@
 //! | [`retry`] | Retries with backoff, a lock-free budget, server delay hints, per-try timeouts and a deadline |
 //! | [`hedge`] | Hedged requests after a fixed or percentile delay, bounded by a budget |
 //! | [`balance`] | A `Clone` balancer over any tower `Discover`, lock-free picks, six pickers, fail-fast `NoEndpoints` |
+//! | [`limit`] | Server-side protection that refuses at once: rate limit, concurrency limit, load shedding |
+//! | `http` | (feature `http`) HTTP classifiers, `Retry-After`, replayable bodies, endpoint routing, errors as responses |
 //! | [`events`] | A typed event bus on `tokio::sync::broadcast`, handlers with panic isolation, and an event store with optimistic concurrency and gap-free replay |
 //! | [`discovery`] | An embedded registry with revisions, bounded watches, TTL and TCP health checks, and a tower `Discover` adapter |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
@@ -38,7 +40,9 @@
 //!
 //! | Name | Description | Default? |
 //! |---|---|---|
-//! | `http` | HTTP health checks in [`discovery`] (a hyper client) | no |
+//! | `http` | The `http` module, and HTTP health checks in [`discovery`] (a hyper client) | no |
+//! | `axum` | meshkit's errors implement axum's `IntoResponse`; `http::ErrorResponseLayer` | no |
+//! | `reqwest` | A `reqwest::Client` as the leaf of a stack: classifiers, replay and routing for its requests and responses | no |
 //!
 //! ## Time
 //!
@@ -61,6 +65,8 @@ pub mod hedge;
 #[cfg(feature = "http")]
 pub mod http;
 mod keepalive;
+pub mod limit;
+mod macros;
 mod padded;
 pub mod random;
 mod registry;

@@ -78,20 +78,7 @@ impl<S, C> CircuitBreaker<S, C> {
         BreakerHandle::new(self.shared.clone())
     }
 
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the breaker, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::inner_accessors!();
 }
 
 impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {

@@ -194,22 +194,7 @@ pub struct BufferBody<S> {
     limit: usize,
 }
 
-impl<S> BufferBody<S> {
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped service, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+crate::macros::inner_accessors!(BufferBody);
 
 impl<S, B> Service<Request<B>> for BufferBody<S>
 where

@@ -87,22 +87,9 @@ impl<S> Endpoint<S> {
     pub fn authority(&self) -> &Authority {
         &self.authority
     }
-
-    /// The wrapped client.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped client, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The wrapped client, unwrapped.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
 }
+
+crate::macros::inner_accessors!(Endpoint);
 
 impl<S, R> Service<R> for Endpoint<S>
 where

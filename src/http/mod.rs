@@ -40,15 +40,27 @@
 //! [`Endpoint`] wraps a client (a `reqwest::Client` with the `reqwest` feature, a hyper-util
 //! client, any HTTP `Service`) for one discovered instance and rewrites each request's URI
 //! authority to that instance's address: the balancer picks the endpoint, the URI follows.
+//!
+//! ## Errors as responses
+//!
+//! [`error_status`] maps meshkit's errors to statuses (an open breaker is a `503` with
+//! `Retry-After`, a rate limit a `429`, a timeout a `504`). With the `axum` feature they
+//! implement `IntoResponse`, and [`ErrorResponseLayer`] lets protection layers (rate and
+//! concurrency limits, load shedding) stack onto an `axum::Router` with no
+//! `HandleErrorLayer`.
 
 mod body;
 mod classify;
 mod endpoint;
 mod replay;
+mod response;
 mod retry_after;
 
 pub use body::{BufferBody, BufferBodyLayer, ReplayBody};
 pub use classify::{HttpClassifier, HttpResponse};
 pub use endpoint::{Endpoint, Routable};
 pub use replay::{is_idempotent, HttpReplay, ReplayableBody};
+pub use response::{error_status, retry_after_value};
+#[cfg(feature = "axum")]
+pub use response::{ErrorResponse, ErrorResponseLayer};
 pub use retry_after::{retry_after, retry_after_at};

@@ -127,20 +127,7 @@ impl<S, C, K> Retry<S, C, K> {
         &self.shared.budget
     }
 
-    /// The wrapped service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The wrapped service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    crate::macros::inner_accessors!();
 }
 
 impl<S, C, K> Retry<S, C, K> {

@@ -1,0 +1,206 @@
+//! meshkit's errors as HTTP responses: `503` for an open breaker, `429` for a rate limit, ...
+
+use crate::balance::NoEndpoints;
+use crate::breaker::CircuitOpen;
+use crate::limit::{Overloaded, RateLimited};
+use crate::retry::TimedOut;
+use http::StatusCode;
+use std::error::Error;
+use std::time::Duration;
+
+/// The status (and `Retry-After` delay, when the error knows one) that the first meshkit
+/// error in `error`'s `source()` chain stands for, or `None` if there is none:
+///
+/// | error | status | `Retry-After` |
+/// |---|---|---|
+/// | [`CircuitOpen`] | 503 Service Unavailable | the time until the breaker half-opens |
+/// | [`NoEndpoints`] | 503 Service Unavailable | – |
+/// | [`Overloaded`] (concurrency limit, load shed) | 503 Service Unavailable | – |
+/// | [`RateLimited`] | 429 Too Many Requests | the time until a request is admitted |
+/// | [`TimedOut`], `tower::timeout::error::Elapsed` | 504 Gateway Timeout | – |
+///
+/// ```
+/// use meshkit::http::error_status;
+/// use std::io;
+///
+/// assert_eq!(error_status(&io::Error::other("reset")), None);
+/// ```
+pub fn error_status(error: &(dyn Error + 'static)) -> Option<(StatusCode, Option<Duration>)> {
+    for error in crate::error::chain(error) {
+        if let Some(open) = error.downcast_ref::<CircuitOpen>() {
+            return Some((StatusCode::SERVICE_UNAVAILABLE, Some(open.retry_after())));
+        }
+        if let Some(limited) = error.downcast_ref::<RateLimited>() {
+            return Some((StatusCode::TOO_MANY_REQUESTS, Some(limited.retry_after())));
+        }
+        if error.is::<NoEndpoints>() || error.is::<Overloaded>() {
+            return Some((StatusCode::SERVICE_UNAVAILABLE, None));
+        }
+        if error.is::<TimedOut>() || error.is::<tower::timeout::error::Elapsed>() {
+            return Some((StatusCode::GATEWAY_TIMEOUT, None));
+        }
+    }
+    None
+}
+
+/// A `Retry-After` value in whole seconds, rounded up: a client that waits that long is
+/// never early.
+pub fn retry_after_value(delay: Duration) -> http::HeaderValue {
+    let secs = delay.as_secs() + u64::from(delay.subsec_nanos() > 0);
+    http::HeaderValue::from(secs)
+}
+
+#[cfg(feature = "axum")]
+pub use with_axum::{ErrorResponse, ErrorResponseLayer};
+
+#[cfg(feature = "axum")]
+mod with_axum {
+    use super::*;
+    use axum_core::response::{IntoResponse, Response};
+    use futures::future::BoxFuture;
+    use std::convert::Infallible;
+    use std::task::{Context, Poll};
+    use tower::{BoxError, Layer, Service};
+
+    /// The response for `error`: its [`error_status`] with the error's message, or
+    /// `500 Internal Server Error` for an error meshkit did not raise (its details are logged,
+    /// not sent).
+    fn respond(error: &(dyn Error + 'static)) -> Response {
+        match error_status(error) {
+            Some((status, retry_after)) => {
+                let mut response = (status, error.to_string()).into_response();
+                if let Some(delay) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert(http::header::RETRY_AFTER, retry_after_value(delay));
+                }
+                response
+            }
+            None => {
+                tracing::warn!(%error, "request failed");
+                StatusCode::INTERNAL_SERVER_ERROR.into_response()
+            }
+        }
+    }
+
+    macro_rules! into_response {
+        ($($error:ty),*) => {$(
+            impl IntoResponse for $error {
+                /// See [`error_status`](crate::http::error_status) for the mapping.
+                fn into_response(self) -> Response {
+                    respond(&self)
+                }
+            }
+        )*};
+    }
+
+    into_response!(CircuitOpen, NoEndpoints, Overloaded, RateLimited, TimedOut);
+
+    /// Turns a service's errors into responses, so meshkit's protection layers stack onto an
+    /// `axum::Router` with no `HandleErrorLayer`: rejections become the responses
+    /// [`error_status`] names, any other error a `500`.
+    ///
+    /// ```
+    /// use meshkit::http::ErrorResponseLayer;
+    /// use meshkit::limit::{ConcurrencyLimitLayer, RateLimitConfig, RateLimitLayer};
+    /// use tower::ServiceBuilder;
+    ///
+    /// # fn main() -> Result<(), meshkit::ConfigError> {
+    /// let protection = ServiceBuilder::new()
+    ///     .layer(ErrorResponseLayer::new())
+    ///     .layer(RateLimitLayer::new(RateLimitConfig { rate: 500.0, burst: 100 })?)
+    ///     .layer(ConcurrencyLimitLayer::new(64)?);
+    /// let app: axum::Router = axum::Router::new()
+    ///     .route("/users", axum::routing::get(|| async { "ok" }))
+    ///     .layer(protection);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct ErrorResponseLayer {
+        _private: (),
+    }
+
+    impl ErrorResponseLayer {
+        /// The layer.
+        pub const fn new() -> Self {
+            Self { _private: () }
+        }
+    }
+
+    impl<S> Layer<S> for ErrorResponseLayer {
+        type Service = ErrorResponse<S>;
+
+        fn layer(&self, inner: S) -> ErrorResponse<S> {
+            ErrorResponse { inner }
+        }
+    }
+
+    /// The service [`ErrorResponseLayer`] builds: never fails, answers errors.
+    #[derive(Clone, Debug)]
+    pub struct ErrorResponse<S> {
+        inner: S,
+    }
+
+    impl<S, Req> Service<Req> for ErrorResponse<S>
+    where
+        S: Service<Req>,
+        S::Response: IntoResponse,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        type Response = Response;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<Response, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            // A readiness error cannot be answered without a request; be ready and let the
+            // call report it.
+            match self.inner.poll_ready(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => Poll::Ready(Ok(())),
+            }
+        }
+
+        fn call(&mut self, request: Req) -> Self::Future {
+            let call = self.inner.call(request);
+            Box::pin(async move {
+                Ok(match call.await {
+                    Ok(response) => response.into_response(),
+                    Err(error) => respond(&*error.into()),
+                })
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerState;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_value(Duration::ZERO), "0");
+        assert_eq!(retry_after_value(Duration::from_millis(1)), "1");
+        assert_eq!(retry_after_value(Duration::from_millis(2_001)), "3");
+    }
+
+    #[test]
+    fn meshkit_errors_map_to_their_status_through_wrappers() {
+        let open = CircuitOpen::new(BreakerState::Open, Duration::from_millis(1_500));
+        let boxed: tower::BoxError = Box::new(std::io::Error::other(open));
+        assert_eq!(
+            error_status(&*boxed),
+            Some((
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_millis(1_500))
+            ))
+        );
+        let elapsed = tower::timeout::error::Elapsed::new();
+        assert_eq!(
+            error_status(&elapsed),
+            Some((StatusCode::GATEWAY_TIMEOUT, None))
+        );
+    }
+}

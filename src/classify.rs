@@ -64,6 +64,15 @@ impl<Res, E> Classify<Res, E> for DefaultClassifier {
     }
 }
 
+/// The default classifier also answers retry layers, as [`DefaultRetryClassifier`] does:
+/// errors are retried, responses are not.
+impl<Res, E> ClassifyRetry<Res, E> for DefaultClassifier {
+    #[inline]
+    fn classify_retry(&self, result: &Result<Res, E>) -> RetryDecision {
+        DefaultRetryClassifier.classify_retry(result)
+    }
+}
+
 /// Whether a finished try should be tried again, as a retry layer asks it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RetryDecision {

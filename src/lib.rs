@@ -67,6 +67,7 @@ pub mod http;
 mod keepalive;
 pub mod limit;
 mod macros;
+pub mod mesh;
 mod padded;
 pub mod random;
 mod registry;
@@ -74,6 +75,7 @@ pub mod retry;
 mod striped;
 
 pub use config::ConfigError;
+pub use mesh::{Mesh, MeshClient, MeshConfig, MeshConfigError};
 
 /// Compiles the README's examples as doctests.
 #[cfg(doctest)]

@@ -173,7 +173,7 @@ impl<S, Req> Balance<S, Req, ConfiguredPicker>
 where
     S: Clone + Send + 'static,
 {
-    /// A balancer as `config` describes (picker and fail-fast).
+    /// A balancer as `config` describes (picker, fail-fast and ejection).
     ///
     /// # Errors
     /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
@@ -187,11 +187,12 @@ where
         Req: 'static,
     {
         config.validate()?;
-        Ok(
-            Balance::builder(discover, ConfiguredPicker::new(config.picker))
-                .failfast_after(config.failfast_after)
-                .build(),
-        )
+        let mut builder = Balance::builder(discover, ConfiguredPicker::new(config.picker))
+            .failfast_after(config.failfast_after);
+        if let Some(ejection) = &config.ejection {
+            builder = builder.ejection(ejection.clone())?;
+        }
+        Ok(builder.build())
     }
 }
 

@@ -1,0 +1,223 @@
+//! [`MeshClient`]: a service's whole client stack, rebuilt when its policies are reloaded.
+
+use super::runtime::Lifecycle;
+use super::MeshConfig;
+use crate::breaker::BreakerHandle;
+use crate::config::ConfigError;
+use crate::retry::RetryBudget;
+use futures::future::BoxFuture;
+use pin_project_lite::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use tokio::sync::watch;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service};
+
+/// A service's stack above its balancer, type-erased.
+pub(crate) type Stack<Req, Res> = BoxCloneSyncService<Req, Res, BoxError>;
+
+/// Builds the layers for one version of the service's policies.
+pub(crate) type BuildPolicy<Req, Res> =
+    Box<dyn Fn(&MeshConfig) -> Result<Policy<Req, Res>, ConfigError> + Send + Sync>;
+
+/// One version of a service's policies: a breaker and a retry budget shared by every clone,
+/// and what stacks them over a clone of the balancer.
+pub(crate) struct Policy<Req, Res> {
+    pub(crate) stack: Box<dyn Fn() -> Stack<Req, Res> + Send + Sync>,
+    pub(crate) breaker: BreakerHandle,
+    pub(crate) budget: RetryBudget,
+}
+
+/// What every clone of one client shares.
+struct Shared<Req, Res> {
+    service: String,
+    build: BuildPolicy<Req, Res>,
+    /// The policies built for the newest config seen, and that config's version.
+    current: Mutex<(u64, Arc<Policy<Req, Res>>)>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// The client stack of one service, as the mesh's configuration describes it:
+/// discovery → balance (with ejection) → breaker → retry → timeout, from the endpoints up.
+///
+/// `Clone` (every clone shares the balancer, the breaker and the retry budget) and
+/// `Send + Sync`: keep one in your application state. When the mesh's policies are reloaded
+/// ([`Mesh::reload`](super::Mesh::reload)), the next `poll_ready` of each clone switches to a
+/// stack built from the new values; the balancer and its endpoints stay, the breaker and the
+/// retry budget start afresh under the new thresholds. After
+/// [`Mesh::shutdown`](super::Mesh::shutdown) calls fail with [`MeshClosed`].
+pub struct MeshClient<Req, Res> {
+    shared: Arc<Shared<Req, Res>>,
+    config: watch::Receiver<Arc<(u64, MeshConfig)>>,
+    version: u64,
+    policy: Arc<Policy<Req, Res>>,
+    stack: Stack<Req, Res>,
+}
+
+impl<Req, Res> MeshClient<Req, Res>
+where
+    Req: 'static,
+    Res: 'static,
+{
+    pub(crate) fn new(
+        service: String,
+        build: BuildPolicy<Req, Res>,
+        mut config: watch::Receiver<Arc<(u64, MeshConfig)>>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Result<Self, ConfigError> {
+        let current = config.borrow_and_update().clone();
+        let policy = Arc::new(build(&current.1)?);
+        let stack = (policy.stack)();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                service,
+                build,
+                current: Mutex::new((current.0, policy.clone())),
+                lifecycle,
+            }),
+            config,
+            version: current.0,
+            policy,
+            stack,
+        })
+    }
+
+    /// The service this client calls.
+    pub fn service(&self) -> &str {
+        &self.shared.service
+    }
+
+    /// The breaker of the policies this clone uses (state, metrics, transitions, operator
+    /// controls).
+    pub fn breaker(&self) -> &BreakerHandle {
+        &self.policy.breaker
+    }
+
+    /// The retry budget of the policies this clone uses: its snapshot counts retries
+    /// (withdrawals) and refusals.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.policy.budget
+    }
+
+    /// Switches to the newest policies: built once per version, shared by every clone.
+    fn reload(&mut self) {
+        let newest = self.config.borrow_and_update().clone();
+        let mut current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if current.0 < newest.0 {
+            match (self.shared.build)(&newest.1) {
+                Ok(policy) => *current = (newest.0, Arc::new(policy)),
+                // The mesh validates a config before publishing it: not expected.
+                Err(error) => {
+                    tracing::error!(service = %self.shared.service, %error, "reloaded policies refused; keeping the previous ones");
+                }
+            }
+        }
+        if current.0 != self.version {
+            self.version = current.0;
+            self.policy = current.1.clone();
+            self.stack = (self.policy.stack)();
+            tracing::info!(service = %self.shared.service, version = current.0, "client policies reloaded");
+        }
+    }
+}
+
+impl<Req, Res> Clone for MeshClient<Req, Res> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            config: self.config.clone(),
+            version: self.version,
+            policy: self.policy.clone(),
+            stack: self.stack.clone(),
+        }
+    }
+}
+
+impl<Req, Res> Service<Req> for MeshClient<Req, Res>
+where
+    Req: 'static,
+    Res: 'static,
+{
+    type Response = Res;
+    type Error = BoxError;
+    type Future = ResponseFuture<Res>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // One atomic load when nothing changed.
+        if self.config.has_changed().unwrap_or(false) {
+            self.reload();
+        }
+        self.stack.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> Self::Future {
+        match self.shared.lifecycle.enter() {
+            Some(guard) => ResponseFuture {
+                inner: Some(self.stack.call(request)),
+                _guard: Some(guard),
+            },
+            None => ResponseFuture {
+                inner: None,
+                _guard: None,
+            },
+        }
+    }
+}
+
+impl<Req, Res> fmt::Debug for MeshClient<Req, Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshClient")
+            .field("service", &self.shared.service)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// The response future of a [`MeshClient`] call; counts as in flight until it completes
+    /// or is dropped.
+    pub struct ResponseFuture<Res> {
+        #[pin]
+        inner: Option<BoxFuture<'static, Result<Res, BoxError>>>,
+        _guard: Option<super::runtime::InFlight>,
+    }
+}
+
+impl<Res> Future for ResponseFuture<Res> {
+    type Output = Result<Res, BoxError>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().inner.as_pin_mut() {
+            Some(inner) => inner.poll(cx),
+            None => Poll::Ready(Err(MeshClosed.into())),
+        }
+    }
+}
+
+impl<Res> fmt::Debug for ResponseFuture<Res> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ResponseFuture")
+    }
+}
+
+/// The mesh was shut down: the call was not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshClosed;
+
+impl fmt::Display for MeshClosed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the mesh is shut down")
+    }
+}
+
+impl std::error::Error for MeshClosed {}

@@ -1,0 +1,326 @@
+//! [`MeshConfig`]: one file for every service's policies, with environment overrides.
+
+use crate::balance::BalanceConfig;
+use crate::breaker::BreakerConfig;
+use crate::config::{duration_in_range, ConfigError};
+use crate::retry::RetryConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// Policies for every service a mesh calls, usually read from TOML:
+///
+/// ```toml
+/// # What every service starts from; each section and field is optional.
+/// [defaults.retry]
+/// max_attempts = 3
+///
+/// [services.users]
+/// timeout = "2s"
+///
+/// [services.users.breaker]
+/// failure_rate = 0.5
+/// window = { kind = "time", duration = "30s" }
+///
+/// [services.users.balance]
+/// picker = "peak_ewma"
+/// ejection = { consecutive_failures = 5 }
+/// ```
+///
+/// A service's table is laid over `defaults` key by key (`services.users.retry.deadline`
+/// keeps `defaults.retry.max_attempts`; a table with a `kind`, such as a breaker `window`,
+/// replaces the default's whole); a service with no table uses `defaults`. Every key
+/// is checked: an unknown one is an error naming its path, as is a value out of range
+/// (`services.users.breaker.failure_rate: must be in (0, 1], got 1.5`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// The policies of a service with no table of its own, and under every service's table.
+    pub defaults: ServiceConfig,
+    /// Each service's policies, by service name.
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// How long [`Mesh::shutdown`](super::Mesh::shutdown) waits for calls in flight, in
+    /// `[0s, 10min]`. Default `"10s"`.
+    #[serde(with = "crate::duration")]
+    pub shutdown_timeout: Duration,
+}
+
+/// One service's client policies: the layers of its stack, from the endpoint up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Picker, fail-fast and outlier ejection.
+    pub balance: BalanceConfig,
+    /// The breaker over the balanced endpoints.
+    pub breaker: BreakerConfig,
+    /// Retries over the breaker.
+    pub retry: RetryConfig,
+    /// The whole call's time limit, tries and waits included, in `[1ms, 1h]`; `null` for none.
+    /// Default `"10s"`.
+    #[serde(with = "crate::duration::option")]
+    pub timeout: Option<Duration>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            defaults: ServiceConfig::default(),
+            services: BTreeMap::new(),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            balance: BalanceConfig::default(),
+            breaker: BreakerConfig::default(),
+            retry: RetryConfig::default(),
+            timeout: Some(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Checks every field.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the field by its path within the service (`retry.max_attempts`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.balance.validate().map_err(|e| e.at("balance"))?;
+        self.breaker.validate().map_err(|e| e.at("breaker"))?;
+        self.retry.validate().map_err(|e| e.at("retry"))?;
+        if let Some(timeout) = self.timeout {
+            duration_in_range(
+                "timeout",
+                timeout,
+                Duration::from_millis(1),
+                Duration::from_secs(3_600),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl MeshConfig {
+    /// The policies of `service`: its own, or the defaults.
+    pub fn service(&self, service: &str) -> &ServiceConfig {
+        self.services.get(service).unwrap_or(&self.defaults)
+    }
+
+    /// Checks every field of the defaults and of every service.
+    ///
+    /// # Errors
+    /// The first invalid value, by its full path (`services.users.breaker.failure_rate`).
+    pub fn validate(&self) -> Result<(), MeshConfigError> {
+        duration_in_range(
+            "shutdown_timeout",
+            self.shutdown_timeout,
+            Duration::ZERO,
+            Duration::from_secs(600),
+        )?;
+        self.defaults
+            .validate()
+            .map_err(|e| MeshConfigError::Invalid(e.at("defaults")))?;
+        for (name, service) in &self.services {
+            service
+                .validate()
+                .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{name}"))))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a config from TOML text, then checks it.
+    ///
+    /// # Errors
+    /// See [`MeshConfigError`].
+    pub fn from_toml(text: &str) -> Result<Self, MeshConfigError> {
+        Self::from_toml_with_env(text, std::iter::empty::<(String, String)>())
+    }
+
+    /// Reads a config from TOML text with overrides from environment variables, then checks
+    /// it. Variables named `MESHKIT_` followed by a path whose parts are joined by `__` set
+    /// that key (`MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS=5` sets
+    /// `services.users.retry.max_attempts`; names are lowercased). A value is read as TOML
+    /// when it is one (`5`, `true`, `0.5`, `["a"]`) and as a string otherwise (`2s`).
+    /// Other variables are ignored.
+    ///
+    /// ```
+    /// use meshkit::MeshConfig;
+    ///
+    /// let env = [("MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS", "5")];
+    /// let config = MeshConfig::from_toml_with_env("[services.users]\ntimeout = \"2s\"", env).unwrap();
+    /// assert_eq!(config.service("users").retry.max_attempts, 5);
+    /// ```
+    ///
+    /// # Errors
+    /// See [`MeshConfigError`].
+    pub fn from_toml_with_env<K, V>(
+        text: &str,
+        env: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Self, MeshConfigError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut root: toml::Table =
+            toml::from_str(text).map_err(|e| MeshConfigError::Syntax(e.message().to_string()))?;
+        for (name, value) in env {
+            if let Some(path) = name.as_ref().strip_prefix("MESHKIT_") {
+                set_path(&mut root, path, value.as_ref())?;
+            }
+        }
+        lay_services_over_defaults(&mut root);
+        let config: MeshConfig = serde_path_to_error::deserialize(toml::Value::Table(root))
+            .map_err(|e| MeshConfigError::Parse {
+                path: e.path().to_string(),
+                message: e.inner().message().to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file with overrides from this process's environment (see
+    /// [`from_toml_with_env`](Self::from_toml_with_env)).
+    ///
+    /// # Errors
+    /// The file cannot be read, or see [`MeshConfigError`].
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, MeshConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| MeshConfigError::Syntax(format!("{}: {e}", path.display())))?;
+        Self::from_toml_with_env(&text, std::env::vars())
+    }
+}
+
+/// Why a [`MeshConfig`] was refused.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum MeshConfigError {
+    /// Not TOML (or the file could not be read).
+    Syntax(String),
+    /// A key that does not exist, or a value of the wrong type: its path and what is wrong
+    /// (`services.users.retry.max_attemps: unknown field ...`).
+    Parse {
+        /// The key's dotted path.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value out of its range.
+    Invalid(ConfigError),
+}
+
+impl MeshConfigError {
+    /// The dotted path of the offending key, when there is one.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Self::Syntax(_) => None,
+            Self::Parse { path, .. } => Some(path),
+            Self::Invalid(e) => Some(e.field()),
+        }
+    }
+}
+
+impl From<ConfigError> for MeshConfigError {
+    fn from(error: ConfigError) -> Self {
+        Self::Invalid(error)
+    }
+}
+
+impl fmt::Display for MeshConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Syntax(message) => write!(f, "invalid TOML: {message}"),
+            Self::Parse { path, message } => write!(f, "{path}: {message}"),
+            Self::Invalid(e) => write!(
+                f,
+                "{}: must be {}, got {}",
+                e.field(),
+                e.expected(),
+                e.got()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MeshConfigError {}
+
+/// Sets the key at `path` (`SERVICES__USERS__RETRY__MAX_ATTEMPTS`) to `value`, creating
+/// tables on the way.
+fn set_path(root: &mut toml::Table, path: &str, value: &str) -> Result<(), MeshConfigError> {
+    let keys: Vec<String> = path.split("__").map(str::to_lowercase).collect();
+    let env_name = || format!("MESHKIT_{path}");
+    if keys.iter().any(String::is_empty) {
+        return Err(MeshConfigError::Parse {
+            path: env_name(),
+            message: "an empty key in the variable's name".into(),
+        });
+    }
+    let (last, parents) = keys.split_last().expect("split yields at least one key");
+    let mut table = root;
+    for (depth, key) in parents.iter().enumerate() {
+        let entry = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(inner) => inner,
+            _ => {
+                return Err(MeshConfigError::Parse {
+                    path: keys[..=depth].join("."),
+                    message: format!(
+                        "{} sets a key inside a value that is not a table",
+                        env_name()
+                    ),
+                })
+            }
+        };
+    }
+    table.insert(last.clone(), env_value(value));
+    Ok(())
+}
+
+/// An environment value as TOML when it parses as a TOML value, else as a string.
+fn env_value(value: &str) -> toml::Value {
+    format!("value = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("value"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()))
+}
+
+/// Lays each service's table over a copy of `defaults`, key by key.
+fn lay_services_over_defaults(root: &mut toml::Table) {
+    let Some(toml::Value::Table(defaults)) = root.get("defaults").cloned() else {
+        return;
+    };
+    if let Some(toml::Value::Table(services)) = root.get_mut("services") {
+        for (_, service) in services.iter_mut() {
+            if let toml::Value::Table(own) = service {
+                let mut merged = defaults.clone();
+                merge(&mut merged, std::mem::take(own));
+                *own = merged;
+            }
+        }
+    }
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced. A table with a
+/// `kind` names one variant of a choice (a breaker window, a backoff), whose fields belong to
+/// that variant alone: it replaces the base's whole.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value))
+                if !value.contains_key("kind") =>
+            {
+                merge(inner, value)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The mesh runtime: one configuration, a registry, system events and a client stack per
+//! service.
+//!
+//! ```
+//! use meshkit::{Mesh, MeshConfig};
+//!
+//! # fn main() -> Result<(), meshkit::MeshConfigError> {
+//! let config = MeshConfig::from_toml(r#"
+//!     [defaults.retry]
+//!     max_attempts = 3
+//!
+//!     [services.users]
+//!     timeout = "2s"
+//!     breaker = { failure_rate = 0.5, minimum_calls = 20 }
+//!     balance = { picker = "round_robin" }
+//! "#)?;
+//! assert_eq!(config.service("users").retry.max_attempts, 3);
+//! let mesh = Mesh::builder().config(config).build()?;
+//! # let _ = mesh;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## The client stack
+//!
+//! [`Mesh::client`] (HTTP, feature `http`) and [`Mesh::client_with`] (any endpoint service)
+//! build, from the endpoints up:
+//!
+//! 1. **discovery**: the registry's instances of the service, one endpoint each;
+//! 2. **balance**: the configured picker, outlier ejection and fail-fast `NoEndpoints`;
+//! 3. **breaker**: one circuit breaker over the balanced service;
+//! 4. **retry**: tries again what the classifier says, within the budget (a retry goes back
+//!    through the breaker and the balancer, so it usually reaches another instance);
+//! 5. **timeout**: the whole call's limit, tries and waits included.
+//!
+//! ## Reloading
+//!
+//! [`Mesh::reload`] (or a `watch` channel given to [`Mesh::reload_from`]) replaces the
+//! policies at run time. A new config is checked first; clients switch at their next
+//! `poll_ready`. Endpoints and their balancer stay; breakers and retry budgets start afresh.
+
+mod client;
+mod config;
+#[cfg(feature = "http")]
+mod http;
+mod runtime;
+
+pub use client::{MeshClient, MeshClosed, ResponseFuture};
+pub use config::{MeshConfig, MeshConfigError, ServiceConfig};
+pub use runtime::{Mesh, MeshBuilder};

@@ -1,0 +1,337 @@
+//! [`Mesh`]: the registry, the system events and every service's client stack, from one
+//! configuration.
+
+use super::client::{BuildPolicy, MeshClient, Policy, Stack};
+use super::{MeshConfig, MeshConfigError};
+use crate::balance::{Balance, ConfiguredPicker};
+use crate::breaker::CircuitBreakerLayer;
+use crate::classify::{Classify, ClassifyRetry};
+use crate::discovery::{
+    discover, weights, Instance, InstanceId, MemoryRegistry, Registration, Registry, RegistryError,
+};
+use crate::events::system::{self, SystemEvent};
+use crate::events::EventBus;
+use crate::retry::{Replay, RetryLayer};
+use crate::striped::StripedCounter;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, Service, ServiceBuilder};
+
+/// An in-process service mesh: a registry with health checks, the system event bus, and a
+/// client stack per service built from a [`MeshConfig`] whose policies reload at run time.
+///
+/// ```
+/// use meshkit::discovery::Instance;
+/// use meshkit::{Mesh, MeshConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = MeshConfig::from_toml("[services.users.retry]\nmax_attempts = 2")?;
+/// let mesh = Mesh::builder().config(config).build()?;
+/// let registration = mesh.register(Instance::builder("users", "127.0.0.1", 8080).build()?).await?;
+/// assert_eq!(mesh.registry().snapshot("users").instances().len(), 1);
+/// mesh.shutdown().await; // deregisters, then waits for calls in flight
+/// assert!(mesh.registry().snapshot("users").instances().is_empty());
+/// # drop(registration);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Mesh {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: MemoryRegistry,
+    config: watch::Sender<Arc<(u64, MeshConfig)>>,
+    registered: Mutex<Vec<InstanceId>>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// Builds a [`Mesh`].
+#[derive(Debug, Default)]
+#[must_use]
+pub struct MeshBuilder {
+    config: MeshConfig,
+    registry: Option<MemoryRegistry>,
+}
+
+impl MeshBuilder {
+    /// The policies (default: [`MeshConfig::default`]).
+    pub fn config(mut self, config: MeshConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// A registry to share with other code (default: a new one).
+    pub fn registry(mut self, registry: MemoryRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The mesh.
+    ///
+    /// # Errors
+    /// The configuration is invalid.
+    pub fn build(self) -> Result<Mesh, MeshConfigError> {
+        self.config.validate()?;
+        let (config, _) = watch::channel(Arc::new((1, self.config)));
+        Ok(Mesh {
+            inner: Arc::new(Inner {
+                registry: self.registry.unwrap_or_default(),
+                config,
+                registered: Mutex::new(Vec::new()),
+                lifecycle: Arc::new(Lifecycle::default()),
+            }),
+        })
+    }
+}
+
+impl Mesh {
+    /// Starts a mesh.
+    pub fn builder() -> MeshBuilder {
+        MeshBuilder::default()
+    }
+
+    /// The registry instances are registered in and discovered from.
+    pub fn registry(&self) -> &MemoryRegistry {
+        &self.inner.registry
+    }
+
+    /// The system event bus every meshkit component reports to (breaker transitions,
+    /// ejections, registrations, retries exhausted, ...).
+    pub fn events(&self) -> &'static EventBus<SystemEvent> {
+        system::bus()
+    }
+
+    /// The current policies.
+    pub fn config(&self) -> MeshConfig {
+        self.inner.config.borrow().1.clone()
+    }
+
+    /// Registers an instance (health checks start as its `check` says). Dropping the returned
+    /// guard deregisters it; [`shutdown`](Self::shutdown) deregisters every instance still
+    /// registered through the mesh.
+    ///
+    /// # Errors
+    /// The registry refused the instance.
+    pub async fn register(&self, instance: Instance) -> Result<Registration, RegistryError> {
+        let registration = self.inner.registry.register(instance).await?;
+        self.inner
+            .registered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(registration.id());
+        Ok(registration)
+    }
+
+    /// Replaces the policies: checked first, then every client switches to stacks built
+    /// from them at its next `poll_ready` (no restart, no lost endpoint).
+    ///
+    /// # Errors
+    /// The new configuration is invalid; the old one stays.
+    pub fn reload(&self, config: MeshConfig) -> Result<(), MeshConfigError> {
+        config.validate()?;
+        self.inner.config.send_modify(|current| {
+            *current = Arc::new((current.0 + 1, config));
+        });
+        tracing::info!("mesh policies reloaded");
+        Ok(())
+    }
+
+    /// Applies every configuration `updates` receives (after checking it; an invalid one is
+    /// reported as a `warn` event and skipped) until the sender is dropped.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn reload_from(&self, mut updates: watch::Receiver<MeshConfig>) {
+        let mesh = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while updates.changed().await.is_ok() {
+                let Some(inner) = mesh.upgrade() else { return };
+                let config = updates.borrow_and_update().clone();
+                if let Err(error) = (Mesh { inner }).reload(config) {
+                    tracing::warn!(%error, "reloaded configuration refused");
+                }
+            }
+        });
+    }
+
+    /// Stops the mesh: deregisters every instance registered through it, refuses new calls
+    /// with [`MeshClosed`](super::MeshClosed), and waits up to `shutdown_timeout` for calls in
+    /// flight to finish. Returns whether they all did.
+    pub async fn shutdown(&self) -> bool {
+        self.inner.lifecycle.closed.store(true, Ordering::SeqCst);
+        let registered = std::mem::take(
+            &mut *self
+                .inner
+                .registered
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for id in registered {
+            // Already gone (its guard was dropped, or it expired): nothing to do.
+            let _ = self.inner.registry.deregister(&id).await;
+        }
+        let timeout = self.inner.config.borrow().1.shutdown_timeout;
+        let drained = tokio::time::timeout(timeout, self.inner.lifecycle.drained())
+            .await
+            .is_ok();
+        if !drained {
+            tracing::warn!(
+                in_flight = self.inner.lifecycle.in_flight(),
+                "mesh shut down with calls still in flight"
+            );
+        }
+        drained
+    }
+
+    /// The client stack for `service`, built as its policies say, over endpoints made by
+    /// `make_endpoint` for each discovered instance, with `classifier` deciding what fails
+    /// and what is retried and `replay` what may be sent again. For HTTP, see
+    /// [`client`](Self::client).
+    ///
+    /// # Errors
+    /// The service's policies are invalid (they were checked when set: not expected).
+    pub fn client_with<S, Req, F, C, K>(
+        &self,
+        service: &str,
+        make_endpoint: F,
+        classifier: C,
+        replay: K,
+    ) -> Result<MeshClient<Req, S::Response>, MeshConfigError>
+    where
+        F: FnMut(&Instance) -> S + Send + 'static,
+        S: Service<Req> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Send + 'static,
+        C: Classify<S::Response, BoxError>
+            + ClassifyRetry<S::Response, BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        K: Replay<Req> + Clone + Send + Sync + 'static,
+    {
+        let config = self.config();
+        let settings = config.service(service);
+        let mut balance = Balance::builder(
+            discover(&self.inner.registry, service, make_endpoint),
+            ConfiguredPicker::new(settings.balance.picker),
+        )
+        .name(service.to_string())
+        .failfast_after(settings.balance.failfast_after)
+        .weights(weights(&self.inner.registry, service));
+        if let Some(ejection) = &settings.balance.ejection {
+            balance = balance.ejection(ejection.clone()).map_err(|e| {
+                MeshConfigError::Invalid(e.at(&format!("services.{service}.balance")))
+            })?;
+        }
+        let balance: Balance<S, Req, ConfiguredPicker> = balance.build();
+        let name = service.to_string();
+        let build: BuildPolicy<Req, S::Response> = Box::new(move |config: &MeshConfig| {
+            let settings = config.service(&name);
+            let breaker = CircuitBreakerLayer::new(settings.breaker.clone())
+                .map_err(|e| e.at("breaker"))?
+                .name(name.clone())
+                .classify(classifier.clone());
+            let retry = RetryLayer::new(settings.retry.clone())
+                .map_err(|e| e.at("retry"))?
+                .name(name.clone())
+                .classify(classifier.clone())
+                .replay(replay.clone());
+            let (handle, budget) = (breaker.handle(), retry.budget().clone());
+            let timeout = settings.timeout;
+            let balance = balance.clone();
+            let stack = move || -> Stack<Req, S::Response> {
+                BoxCloneSyncService::new(
+                    ServiceBuilder::new()
+                        .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
+                        .map_err(Into::<BoxError>::into)
+                        .layer(retry.clone())
+                        .layer(breaker.clone())
+                        .service(balance.clone()),
+                )
+            };
+            Ok(Policy {
+                stack: Box::new(stack),
+                breaker: handle,
+                budget,
+            })
+        });
+        MeshClient::new(
+            service.to_string(),
+            build,
+            self.inner.config.subscribe(),
+            self.inner.lifecycle.clone(),
+        )
+        .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}"))))
+    }
+}
+
+impl fmt::Debug for Mesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mesh")
+            .field("registry", &self.inner.registry)
+            .field("in_flight", &self.inner.lifecycle.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the mesh is open, and its calls in flight (counted on per-thread stripes: no line
+/// shared between cores on the call path).
+#[derive(Default)]
+pub(crate) struct Lifecycle {
+    closed: AtomicBool,
+    started: StripedCounter,
+    finished: StripedCounter,
+    idle: Notify,
+}
+
+impl Lifecycle {
+    /// Counts a call in, unless the mesh is closed.
+    #[inline]
+    pub(crate) fn enter(self: &Arc<Self>) -> Option<InFlight> {
+        if self.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.started.increment();
+        Some(InFlight(self.clone()))
+    }
+
+    fn in_flight(&self) -> u64 {
+        // Finished first: a call counted there was started before, so the difference never
+        // goes below the truth.
+        let finished = self.finished.sum();
+        self.started.sum().saturating_sub(finished)
+    }
+
+    async fn drained(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight() == 0 {
+                return;
+            }
+            // Woken by the last call out; re-checked in case of a race.
+            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
+        }
+    }
+}
+
+/// A call in flight; counted out when dropped.
+pub(crate) struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.finished.increment();
+        if self.0.closed.load(Ordering::Relaxed) {
+            self.0.idle.notify_waiters();
+        }
+    }
+}

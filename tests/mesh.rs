@@ -1,0 +1,302 @@
+//! The mesh runtime: configuration files, environment overrides, reloading and shutdown.
+
+use meshkit::classify::DefaultClassifier;
+use meshkit::discovery::Instance;
+use meshkit::mesh::{MeshClosed, MeshConfigError};
+use meshkit::retry::CloneRequest;
+use meshkit::{Mesh, MeshConfig};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::{BoxError, Service, ServiceExt};
+
+fn error_of(toml: &str) -> String {
+    MeshConfig::from_toml(toml).unwrap_err().to_string()
+}
+
+#[test]
+fn out_of_range_values_are_named_by_their_path_and_range() {
+    assert_eq!(
+        error_of("[services.users.breaker]\nfailure_rate = 1.5"),
+        "services.users.breaker.failure_rate: must be in (0, 1], got 1.5"
+    );
+    assert_eq!(
+        error_of("[defaults.retry]\nmax_attempts = 0"),
+        "defaults.retry.max_attempts: must be in [1, 100], got 0"
+    );
+    assert!(
+        error_of("[services.users]\ntimeout = \"0s\"")
+            .starts_with("services.users.timeout: must be in [1ms, 1h]"),
+        "{}",
+        error_of("[services.users]\ntimeout = \"0s\"")
+    );
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
+    let unknown = MeshConfig::from_toml("[services.users.breaker]\ncolour = \"red\"").unwrap_err();
+    assert_eq!(unknown.path(), Some("services.users.breaker.colour"));
+    assert!(
+        unknown.to_string().contains("unknown field `colour`"),
+        "{unknown}"
+    );
+
+    let top = MeshConfig::from_toml("[servises.users]").unwrap_err();
+    assert!(
+        top.to_string().contains("unknown field `servises`"),
+        "{top}"
+    );
+
+    let wrong =
+        MeshConfig::from_toml("[services.users.retry]\nmax_attempts = \"many\"").unwrap_err();
+    assert_eq!(
+        wrong.path(),
+        Some("services.users.retry.max_attempts"),
+        "{wrong}"
+    );
+
+    let duration = MeshConfig::from_toml("[services.users]\ntimeout = \"soon\"").unwrap_err();
+    assert_eq!(
+        duration.path(),
+        Some("services.users.timeout"),
+        "{duration}"
+    );
+
+    let picker =
+        MeshConfig::from_toml("[services.users.balance]\npicker = \"fastest\"").unwrap_err();
+    assert_eq!(
+        picker.path(),
+        Some("services.users.balance.picker"),
+        "{picker}"
+    );
+    assert!(
+        picker.to_string().contains("round_robin"),
+        "lists the allowed values: {picker}"
+    );
+
+    assert!(matches!(
+        MeshConfig::from_toml("[services.users"),
+        Err(MeshConfigError::Syntax(_))
+    ));
+}
+
+#[test]
+fn every_value_has_a_default() {
+    let config = MeshConfig::from_toml("").unwrap();
+    assert_eq!(config, MeshConfig::default());
+    assert_eq!(
+        config.service("anything").timeout,
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn a_service_table_lies_over_the_defaults_key_by_key() {
+    let config = MeshConfig::from_toml(
+        r#"
+        [defaults]
+        timeout = "5s"
+        [defaults.retry]
+        max_attempts = 4
+        [defaults.breaker]
+        window = { kind = "count", size = 50 }
+
+        [services.users.retry]
+        deadline = "3s"
+        [services.users.breaker]
+        window = { kind = "time", duration = "30s" }
+        "#,
+    )
+    .unwrap();
+    let users = config.service("users");
+    assert_eq!(users.retry.max_attempts, 4, "kept from the defaults");
+    assert_eq!(users.retry.deadline, Some(Duration::from_secs(3)));
+    assert_eq!(users.timeout, Some(Duration::from_secs(5)));
+    assert_eq!(
+        users.breaker.window,
+        meshkit::breaker::WindowConfig::Time {
+            duration: Duration::from_secs(30)
+        },
+        "a table with a kind replaces the default's"
+    );
+    assert_eq!(config.service("orders").retry.max_attempts, 4);
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let env = [
+        ("MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS", "5"),
+        ("MESHKIT_SERVICES__USERS__TIMEOUT", "750ms"),
+        ("MESHKIT_DEFAULTS__BREAKER__FAILURE_RATE", "0.25"),
+        ("PATH", "/usr/bin"),
+    ];
+    let config =
+        MeshConfig::from_toml_with_env("[services.users.retry]\nmax_attempts = 2", env).unwrap();
+    let users = config.service("users");
+    assert_eq!(users.retry.max_attempts, 5);
+    assert_eq!(users.timeout, Some(Duration::from_millis(750)));
+    assert_eq!(
+        users.breaker.failure_rate, 0.25,
+        "defaults reach services too"
+    );
+
+    let bad = MeshConfig::from_toml_with_env(
+        "",
+        [("MESHKIT_SERVICES__USERS__BREAKER__FAILURE_RATE", "2")],
+    )
+    .unwrap_err();
+    assert_eq!(
+        bad.to_string(),
+        "services.users.breaker.failure_rate: must be in (0, 1], got 2"
+    );
+    let unknown = MeshConfig::from_toml_with_env("", [("MESHKIT_SERVICES__USERS__RETRIES", "2")])
+        .unwrap_err();
+    assert_eq!(unknown.path(), Some("services.users.retries"), "{unknown}");
+}
+
+#[test]
+fn a_config_file_is_read_from_disk() {
+    let path = std::env::temp_dir().join(format!("meshkit-{}.toml", std::process::id()));
+    std::fs::write(&path, "[services.users.retry]\nmax_attempts = 7\n").unwrap();
+    let config = MeshConfig::load(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(config.service("users").retry.max_attempts, 7);
+    assert!(matches!(
+        MeshConfig::load("/nonexistent/meshkit.toml"),
+        Err(MeshConfigError::Syntax(_))
+    ));
+}
+
+/// A mesh whose "users" service has one instance answering with `endpoint`.
+async fn mesh_with_failing_users(calls: Arc<AtomicUsize>) -> (Mesh, meshkit::MeshClient<u32, u32>) {
+    let config = MeshConfig::from_toml(
+        r#"
+        [services.users]
+        timeout = "10s"
+        balance = { picker = "round_robin", failfast_after = "1s" }
+        breaker = { minimum_calls = 100 }
+        [services.users.retry]
+        max_attempts = 1
+        budget = "unlimited"
+        backoff = { kind = "constant", base = "1ms", jitter = "none" }
+        "#,
+    )
+    .unwrap();
+    let mesh = Mesh::builder().config(config).build().unwrap();
+    let registration = mesh
+        .register(Instance::builder("users", "127.0.0.1", 9).build().unwrap())
+        .await
+        .unwrap();
+    registration.forget();
+    let client = mesh
+        .client_with(
+            "users",
+            move |_: &Instance| {
+                let calls = calls.clone();
+                tower::service_fn(move |_: u32| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Err::<u32, BoxError>("refused".into()) }
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    (mesh, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloaded_policies_apply_without_a_restart() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    let mut other_clone = client.clone();
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 1, "one attempt");
+
+    let mut config = mesh.config();
+    config.services.get_mut("users").unwrap().retry.max_attempts = 3;
+    mesh.reload(config).unwrap();
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(
+        calls.swap(0, Ordering::SeqCst),
+        3,
+        "three attempts after the reload"
+    );
+    assert!(other_clone.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 3, "every clone switches");
+
+    let mut invalid = mesh.config();
+    invalid
+        .services
+        .get_mut("users")
+        .unwrap()
+        .retry
+        .max_attempts = 0;
+    let refused = mesh.reload(invalid).unwrap_err();
+    assert_eq!(refused.path(), Some("services.users.retry.max_attempts"));
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(
+        calls.swap(0, Ordering::SeqCst),
+        3,
+        "the valid policies stay"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_channel_reloads_the_policies() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    let (updates, receiver) = tokio::sync::watch::channel(mesh.config());
+    mesh.reload_from(receiver);
+    let mut config = mesh.config();
+    config.services.get_mut("users").unwrap().retry.max_attempts = 2;
+    updates.send(config).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_deregisters_and_refuses_new_calls() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    assert_eq!(mesh.registry().snapshot("users").instances().len(), 1);
+    assert!(mesh.shutdown().await, "nothing was in flight");
+    assert!(mesh.registry().snapshot("users").instances().is_empty());
+    let error = client.call(1).await.unwrap_err();
+    assert!(error.downcast_ref::<MeshClosed>().is_some(), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_calls_in_flight() {
+    let config =
+        MeshConfig::from_toml("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }")
+            .unwrap();
+    let mesh = Mesh::builder().config(config).build().unwrap();
+    mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
+        .await
+        .unwrap()
+        .forget();
+    let mut client = mesh
+        .client_with(
+            "slow",
+            |_: &Instance| {
+                tower::service_fn(|n: u32| async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<u32, BoxError>(n)
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    let call = client.ready().await.unwrap().call(7);
+    let in_flight = tokio::spawn(call);
+    let started = tokio::time::Instant::now();
+    assert!(mesh.shutdown().await);
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "waited for the call"
+    );
+    assert_eq!(in_flight.await.unwrap().unwrap(), 7);
+}

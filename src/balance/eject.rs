@@ -1,13 +1,17 @@
 //! Outlier ejection: [`EjectionConfig`], and [`Guarded`], an endpoint behind its own circuit
 //! breaker when ejection is on.
 
-use crate::breaker::{BreakerConfig, CircuitBreaker, WindowConfig};
+use super::EndpointEjected;
+use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitOpen, WindowConfig};
+use crate::classify::{Classify, DefaultClassifier, Outcome};
 use crate::config::{duration_in_range, int_in_range, ConfigError};
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
+use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tower::{BoxError, Service};
@@ -102,6 +106,42 @@ impl EjectionConfig {
     }
 }
 
+/// What an ejection breaker counts as a failure: the balancer's classifier, with its response
+/// type erased so that endpoints stay generic over their service alone (the balancer checks
+/// the type when the classifier is set, so the downcast always succeeds). Without one, the
+/// default: errors fail, responses succeed.
+#[derive(Clone, Default)]
+pub(crate) struct EjectionClassifier(Option<Arc<ClassifyAny>>);
+
+/// A classifier of `&Result<Res, BoxError>` behind `&dyn Any`.
+type ClassifyAny = dyn Fn(&dyn Any) -> Outcome + Send + Sync;
+
+impl EjectionClassifier {
+    /// Classifies results of type `Result<Res, BoxError>` with `classifier`.
+    pub(crate) fn new<Res, C>(classifier: C) -> Self
+    where
+        Res: 'static,
+        C: Classify<Res, BoxError> + Send + Sync + 'static,
+    {
+        Self(Some(Arc::new(move |result: &dyn Any| {
+            match result.downcast_ref::<Result<Res, BoxError>>() {
+                Some(result) => classifier.classify(result),
+                None => Outcome::Ignored,
+            }
+        })))
+    }
+}
+
+impl<Res: 'static> Classify<Res, BoxError> for EjectionClassifier {
+    #[inline]
+    fn classify(&self, result: &Result<Res, BoxError>) -> Outcome {
+        match &self.0 {
+            Some(classify) => classify(result),
+            None => DefaultClassifier.classify(result),
+        }
+    }
+}
+
 /// An endpoint as the balancer calls it (through [`GuardedCall`]): as discovered, or behind
 /// its ejection breaker.
 #[derive(Clone)]
@@ -111,7 +151,7 @@ pub(crate) struct Guarded<S>(Kind<S>);
 enum Kind<S> {
     Plain(S),
     // Boxed: a plain endpoint stays the size of the service itself.
-    Breaker(Box<CircuitBreaker<S>>),
+    Breaker(Box<CircuitBreaker<S, EjectionClassifier>>),
 }
 
 impl<S> Guarded<S> {
@@ -119,7 +159,7 @@ impl<S> Guarded<S> {
         Self(Kind::Plain(service))
     }
 
-    pub(crate) fn breaker(service: CircuitBreaker<S>) -> Self {
+    pub(crate) fn breaker(service: CircuitBreaker<S, EjectionClassifier>) -> Self {
         Self(Kind::Breaker(Box::new(service)))
     }
 
@@ -128,6 +168,7 @@ impl<S> Guarded<S> {
     where
         S: Service<Req>,
         S::Error: Into<BoxError>,
+        S::Response: 'static,
     {
         match &mut self.0 {
             Kind::Plain(service) => service.poll_ready(cx).map_err(Into::into),
@@ -169,9 +210,9 @@ pin_project! {
         Plain { #[pin] call: tower::util::Oneshot<S, Req> },
         // Boxed: only calls with ejection on pay for the breaker's larger future.
         Breaker {
-            service: Box<CircuitBreaker<S>>,
+            service: Box<CircuitBreaker<S, EjectionClassifier>>,
             request: Option<Req>,
-            future: Option<Pin<Box<crate::breaker::ResponseFuture<S::Future, crate::classify::DefaultClassifier>>>>,
+            future: Option<Pin<Box<crate::breaker::ResponseFuture<S::Future, EjectionClassifier>>>>,
         },
     }
 }
@@ -196,6 +237,7 @@ impl<S, Req> Future for GuardedCall<S, Req>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    S::Response: 'static,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -209,13 +251,25 @@ where
                 future,
             } => {
                 if future.is_none() {
-                    std::task::ready!(service.poll_ready(cx))?;
+                    std::task::ready!(service.poll_ready(cx)).map_err(ejected)?;
                     let request = request.take().expect("called once");
                     *future = Some(Box::pin(service.call(request)));
                 }
-                future.as_mut().expect("set above").as_mut().poll(cx)
+                let result =
+                    std::task::ready!(future.as_mut().expect("set above").as_mut().poll(cx));
+                Poll::Ready(result.map_err(ejected))
             }
         }
+    }
+}
+
+/// The ejection breaker's own refusal becomes [`EndpointEjected`], which retries may retry
+/// (another endpoint will be picked); the endpoint's errors pass through.
+fn ejected(error: BoxError) -> BoxError {
+    if error.is::<CircuitOpen>() {
+        Box::new(EndpointEjected)
+    } else {
+        error
     }
 }
 

@@ -57,3 +57,19 @@ impl fmt::Display for NoEndpoints {
 }
 
 impl std::error::Error for NoEndpoints {}
+
+/// The endpoint the balancer picked was ejected between the pick and the call (its ejection
+/// breaker opened, or it is probing with another call), so the call was not sent.
+///
+/// Not a meshkit rejection: the request never reached an endpoint, and a retry goes back
+/// through the balancer, which picks another one. Retry layers retry it like any error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointEjected;
+
+impl fmt::Display for EndpointEjected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the picked endpoint was ejected before the call was sent")
+    }
+}
+
+impl std::error::Error for EndpointEjected {}

@@ -67,7 +67,7 @@ mod worker;
 
 pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
 pub use eject::EjectionConfig;
-pub use error::NoEndpoints;
+pub use error::{EndpointEjected, NoEndpoints};
 pub use picker::{
     ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
 };

@@ -1,12 +1,13 @@
 //! [`Balance`]: a `Clone` balancer whose handles pick from a shared, immutable snapshot.
 
 use super::config::{BalanceConfig, ConfiguredPicker};
-use super::eject::{EjectionConfig, Guarded, GuardedCall};
+use super::eject::{EjectionClassifier, EjectionConfig, Guarded, GuardedCall};
 use super::error::NoEndpoints;
 use super::picker::Picker;
 use super::picker::RoundRobin;
 use super::stats::EndpointLoads;
 use super::worker;
+use crate::classify::Classify;
 use crate::padded::CachePadded;
 use pin_project_lite::pin_project;
 use std::fmt;
@@ -205,6 +206,7 @@ pub struct BalanceBuilder<D: Discover, P> {
     failfast_after: Duration,
     weight: Option<worker::WeightOf<D::Key>>,
     ejection: Option<EjectionConfig>,
+    classifier: EjectionClassifier,
 }
 
 impl Balance<(), (), RoundRobin> {
@@ -217,6 +219,7 @@ impl Balance<(), (), RoundRobin> {
             failfast_after: Duration::from_secs(3),
             weight: None,
             ejection: None,
+            classifier: EjectionClassifier::default(),
         }
     }
 }
@@ -252,6 +255,20 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
         Ok(self)
     }
 
+    /// What ejection counts as an endpoint's failure (default: errors fail, responses
+    /// succeed). For HTTP, [`HttpClassifier`](crate::http::HttpClassifier) makes 5xx
+    /// responses count too. `Req` names the request type, which fixes the response type the
+    /// classifier sees: `.classify::<reqwest::Request, _>(HttpClassifier::default())`.
+    pub fn classify<Req, C>(mut self, classifier: C) -> Self
+    where
+        D::Service: Service<Req>,
+        <D::Service as Service<Req>>::Response: 'static,
+        C: Classify<<D::Service as Service<Req>>::Response, BoxError> + Send + Sync + 'static,
+    {
+        self.classifier = EjectionClassifier::new(classifier);
+        self
+    }
+
     /// The balancer; its worker starts with the first `poll_ready`.
     pub fn build<Req>(self) -> Balance<D::Service, Req, P>
     where
@@ -270,7 +287,9 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             failfast_after,
             weight,
             ejection,
+            classifier,
         } = self;
+        let ejection = ejection.map(|ejection| (ejection, classifier));
         let picker = Arc::new(picker);
         let worker_picker = picker.clone();
         let closed = Arc::new(tokio::sync::Notify::new());
@@ -353,6 +372,7 @@ where
     P: Picker<Req>,
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
+    S::Response: 'static,
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -506,6 +526,7 @@ impl<S, Req> Future for ResponseFuture<S, Req>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
+    S::Response: 'static,
 {
     type Output = Result<S::Response, BoxError>;
 

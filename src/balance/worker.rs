@@ -1,7 +1,7 @@
 //! The balancer's background task: applies discovery changes, drives endpoints that are not
 //! ready, and publishes the ready set, with or without traffic.
 
-use super::eject::{EjectionConfig, Guarded};
+use super::eject::{EjectionClassifier, EjectionConfig, Guarded};
 use super::picker::Picker;
 use super::ring::stable_hash;
 use super::service::{Shared, Snapshot};
@@ -55,7 +55,7 @@ pub(crate) async fn run<D, Req, P>(
     mut discover: D,
     picker: Arc<P>,
     weight_of: Option<WeightOf<D::Key>>,
-    ejection: Option<EjectionConfig>,
+    ejection: Option<(EjectionConfig, EjectionClassifier)>,
     shared: Weak<Shared<D::Service, P::Prepared>>,
     closed: Arc<Notify>,
 ) where
@@ -64,6 +64,7 @@ pub(crate) async fn run<D, Req, P>(
     D::Error: Into<BoxError>,
     D::Service: Service<Req> + Clone,
     <D::Service as Service<Req>>::Error: Into<BoxError>,
+    <D::Service as Service<Req>>::Response: 'static,
     P: Picker<Req>,
 {
     let Some(name) = shared.upgrade().map(|shared| shared.name.clone()) else {
@@ -127,8 +128,9 @@ pub(crate) async fn run<D, Req, P>(
                 let weight = weight_of.as_ref().map_or(1, |weight| weight(&key).max(1));
                 let hash = stable_hash(&key);
                 let (service, breaker) = match &ejection {
-                    Some(ejection) => {
-                        let (service, handle) = guard(&name, hash, ejection, service);
+                    Some((ejection, classifier)) => {
+                        let (service, handle) =
+                            guard(&name, hash, ejection, classifier.clone(), service);
                         transitions.push(watch(hash, &handle));
                         (service, Some(handle))
                     }
@@ -167,7 +169,9 @@ pub(crate) async fn run<D, Req, P>(
                 false
             }
             Event::Transition(hash, state) => {
-                let max_share = ejection.as_ref().map_or(1.0, |e| e.max_ejection_percent);
+                let max_share = ejection
+                    .as_ref()
+                    .map_or(1.0, |(e, _)| e.max_ejection_percent);
                 on_transition(&name, &mut endpoints, hash, state, max_share)
             }
             Event::Ready(index) => {
@@ -187,7 +191,7 @@ pub(crate) async fn run<D, Req, P>(
             // A new snapshot makes every handle re-read it and start its loads afresh.
             continue;
         }
-        let panic_threshold = ejection.as_ref().map_or(0.0, |e| e.panic_threshold);
+        let panic_threshold = ejection.as_ref().map_or(0.0, |(e, _)| e.panic_threshold);
         shared.publish(snapshot(
             &name,
             &endpoints,
@@ -203,11 +207,13 @@ fn guard<S>(
     name: &str,
     hash: u64,
     ejection: &EjectionConfig,
+    classifier: EjectionClassifier,
     service: S,
 ) -> (Guarded<S>, BreakerHandle) {
     let layer = CircuitBreakerLayer::new(ejection.breaker())
         .expect("an ejection config is validated before it reaches the worker")
-        .name(format!("{name}/{hash:016x}"));
+        .name(format!("{name}/{hash:016x}"))
+        .classify(classifier);
     let handle = layer.handle();
     (Guarded::breaker(layer.layer(service)), handle)
 }

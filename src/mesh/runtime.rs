@@ -227,7 +227,8 @@ impl Mesh {
         )
         .name(service.to_string())
         .failfast_after(settings.balance.failfast_after)
-        .weights(weights(&self.inner.registry, service));
+        .weights(weights(&self.inner.registry, service))
+        .classify::<Req, _>(classifier.clone());
         if let Some(ejection) = &settings.balance.ejection {
             balance = balance.ejection(ejection.clone()).map_err(|e| {
                 MeshConfigError::Invalid(e.at(&format!("services.{service}.balance")))

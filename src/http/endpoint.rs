@@ -5,6 +5,7 @@ use http::uri::{Authority, InvalidUri, Scheme, Uri};
 use http::Request;
 use std::task::{Context, Poll};
 use tower::Service;
+use tracing::instrument::{Instrument, Instrumented};
 
 /// A request whose destination can be rewritten: `http::Request<B>`, and `reqwest::Request`
 /// with the `reqwest` feature.
@@ -43,7 +44,8 @@ impl Routable for reqwest::Request {
 }
 
 /// One instance as a service: points every request at the instance's address, then calls
-/// the client it wraps (a `reqwest::Client`, a hyper-util client, any HTTP `Service`).
+/// the client it wraps (a `reqwest::Client`, a hyper-util client, any HTTP `Service`), in a
+/// `meshkit.endpoint` span naming the `instance`.
 ///
 /// Used as the endpoint a balancer picks:
 /// `discover(&registry, "users", |instance| Endpoint::for_instance(client.clone(), instance))`.
@@ -98,7 +100,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Instrumented<S::Future>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
@@ -106,9 +108,10 @@ where
     }
 
     #[inline]
-    fn call(&mut self, mut request: R) -> S::Future {
+    fn call(&mut self, mut request: R) -> Self::Future {
         request.route_to(&self.authority);
-        self.inner.call(request)
+        let span = tracing::debug_span!("meshkit.endpoint", instance = %self.authority);
+        self.inner.call(request).instrument(span)
     }
 }
 

@@ -15,6 +15,7 @@ use std::task::{Context, Poll};
 use tokio::sync::watch;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service};
+use tracing::instrument::{Instrument, Instrumented};
 
 /// A service's stack above its balancer, type-erased.
 pub(crate) type Stack<Req, Res> = BoxCloneSyncService<Req, Res, BoxError>;
@@ -42,6 +43,10 @@ struct Shared<Req, Res> {
 
 /// The client stack of one service, as the mesh's configuration describes it:
 /// discovery → balance (with ejection) → breaker → retry → timeout, from the endpoints up.
+///
+/// Each call runs in a `meshkit.request` span (`service`, `breaker` state); the retry layer's
+/// events inside it carry the attempt number, and HTTP endpoints open a `meshkit.endpoint`
+/// span (`instance`) per try.
 ///
 /// `Clone` (every clone shares the balancer, the breaker and the retry budget) and
 /// `Send + Sync`: keep one in your application state. When the mesh's policies are reloaded
@@ -161,10 +166,18 @@ where
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         match self.shared.lifecycle.enter() {
-            Some(guard) => ResponseFuture {
-                inner: Some(self.stack.call(request)),
-                _guard: Some(guard),
-            },
+            Some(guard) => {
+                // Fields are evaluated only when a subscriber wants the span.
+                let span = tracing::info_span!(
+                    "meshkit.request",
+                    service = %self.shared.service,
+                    breaker = ?self.policy.breaker.state(),
+                );
+                ResponseFuture {
+                    inner: Some(self.stack.call(request).instrument(span)),
+                    _guard: Some(guard),
+                }
+            }
             None => ResponseFuture {
                 inner: None,
                 _guard: None,
@@ -187,7 +200,7 @@ pin_project! {
     /// or is dropped.
     pub struct ResponseFuture<Res> {
         #[pin]
-        inner: Option<BoxFuture<'static, Result<Res, BoxError>>>,
+        inner: Option<Instrumented<BoxFuture<'static, Result<Res, BoxError>>>>,
         _guard: Option<super::runtime::InFlight>,
     }
 }

@@ -1,0 +1,146 @@
+//! `Mesh::client` end to end: real axum instances, a reqwest or hyper-util leaf.
+
+use axum::http::StatusCode;
+use axum::routing::{get, put};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use meshkit::breaker::{BreakerState, CircuitOpen};
+use meshkit::discovery::Instance;
+use meshkit::http::{BufferBodyLayer, ReplayBody};
+use meshkit::{Mesh, MeshConfig};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+async fn serve(app: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+async fn mesh_with(config: &str, ports: &[u16]) -> Mesh {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml(config).unwrap())
+        .build()
+        .unwrap();
+    for port in ports {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", *port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    mesh
+}
+
+fn get_user() -> reqwest::Request {
+    reqwest::Request::new(
+        reqwest::Method::GET,
+        "http://users/users/1".parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_opens_on_a_failing_instance_and_closes_after_it_heals() {
+    let healthy = Arc::new(AtomicBool::new(false));
+    let app = axum::Router::new().route(
+        "/users/{id}",
+        get({
+            let healthy = healthy.clone();
+            move || async move {
+                if healthy.load(Ordering::SeqCst) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            }
+        }),
+    );
+    let port = serve(app).await;
+    let mesh = mesh_with(
+        r#"
+        [services.users]
+        breaker = { failure_rate = 0.5, minimum_calls = 4, window = { kind = "count", size = 10 }, open_for = "300ms", half_open_calls = 1 }
+        retry = { max_attempts = 1 }
+        "#,
+        &[port],
+    )
+    .await;
+    let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+    for _ in 0..4 {
+        let response = users.ready().await.unwrap().call(get_user()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(users.breaker().state(), BreakerState::Open);
+    let refused = users
+        .ready()
+        .await
+        .unwrap()
+        .call(get_user())
+        .await
+        .unwrap_err();
+    assert!(meshkit::error::is::<CircuitOpen>(&*refused), "{refused}");
+
+    healthy.store(true, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let probe = users.ready().await.unwrap().call(get_user()).await.unwrap();
+    assert_eq!(probe.status(), StatusCode::OK);
+    assert_eq!(users.breaker().state(), BreakerState::Closed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
+    // Every other PUT fails with a 503: a retry must send the same body again.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/users/{id}",
+        put({
+            let calls = calls.clone();
+            move |body: String| async move {
+                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    (StatusCode::SERVICE_UNAVAILABLE, String::new())
+                } else {
+                    (StatusCode::OK, body)
+                }
+            }
+        }),
+    );
+    let port = serve(app).await;
+    let mesh = mesh_with(
+        r#"
+        [services.users.retry]
+        max_attempts = 2
+        backoff = { kind = "constant", base = "1ms", jitter = "none" }
+        "#,
+        &[port],
+    )
+    .await;
+    let hyper_client: hyper_util::client::legacy::Client<_, ReplayBody<Full<Bytes>>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let users = mesh.client("users", hyper_client).unwrap();
+    let mut users = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new(1024))
+        .service(users);
+    let request = http::Request::put("http://users/users/1")
+        .body(Full::new(Bytes::from_static(b"{\"name\":\"Ada\"}")))
+        .unwrap();
+    let response = users.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, Bytes::from_static(b"{\"name\":\"Ada\"}"));
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "sent twice");
+
+    // A body over the limit is streamed once: the 503 comes back as is.
+    let large = http::Request::put("http://users/users/1")
+        .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+        .unwrap();
+    let response = users.ready().await.unwrap().call(large).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 3, "sent once");
+}

@@ -1,0 +1,86 @@
+//! The spans a `MeshClient` call opens.
+
+use meshkit::discovery::Instance;
+use meshkit::{Mesh, MeshConfig};
+use std::fmt::{Debug, Write};
+use std::sync::{Arc, Mutex};
+use tower::{Service, ServiceExt};
+use tracing::field::{Field, Visit};
+use tracing::span;
+use tracing::{Event, Metadata, Subscriber};
+
+/// Records each span's name and fields as `name field=value ...`.
+struct Spans(Arc<Mutex<Vec<String>>>);
+
+impl Subscriber for Spans {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, attributes: &span::Attributes<'_>) -> span::Id {
+        struct Fields(String);
+        impl Visit for Fields {
+            fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+                let _ = write!(self.0, " {}={:?}", field.name(), value);
+            }
+        }
+        let mut fields = Fields(attributes.metadata().name().to_string());
+        attributes.record(&mut fields);
+        let mut spans = self.0.lock().unwrap();
+        spans.push(fields.0);
+        span::Id::from_u64(spans.len() as u64)
+    }
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+    fn event(&self, _: &Event<'_>) {}
+    fn enter(&self, _: &span::Id) {}
+    fn exit(&self, _: &span::Id) {}
+}
+
+#[test]
+fn a_call_opens_a_request_span_and_an_endpoint_span_per_try() {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    tracing::subscriber::with_default(Spans(spans.clone()), || {
+        runtime.block_on(async {
+            let config = MeshConfig::from_toml(
+                "[services.users.retry]\nmax_attempts = 2\nbackoff = { kind = \"constant\", base = \"1ms\", jitter = \"none\" }",
+            )
+            .unwrap();
+            let mesh = Mesh::builder().config(config).build().unwrap();
+            mesh.register(Instance::builder("users", "10.0.0.7", 8080).build().unwrap())
+                .await
+                .unwrap()
+                .forget();
+            let leaf = tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::io::Error>(http::Response::builder().status(503).body(()).unwrap())
+            });
+            let mut users = mesh.client("users", leaf).unwrap();
+            let request = http::Request::get("http://users/").body(()).unwrap();
+            let response = users.ready().await.unwrap().call(request).await.unwrap();
+            assert_eq!(response.status(), 503);
+        })
+    });
+    let spans = spans.lock().unwrap().clone();
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.starts_with("meshkit.request"))
+            .collect::<Vec<_>>(),
+        ["meshkit.request service=users breaker=Closed"]
+    );
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.starts_with("meshkit.endpoint"))
+            .collect::<Vec<_>>(),
+        [
+            "meshkit.endpoint instance=10.0.0.7:8080",
+            "meshkit.endpoint instance=10.0.0.7:8080"
+        ],
+        "one per try"
+    );
+}

@@ -28,6 +28,8 @@
 //! | [`balance`] | A `Clone` balancer over any tower `Discover`, lock-free picks, six pickers, fail-fast `NoEndpoints` |
 //! | [`limit`] | Server-side protection that refuses at once: rate limit, concurrency limit, load shedding |
 //! | `http` | (feature `http`) HTTP classifiers, `Retry-After`, replayable bodies, endpoint routing, errors as responses |
+//! | [`mesh`] | The runtime: [`Mesh`] and [`MeshConfig`] (TOML, environment overrides, reload) building each service's client stack |
+//! | `metrics` | (feature `metrics`) Stable metric names through the `metrics` facade |
 //! | [`events`] | A typed event bus on `tokio::sync::broadcast`, handlers with panic isolation, and an event store with optimistic concurrency and gap-free replay |
 //! | [`discovery`] | An embedded registry with revisions, bounded watches, TTL and TCP health checks, and a tower `Discover` adapter |
 //! | [`backoff`] | Constant, linear and exponential waits with jitter, shared by every layer that waits |
@@ -43,6 +45,7 @@
 //! | `http` | The `http` module, and HTTP health checks in [`discovery`] (a hyper client) | no |
 //! | `axum` | meshkit's errors implement axum's `IntoResponse`; `http::ErrorResponseLayer` | no |
 //! | `reqwest` | A `reqwest::Client` as the leaf of a stack: classifiers, replay and routing for its requests and responses | no |
+//! | `metrics` | Counters, gauges and histograms through the `metrics` facade (`meshkit::metrics`) | no |
 //!
 //! ## Time
 //!
@@ -68,6 +71,8 @@ mod keepalive;
 pub mod limit;
 mod macros;
 pub mod mesh;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod padded;
 pub mod random;
 mod registry;

@@ -1,5 +1,6 @@
 //! [`MeshClient`]: a service's whole client stack, rebuilt when its policies are reloaded.
 
+use super::observe::{ClassifyResult, Observation, Observer};
 use super::runtime::Lifecycle;
 use super::MeshConfig;
 use crate::breaker::BreakerHandle;
@@ -39,6 +40,7 @@ struct Shared<Req, Res> {
     /// The policies built for the newest config seen, and that config's version.
     current: Mutex<(u64, Arc<Policy<Req, Res>>)>,
     lifecycle: Arc<Lifecycle>,
+    observer: Arc<Observer<Res>>,
 }
 
 /// The client stack of one service, as the mesh's configuration describes it:
@@ -72,16 +74,18 @@ where
         build: BuildPolicy<Req, Res>,
         mut config: watch::Receiver<Arc<(u64, MeshConfig)>>,
         lifecycle: Arc<Lifecycle>,
+        classify: ClassifyResult<Res>,
     ) -> Result<Self, ConfigError> {
         let current = config.borrow_and_update().clone();
         let policy = Arc::new(build(&current.1)?);
         let stack = (policy.stack)();
         Ok(Self {
             shared: Arc::new(Shared {
-                service,
                 build,
                 current: Mutex::new((current.0, policy.clone())),
                 lifecycle,
+                observer: Observer::new(&service, classify),
+                service,
             }),
             config,
             version: current.0,
@@ -175,11 +179,13 @@ where
                 );
                 ResponseFuture {
                     inner: Some(self.stack.call(request).instrument(span)),
+                    observation: Some(self.shared.observer.start()),
                     _guard: Some(guard),
                 }
             }
             None => ResponseFuture {
                 inner: None,
+                observation: None,
                 _guard: None,
             },
         }
@@ -201,6 +207,7 @@ pin_project! {
     pub struct ResponseFuture<Res> {
         #[pin]
         inner: Option<Instrumented<BoxFuture<'static, Result<Res, BoxError>>>>,
+        observation: Option<Observation<Res>>,
         _guard: Option<super::runtime::InFlight>,
     }
 }
@@ -210,8 +217,15 @@ impl<Res> Future for ResponseFuture<Res> {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.as_pin_mut() {
-            Some(inner) => inner.poll(cx),
+        let this = self.project();
+        match this.inner.as_pin_mut() {
+            Some(inner) => {
+                let result = std::task::ready!(inner.poll(cx));
+                if let Some(observation) = this.observation.as_mut() {
+                    observation.finish(&result);
+                }
+                Poll::Ready(result)
+            }
             None => Poll::Ready(Err(MeshClosed.into())),
         }
     }

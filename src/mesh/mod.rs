@@ -43,6 +43,7 @@ mod client;
 mod config;
 #[cfg(feature = "http")]
 mod http;
+mod observe;
 mod runtime;
 
 pub use client::{MeshClient, MeshClosed, ResponseFuture};

@@ -120,6 +120,8 @@ impl Mesh {
     /// # Errors
     /// The registry refused the instance.
     pub async fn register(&self, instance: Instance) -> Result<Registration, RegistryError> {
+        #[cfg(feature = "metrics")]
+        crate::metrics::record_system_events();
         let registration = self.inner.registry.register(instance).await?;
         self.inner
             .registered
@@ -229,6 +231,7 @@ impl Mesh {
         .failfast_after(settings.balance.failfast_after)
         .weights(weights(&self.inner.registry, service))
         .classify::<Req, _>(classifier.clone());
+        let outcome_classifier = classifier.clone();
         if let Some(ejection) = &settings.balance.ejection {
             balance = balance.ejection(ejection.clone()).map_err(|e| {
                 MeshConfigError::Invalid(e.at(&format!("services.{service}.balance")))
@@ -266,11 +269,17 @@ impl Mesh {
                 budget,
             })
         });
+        #[cfg(feature = "metrics")]
+        crate::metrics::record_system_events();
+        let classify = Box::new(move |result: &Result<S::Response, BoxError>| {
+            outcome_classifier.classify(result)
+        });
         MeshClient::new(
             service.to_string(),
             build,
             self.inner.config.subscribe(),
             self.inner.lifecycle.clone(),
+            classify,
         )
         .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}"))))
     }

@@ -467,6 +467,8 @@ fn schedule<T>(
         return None;
     }
     tracing::debug!(service, attempt = attempt + 1, ?delay, "retrying");
+    #[cfg(feature = "metrics")]
+    crate::metrics::retry_scheduled(service);
     slow.get_or_insert_with(|| {
         Slow::new(Timeouts {
             per_try: None,

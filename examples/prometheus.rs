@@ -1,6 +1,6 @@
 //! meshkit's metrics in Prometheus text format.
 //!
-//! Run it with `cargo run --example prometheus` (the `metrics` feature is on for examples).
+//! Run it with `cargo run --example prometheus --features metrics`.
 //! It installs the Prometheus recorder, serves a small axum "users" instance on 127.0.0.1
 //! (every third request fails), sends 100 requests through a `Mesh` client stack, and prints
 //! what a `/metrics` endpoint would serve.

@@ -55,9 +55,16 @@ impl SplitMix64 {
         }
     }
 
-    /// A generator seeded from the operating system's random source.
+    /// A generator seeded from the operating system's random source: drawn once per
+    /// process, then mixed with a counter, so each generator gets its own sequence without
+    /// a system call (balancer handles make one per clone).
     pub fn from_entropy() -> Self {
-        Self::seeded(uuid::Uuid::new_v4().as_u64_pair().0)
+        static BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let base = *BASE.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+        let made = MADE.fetch_add(1, Ordering::Relaxed);
+        // One step of the generator itself turns (base, n) into a well-mixed seed.
+        Self::seeded(Self::seeded(base ^ made.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64())
     }
 }
 

@@ -43,8 +43,10 @@ mod client;
 mod config;
 #[cfg(feature = "http")]
 mod http;
+mod lazy;
 mod observe;
 mod runtime;
+mod timeout;
 
 pub use client::{MeshClient, MeshClosed, ResponseFuture};
 pub use config::{MeshConfig, MeshConfigError, ServiceConfig};

@@ -2,6 +2,8 @@
 //! configuration.
 
 use super::client::{BuildPolicy, MeshClient, Policy, Stack};
+use super::lazy::LazyClone;
+use super::timeout::Timeout;
 use super::{MeshConfig, MeshConfigError};
 use crate::balance::{Balance, ConfiguredPicker};
 use crate::breaker::CircuitBreakerLayer;
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Service, ServiceBuilder};
+use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 /// An in-process service mesh: a registry with health checks, the system event bus, and a
 /// client stack per service built from a [`MeshConfig`] whose policies reload at run time.
@@ -254,14 +256,15 @@ impl Mesh {
             let timeout = settings.timeout;
             let balance = balance.clone();
             let stack = move || -> Stack<Req, S::Response> {
-                BoxCloneSyncService::new(
-                    ServiceBuilder::new()
-                        .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
-                        .map_err(Into::<BoxError>::into)
-                        .layer(retry.clone())
-                        .layer(breaker.clone())
-                        .service(balance.clone()),
-                )
+                let retried = retry.layer(LazyClone::new(breaker.layer(balance.clone())));
+                match timeout {
+                    Some(limit) => BoxCloneSyncService::new(Timeout::new(retried, limit)),
+                    None => BoxCloneSyncService::new(
+                        ServiceBuilder::new()
+                            .map_err(Into::<BoxError>::into)
+                            .service(retried),
+                    ),
+                }
             };
             Ok(Policy {
                 stack: Box::new(stack),

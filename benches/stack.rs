@@ -1,0 +1,188 @@
+//! The full client stack a `Mesh` builds, per call and over loopback HTTP.
+//!
+//! * `stack/per_call/raw` – the trivial always-ready service, called directly.
+//! * `stack/per_call/tower_p2c_timeout` – tower's `Timeout` over `p2c::Balance` over
+//!   `PendingRequests`, 8 endpoints: what tower alone offers.
+//! * `stack/per_call/meshkit_mesh_client` – `Mesh::client_with` over 8 registered instances
+//!   of the same service: discovery, balance (least requests) with outlier ejection, breaker,
+//!   retry (budget on), timeout, as configured by `MeshConfig`.
+//! * `stack/http/raw_hyper` and `stack/http/meshkit_hyper` – requests per second over
+//!   loopback HTTP/1 to an axum server (its own runtime and thread), 16 in flight, with a
+//!   hyper-util client alone and as the leaf of `Mesh::client`.
+//!
+//! Regenerate the table in BENCHMARKS.md with `cargo bench --bench stack`.
+
+// Benchmarks measure real elapsed time; paused tokio time has no place here.
+#![allow(clippy::disallowed_types)]
+
+#[path = "common/mod.rs"]
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use http_body_util::Empty;
+use meshkit::classify::DefaultClassifier;
+use meshkit::discovery::Instance;
+use meshkit::retry::CloneRequest;
+use meshkit::{Mesh, MeshClient, MeshConfig};
+use std::time::{Duration, Instant};
+use tower::discover::ServiceList;
+use tower::load::{CompleteOnResponse, PendingRequests};
+use tower::{Service, ServiceExt};
+
+const CONFIG: &str = r#"
+[services.users]
+timeout = "10s"
+balance = { picker = "least_requests", ejection = { failures = 5 } }
+breaker = { failure_rate = 0.5, minimum_calls = 20 }
+retry = { max_attempts = 3 }
+"#;
+
+async fn mesh(instances: usize) -> Mesh {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml(CONFIG).unwrap())
+        .build()
+        .unwrap();
+    for port in 0..instances {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", 10_000 + port as u16)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    mesh
+}
+
+fn mesh_client() -> MeshClient<u64, u64> {
+    let mesh = futures::executor::block_on(mesh(8));
+    let client = mesh
+        .client_with(
+            "users",
+            |_: &Instance| Trivial,
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    // The mesh is only needed to build the client; its registry lives on in the client.
+    std::mem::forget(mesh);
+    client
+}
+
+type TowerStack = tower::timeout::Timeout<
+    tower::balance::p2c::Balance<ServiceList<Vec<PendingRequests<Trivial>>>, u64>,
+>;
+
+fn tower_stack() -> TowerStack {
+    let services = (0..8)
+        .map(|_| PendingRequests::new(Trivial, CompleteOnResponse::default()))
+        .collect::<Vec<_>>();
+    tower::timeout::Timeout::new(
+        tower::balance::p2c::Balance::new(ServiceList::new(services)),
+        Duration::from_secs(10),
+    )
+}
+
+fn per_call(c: &mut Criterion) {
+    let rt = current_thread_rt();
+    let mut g = c.benchmark_group("stack/per_call");
+    g.throughput(Throughput::Elements(1));
+    bench_single(&mut g, &rt, "raw", || Trivial);
+    bench_single(&mut g, &rt, "tower_p2c_timeout", tower_stack);
+    bench_single(&mut g, &rt, "meshkit_mesh_client", mesh_client);
+    g.finish();
+}
+
+/// An axum server on its own thread and runtime; returns its port.
+fn server() -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = current_thread_rt();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            let app =
+                axum::Router::new().route("/users/{id}", axum::routing::get(|| async { "ok" }));
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    rx.recv().unwrap()
+}
+
+/// Sends `total` GETs, `in_flight` at a time, each on a clone of `client`.
+async fn load<S>(client: S, total: u64, in_flight: u64, base: &'static str) -> Duration
+where
+    S: Service<http::Request<meshkit::http::ReplayBody<Empty<Bytes>>>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    S::Response: Send,
+{
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..in_flight {
+        let mut client = client.clone();
+        tasks.spawn(async move {
+            let mut n = worker;
+            while n < total {
+                let request = http::Request::get(format!("{base}/users/{n}"))
+                    .body(meshkit::http::ReplayBody::buffered(Bytes::new()))
+                    .unwrap();
+                client.ready().await.unwrap().call(request).await.unwrap();
+                n += in_flight;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    started.elapsed()
+}
+
+fn http(c: &mut Criterion) {
+    let port = server();
+    let rt = current_thread_rt();
+    let mut g = c.benchmark_group("stack/http");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(10);
+    let hyper_client = || {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<meshkit::http::ReplayBody<Empty<Bytes>>>()
+    };
+    let raw = rt.block_on(async { hyper_client() });
+    let base: &'static str = Box::leak(format!("http://127.0.0.1:{port}").into_boxed_str());
+    g.bench_function("raw_hyper", |b| {
+        b.iter_custom(|iters| rt.block_on(load(raw.clone(), iters, 16, base)))
+    });
+    let meshed = rt.block_on(async {
+        let mesh = Mesh::builder()
+            .config(MeshConfig::from_toml(CONFIG).unwrap())
+            .build()
+            .unwrap();
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+        let client = mesh.client("users", hyper_client()).unwrap();
+        std::mem::forget(mesh);
+        client
+    });
+    g.bench_function("meshkit_hyper", |b| {
+        b.iter_custom(|iters| rt.block_on(load(meshed.clone(), iters, 16, "http://users")))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    targets = per_call, http
+}
+criterion_main!(benches);

@@ -1,0 +1,59 @@
+//! [`LazyClone`]: a service whose clones cost one reference count until they are used.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower::Service;
+
+/// Wraps the part of a client stack under the retry layer (breaker and balancer). The retry
+/// layer clones the service below it on every call, for the retries it may send; a breaker
+/// and a balancer handle are costly to clone (reference counts, a balancer's per-handle
+/// loads). A `LazyClone` clone shares a prototype and makes its own copy of the service only
+/// when it is first polled, which for a retry's spare copy is only when a retry happens.
+pub(crate) struct LazyClone<S> {
+    prototype: Arc<S>,
+    // Boxed: a spare copy rides in every retry future, which should stay small (futures are
+    // moved as they are wrapped) while the service is large.
+    live: Option<Box<S>>,
+}
+
+impl<S: Clone> LazyClone<S> {
+    pub(crate) fn new(service: S) -> Self {
+        Self {
+            prototype: Arc::new(service),
+            live: None,
+        }
+    }
+
+    #[inline]
+    fn live(&mut self) -> &mut S {
+        let prototype = &self.prototype;
+        self.live
+            .get_or_insert_with(|| Box::new(S::clone(prototype)))
+    }
+}
+
+impl<S> Clone for LazyClone<S> {
+    #[inline]
+    fn clone(&self) -> Self {
+        Self {
+            prototype: self.prototype.clone(),
+            live: None,
+        }
+    }
+}
+
+impl<S: Service<Req> + Clone, Req> Service<Req> for LazyClone<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.live().poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, request: Req) -> S::Future {
+        self.live().call(request)
+    }
+}

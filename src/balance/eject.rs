@@ -208,6 +208,8 @@ pin_project! {
         S: Service<Req>,
     {
         Plain { #[pin] call: tower::util::Oneshot<S, Req> },
+        // Admitted by a closed ejection breaker; the breaker's future records the outcome.
+        Admitted { #[pin] call: crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier> },
         // Boxed: only calls with ejection on pay for the breaker's larger future.
         Breaker {
             service: Box<CircuitBreaker<S, EjectionClassifier>>,
@@ -217,16 +219,28 @@ pin_project! {
     }
 }
 
-impl<S: Service<Req>, Req> GuardedCall<S, Req> {
-    pub(crate) fn new(service: Guarded<S>, request: Req) -> Self {
-        let inner = match service.0 {
+impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
+    /// A call to `endpoint` (copied for the call). Behind a closed ejection breaker, the
+    /// breaker admits the call at once and only the endpoint is copied; otherwise the breaker
+    /// is copied too and decides as the call is polled.
+    #[inline]
+    pub(crate) fn new(endpoint: &Guarded<S>, request: Req) -> Self {
+        let inner = match &endpoint.0 {
             Kind::Plain(service) => CallInner::Plain {
-                call: tower::util::Oneshot::new(service, request),
+                call: tower::util::Oneshot::new(service.clone(), request),
             },
-            Kind::Breaker(service) => CallInner::Breaker {
-                service,
-                request: Some(request),
-                future: None,
+            Kind::Breaker(breaker) => match breaker.admit_closed() {
+                Some(word) => CallInner::Admitted {
+                    call: breaker.admitted(
+                        tower::util::Oneshot::new(breaker.get_ref().clone(), request),
+                        word,
+                    ),
+                },
+                None => CallInner::Breaker {
+                    service: breaker.clone(),
+                    request: Some(request),
+                    future: None,
+                },
             },
         };
         Self { inner }
@@ -245,6 +259,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().inner.project() {
             CallInnerProjection::Plain { call } => call.poll(cx).map_err(Into::into),
+            CallInnerProjection::Admitted { call } => call.poll(cx),
             CallInnerProjection::Breaker {
                 service,
                 request,

@@ -423,7 +423,7 @@ where
         let index = self
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
-        let call = GuardedCall::new(view.services[index].clone(), request);
+        let call = GuardedCall::new(&view.services[index], request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());

@@ -154,6 +154,32 @@ where
     }
 }
 
+impl<S, C: Clone> CircuitBreaker<S, C> {
+    /// Admits one call now if the breaker is closed, without this service's own readiness
+    /// bookkeeping: for a caller that sends the call through a copy of the inner service
+    /// (a balancer's endpoint), so the breaker itself need not be copied per call. Returns
+    /// the mode word to pass to [`admitted`](Self::admitted); `None` when the breaker is not
+    /// closed: go through `poll_ready` and `call`.
+    #[inline]
+    pub(crate) fn admit_closed(&self) -> Option<u64> {
+        let word = self.mode.load(Ordering::Acquire);
+        (passes(word) && state_of(word) == BreakerState::Closed).then_some(word)
+    }
+
+    /// The future of a call [`admit_closed`](Self::admit_closed) admitted under `word`:
+    /// records its outcome as `call`'s would.
+    #[inline]
+    pub(crate) fn admitted<F>(&self, future: F, word: u64) -> ResponseFuture<F, C> {
+        ResponseFuture::closed(
+            future,
+            &self.shared,
+            word,
+            self.classifier.clone(),
+            self.options.count_rejections,
+        )
+    }
+}
+
 impl<S, C> CircuitBreaker<S, C> {
     /// `poll_ready` off the common path: a probe slot or rejection held from an earlier
     /// `poll_ready`, or a breaker that is not closed.

@@ -68,15 +68,31 @@ impl SplitMix64 {
     }
 }
 
+impl SplitMix64 {
+    /// The next value, for a generator this caller owns: plain arithmetic, no atomic
+    /// read-modify-write (the same sequence as [`next_u64`](RandomSource::next_u64)).
+    #[inline]
+    pub fn next_u64_mut(&mut self) -> u64 {
+        let state = self.state.get_mut();
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        mix(*state)
+    }
+}
+
+/// SplitMix64's output function.
+#[inline]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl RandomSource for SplitMix64 {
     fn next_u64(&self) -> u64 {
-        let mut z = self
+        mix(self
             .state
             .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
-            .wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15))
     }
 }
 
@@ -91,5 +107,14 @@ mod tests {
         assert!(values.iter().all(|v| (0.0..1.0).contains(v)));
         let mean = values.iter().sum::<f64>() / values.len() as f64;
         assert!((0.45..0.55).contains(&mean), "mean {mean}");
+    }
+
+    #[test]
+    fn the_owned_and_shared_paths_give_one_sequence() {
+        let shared = SplitMix64::seeded(7);
+        let mut owned = SplitMix64::seeded(7);
+        for _ in 0..100 {
+            assert_eq!(shared.next_u64(), owned.next_u64_mut());
+        }
     }
 }

@@ -209,7 +209,8 @@ pin_project! {
     {
         Plain { #[pin] call: tower::util::Oneshot<S, Req> },
         // Admitted by a closed ejection breaker; the breaker's future records the outcome.
-        Admitted { #[pin] call: crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier> },
+        // Boxed: plain calls keep the size of their own future.
+        Admitted { call: Pin<Box<crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier>>> },
         // Boxed: only calls with ejection on pay for the breaker's larger future.
         Breaker {
             service: Box<CircuitBreaker<S, EjectionClassifier>>,
@@ -231,10 +232,10 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
             },
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => CallInner::Admitted {
-                    call: breaker.admitted(
+                    call: Box::pin(breaker.admitted(
                         tower::util::Oneshot::new(breaker.get_ref().clone(), request),
                         word,
-                    ),
+                    )),
                 },
                 None => CallInner::Breaker {
                     service: breaker.clone(),
@@ -259,7 +260,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().inner.project() {
             CallInnerProjection::Plain { call } => call.poll(cx).map_err(Into::into),
-            CallInnerProjection::Admitted { call } => call.poll(cx),
+            CallInnerProjection::Admitted { call } => call.as_mut().poll(cx),
             CallInnerProjection::Breaker {
                 service,
                 request,

@@ -110,8 +110,9 @@ impl Default for Random {
 /// A uniform index below `n` (Lemire's multiply-shift; the bias is below 2⁻³² for any
 /// endpoint count a balancer sees).
 #[inline]
-fn below(random: &SplitMix64, n: usize) -> usize {
-    ((u128::from(random.next_u64()) * n as u128) >> 64) as usize
+fn below(random: &mut SplitMix64, n: usize) -> usize {
+    // The handle owns its generator: no atomic read-modify-write per pick.
+    ((u128::from(random.next_u64_mut()) * n as u128) >> 64) as usize
 }
 
 impl<Req> Picker<Req> for Random {
@@ -202,7 +203,11 @@ impl LeastRequests {
 /// Power of two choices: of two distinct random endpoints, the one with the lower `load`
 /// (the only one when there is one).
 #[inline]
-fn power_of_two<L: PartialOrd>(random: &SplitMix64, n: usize, load: impl Fn(usize) -> L) -> usize {
+fn power_of_two<L: PartialOrd>(
+    random: &mut SplitMix64,
+    n: usize,
+    load: impl Fn(usize) -> L,
+) -> usize {
     let a = below(random, n);
     if n < 2 {
         return a;

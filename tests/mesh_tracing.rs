@@ -37,7 +37,7 @@ impl Subscriber for Spans {
 }
 
 #[test]
-fn a_call_opens_a_request_span_and_an_endpoint_span_per_try() {
+fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_retry() {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -83,4 +83,17 @@ fn a_call_opens_a_request_span_and_an_endpoint_span_per_try() {
         ],
         "one per try"
     );
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.starts_with("meshkit.retry"))
+            .collect::<Vec<_>>(),
+        ["meshkit.retry service=users attempt=2"],
+        "the retry's span, around its endpoint span"
+    );
+    let retry = spans
+        .iter()
+        .position(|s| s.starts_with("meshkit.retry"))
+        .unwrap();
+    assert!(spans[retry + 1].starts_with("meshkit.endpoint"));
 }

@@ -2,7 +2,7 @@
 
 use super::ring::{stable_hash, HashRing};
 use super::stats::EndpointLoads;
-use crate::random::{RandomSource, SplitMix64};
+use crate::random::SplitMix64;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -46,9 +46,9 @@ struct Shared<Req, Res> {
 /// The client stack of one service, as the mesh's configuration describes it:
 /// discovery → balance (with ejection) → breaker → retry → timeout, from the endpoints up.
 ///
-/// Each call runs in a `meshkit.request` span (`service`, `breaker` state); the retry layer's
-/// events inside it carry the attempt number, and HTTP endpoints open a `meshkit.endpoint`
-/// span (`instance`) per try.
+/// Each call runs in a `meshkit.request` span (`service`, `breaker` state); each retry in a
+/// `meshkit.retry` span (`service`, `attempt`, from 2); HTTP endpoints open a
+/// `meshkit.endpoint` span (`instance`) per try, under the retry's span when there is one.
 ///
 /// `Clone` (every clone shares the balancer, the breaker and the retry budget) and
 /// `Send + Sync`: keep one in your application state. When the mesh's policies are reloaded

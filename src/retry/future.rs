@@ -394,7 +394,15 @@ where
                 if slow.attempt < slow.max_attempts {
                     *this.spare = this.replay.replay(&request);
                 }
-                this.call.set(Some(service.call(request)));
+                // The retry's own span: whatever the service opens while sending it (an
+                // endpoint's span, say) sits under it, with the try's number. The first try
+                // has none, so a call that succeeds at once pays nothing for it.
+                let span = tracing::debug_span!(
+                    "meshkit.retry",
+                    service = %slow.shared.name,
+                    attempt = slow.attempt
+                );
+                this.call.set(Some(span.in_scope(|| service.call(request))));
                 slow.timer = None;
                 if slow.per_try_timeout.is_some() || slow.deadline_at.is_some() {
                     slow.arm_try(Instant::now());

@@ -78,6 +78,10 @@ fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
         MeshConfig::from_toml("[services.users"),
         Err(MeshConfigError::Syntax(_))
     ));
+    assert_eq!(
+        error_of("[services.users.http]\nbody_limit = 100000000"),
+        "services.users.http.body_limit: must be in [0, 67108864], got 100000000"
+    );
 }
 
 #[test]

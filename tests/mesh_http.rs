@@ -6,12 +6,12 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use meshkit::breaker::{BreakerState, CircuitOpen};
 use meshkit::discovery::Instance;
-use meshkit::http::{BufferBodyLayer, ReplayBody};
+use meshkit::http::ReplayBody;
 use meshkit::{Mesh, MeshConfig};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceExt};
 
 async fn serve(app: axum::Router) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -113,6 +113,8 @@ async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
     let port = serve(app).await;
     let mesh = mesh_with(
         r#"
+        [services.users.http]
+        body_limit = 1024
         [services.users.retry]
         max_attempts = 2
         backoff = { kind = "constant", base = "1ms", jitter = "none" }
@@ -123,10 +125,7 @@ async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
     let hyper_client: hyper_util::client::legacy::Client<_, ReplayBody<Full<Bytes>>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let users = mesh.client("users", hyper_client).unwrap();
-    let mut users = ServiceBuilder::new()
-        .layer(BufferBodyLayer::new(1024))
-        .service(users);
+    let mut users = mesh.buffered_client("users", hyper_client).unwrap();
     let request = http::Request::put("http://users/users/1")
         .body(Full::new(Bytes::from_static(b"{\"name\":\"Ada\"}")))
         .unwrap();
@@ -143,4 +142,48 @@ async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
     let response = users.ready().await.unwrap().call(large).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(calls.load(Ordering::SeqCst), 3, "sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posts_are_retried_only_when_the_config_allows_every_method() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/users",
+        axum::routing::post({
+            let calls = calls.clone();
+            move || async move {
+                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+        }),
+    );
+    let port = serve(app).await;
+    for (all_methods, status, sent) in [
+        (false, StatusCode::SERVICE_UNAVAILABLE, 1),
+        (true, StatusCode::CREATED, 2),
+    ] {
+        calls.store(0, Ordering::SeqCst);
+        let mesh = mesh_with(
+            &format!(
+                "[services.users.http]\nretry_all_methods = {all_methods}\n\
+                 [services.users.retry]\nmax_attempts = 2\n\
+                 backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}"
+            ),
+            &[port],
+        )
+        .await;
+        let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+        let post =
+            reqwest::Request::new(reqwest::Method::POST, "http://users/users".parse().unwrap());
+        let response = users.ready().await.unwrap().call(post).await.unwrap();
+        assert_eq!(
+            response.status(),
+            status,
+            "retry_all_methods = {all_methods}"
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), sent);
+    }
 }

@@ -60,6 +60,30 @@ pub struct ServiceConfig {
     /// Default `"10s"`.
     #[serde(with = "crate::duration::option")]
     pub timeout: Option<Duration>,
+    /// What HTTP clients may send again.
+    pub http: HttpConfig,
+}
+
+/// What an HTTP client of the mesh may send again (read when the client is built).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Request bodies up to this many bytes are kept in memory so that a retry can send them
+    /// again ([`Mesh::buffered_client`](super::Mesh::buffered_client)); larger ones are sent
+    /// once. In `[0, 67108864]` (64 MiB). Default `65536`.
+    pub body_limit: usize,
+    /// Retry every method, not only idempotent ones (for servers that deduplicate, with an
+    /// idempotency key say). Default `false`.
+    pub retry_all_methods: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 64 * 1024,
+            retry_all_methods: false,
+        }
+    }
 }
 
 impl Default for MeshConfig {
@@ -79,6 +103,7 @@ impl Default for ServiceConfig {
             breaker: BreakerConfig::default(),
             retry: RetryConfig::default(),
             timeout: Some(Duration::from_secs(10)),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -92,6 +117,13 @@ impl ServiceConfig {
         self.balance.validate().map_err(|e| e.at("balance"))?;
         self.breaker.validate().map_err(|e| e.at("breaker"))?;
         self.retry.validate().map_err(|e| e.at("retry"))?;
+        if self.http.body_limit > 64 << 20 {
+            return Err(ConfigError::new(
+                "http.body_limit",
+                "in [0, 67108864]",
+                self.http.body_limit,
+            ));
+        }
         if let Some(timeout) = self.timeout {
             duration_in_range(
                 "timeout",

@@ -2,8 +2,12 @@
 
 use super::{Mesh, MeshClient, MeshConfigError};
 use crate::discovery::Instance;
-use crate::http::{Endpoint, HttpClassifier, HttpReplay, HttpResponse, Routable};
+use crate::http::{
+    BufferBody, BufferBodyLayer, Endpoint, HttpClassifier, HttpReplay, HttpResponse, ReplayBody,
+    Routable,
+};
 use crate::retry::Replay;
+use tower::Layer;
 use tower::{BoxError, Service};
 
 impl Mesh {
@@ -28,6 +32,11 @@ impl Mesh {
         Req: Routable + Send + 'static,
         HttpReplay: Replay<Req>,
     {
+        let replay = if self.config().service(service).http.retry_all_methods {
+            HttpReplay::all_methods()
+        } else {
+            HttpReplay::default()
+        };
         self.client_with(
             service,
             move |instance: &Instance| {
@@ -35,7 +44,33 @@ impl Mesh {
                     .expect("a registered instance's host and port make a valid authority")
             },
             HttpClassifier::default(),
-            HttpReplay::default(),
+            replay,
         )
+    }
+
+    /// [`client`](Self::client) for `http::Request<B>` with any body: bodies up to the
+    /// service's `http.body_limit` are held in memory so that retries can send them again
+    /// ([`BufferBodyLayer`]); larger ones are sent once. For a hyper-util client built for
+    /// `ReplayBody<B>` bodies.
+    ///
+    /// # Errors
+    /// The service's policies are invalid (they were checked when set: not expected).
+    #[allow(clippy::type_complexity)]
+    pub fn buffered_client<S, B>(
+        &self,
+        service: &str,
+        leaf: S,
+    ) -> Result<BufferBody<MeshClient<http::Request<ReplayBody<B>>, S::Response>>, MeshConfigError>
+    where
+        S: Service<http::Request<ReplayBody<B>>> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send,
+        S::Response: HttpResponse + Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Error: Send,
+    {
+        let limit = self.config().service(service).http.body_limit;
+        let client = self.client(service, leaf)?;
+        Ok(BufferBodyLayer::new(limit).layer(client))
     }
 }

@@ -49,5 +49,5 @@ mod runtime;
 mod timeout;
 
 pub use client::{MeshClient, MeshClosed, ResponseFuture};
-pub use config::{MeshConfig, MeshConfigError, ServiceConfig};
+pub use config::{HttpConfig, MeshConfig, MeshConfigError, ServiceConfig};
 pub use runtime::{Mesh, MeshBuilder};

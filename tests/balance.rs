@@ -330,3 +330,53 @@ async fn weights_come_from_registered_instances() {
     let counts = tally(&mut balance, 500).await;
     assert_eq!((counts["heavy"], counts["light"]), (400, 100), "{counts:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn zone_aware_routing_stays_in_the_local_zone_until_it_empties() {
+    use meshkit::discovery::{discover, zones, Instance, MemoryRegistry, Registry};
+    let registry = MemoryRegistry::new();
+    let register = |host: &str, zone: &str| {
+        Instance::builder("users", host, 80)
+            .zone(zone)
+            .build()
+            .unwrap()
+    };
+    let local_1 = registry
+        .register(register("10.0.0.1", "eu-1a"))
+        .await
+        .unwrap();
+    let local_2 = registry
+        .register(register("10.0.0.2", "eu-1a"))
+        .await
+        .unwrap();
+    let _remote = registry
+        .register(register("10.0.0.3", "eu-1b"))
+        .await
+        .unwrap();
+    let endpoints = discover(&registry, "users", |instance: &Instance| {
+        let zone: &'static str = if instance.zone.as_deref() == Some("eu-1a") {
+            "local"
+        } else {
+            "remote"
+        };
+        endpoint(zone, Duration::ZERO)
+    });
+    let mut balance = Balance::builder(endpoints, RoundRobin)
+        .zones("eu-1a", 2, zones(&registry, "users"))
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 300).await;
+    assert_eq!(counts.get("local"), Some(&300), "{counts:?}");
+
+    // One local endpoint left, below the two required: every zone serves.
+    local_1.deregister().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 300).await;
+    assert_eq!(
+        (counts["local"], counts["remote"]),
+        (150, 150),
+        "{counts:?}"
+    );
+    drop(local_2);
+}

@@ -21,6 +21,10 @@ fn out_of_range_values_are_named_by_their_path_and_range() {
         "services.users.breaker.failure_rate: must be in (0, 1], got 1.5"
     );
     assert_eq!(
+        error_of("[services.users.balance]\nzone = \"eu-1a\"\nmin_local_endpoints = 0"),
+        "services.users.balance.min_local_endpoints: must be in [1, 1000], got 0"
+    );
+    assert_eq!(
         error_of("[defaults.retry]\nmax_attempts = 0"),
         "defaults.retry.max_attempts: must be in [1, 100], got 0"
     );

@@ -31,6 +31,13 @@ pub struct BalanceConfig {
     pub failfast_after: Duration,
     /// Outlier ejection and panic mode; `null` (the default) turns them off.
     pub ejection: Option<super::EjectionConfig>,
+    /// The caller's zone: endpoints in it get every request while at least
+    /// `min_local_endpoints` of them are usable (zone-aware routing). Default `null`: no
+    /// preference.
+    pub zone: Option<String>,
+    /// Usable endpoints needed in the caller's zone to keep traffic there, in `[1, 1000]`.
+    /// Default `1`.
+    pub min_local_endpoints: u32,
 }
 
 impl Default for BalanceConfig {
@@ -39,6 +46,8 @@ impl Default for BalanceConfig {
             picker: PickerKind::LeastRequests,
             failfast_after: Duration::from_secs(3),
             ejection: None,
+            zone: None,
+            min_local_endpoints: 1,
         }
     }
 }
@@ -56,6 +65,7 @@ impl BalanceConfig {
             Duration::ZERO,
             Duration::from_secs(3_600),
         )?;
+        crate::config::int_in_range("min_local_endpoints", self.min_local_endpoints, 1, 1_000)?;
         match &self.ejection {
             Some(ejection) => ejection.validate().map_err(|e| e.at("ejection")),
             None => Ok(()),

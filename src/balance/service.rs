@@ -174,7 +174,9 @@ impl<S, Req> Balance<S, Req, ConfiguredPicker>
 where
     S: Clone + Send + 'static,
 {
-    /// A balancer as `config` describes (picker, fail-fast and ejection).
+    /// A balancer as `config` describes (picker, fail-fast and ejection). Zone-aware routing
+    /// also needs each endpoint's zone: add it with [`BalanceBuilder::zones`] (a `Mesh` does,
+    /// from the registry); here `zone` is not used.
     ///
     /// # Errors
     /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
@@ -205,6 +207,7 @@ pub struct BalanceBuilder<D: Discover, P> {
     name: Arc<str>,
     failfast_after: Duration,
     weight: Option<worker::WeightOf<D::Key>>,
+    zones: Option<worker::Zones<D::Key>>,
     ejection: Option<EjectionConfig>,
     classifier: EjectionClassifier,
 }
@@ -218,6 +221,7 @@ impl Balance<(), (), RoundRobin> {
             name: Arc::from("balance"),
             failfast_after: Duration::from_secs(3),
             weight: None,
+            zones: None,
             ejection: None,
             classifier: EjectionClassifier::default(),
         }
@@ -242,6 +246,24 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
     /// registry.
     pub fn weights(mut self, weight: impl Fn(&D::Key) -> u32 + Send + Sync + 'static) -> Self {
         self.weight = Some(Arc::new(weight));
+        self
+    }
+
+    /// Zone-aware routing: requests go only to endpoints in `local_zone` (each endpoint's
+    /// zone read from its key by `zone_of` when it is inserted) while at least `min_local` of
+    /// them are ready and not ejected; below that, to every endpoint. With meshkit discovery,
+    /// [`zones`](crate::discovery::zones) reads each instance's `zone` from the registry.
+    pub fn zones(
+        mut self,
+        local_zone: impl Into<String>,
+        min_local: usize,
+        zone_of: impl Fn(&D::Key) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.zones = Some(worker::Zones {
+            local: local_zone.into(),
+            zone_of: Arc::new(zone_of),
+            min_local: min_local.max(1),
+        });
         self
     }
 
@@ -286,6 +308,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             name,
             failfast_after,
             weight,
+            zones,
             ejection,
             classifier,
         } = self;
@@ -305,6 +328,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
                     discover,
                     worker_picker,
                     weight,
+                    zones,
                     ejection,
                     shared,
                     worker_closed,

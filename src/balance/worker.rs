@@ -24,11 +24,24 @@ const RETRY_NOT_READY: Duration = Duration::from_secs(1);
 /// An endpoint's weight from its key.
 pub(crate) type WeightOf<K> = Arc<dyn Fn(&K) -> u32 + Send + Sync>;
 
+/// An endpoint's zone, from its key.
+pub(crate) type ZoneOf<K> = Arc<dyn Fn(&K) -> Option<String> + Send + Sync>;
+
+/// Zone-aware routing: endpoints in the caller's zone are used while enough of them are.
+pub(crate) struct Zones<K> {
+    pub(crate) local: String,
+    pub(crate) zone_of: ZoneOf<K>,
+    /// Usable local endpoints needed to keep traffic in the zone.
+    pub(crate) min_local: usize,
+}
+
 struct Endpoint<K, S> {
     key: K,
     hash: u64,
     service: Guarded<S>,
     weight: u32,
+    /// In the caller's zone (always false without zone-aware routing).
+    local: bool,
     ready: bool,
     /// After a readiness error: not polled again before this.
     retry_at: Option<Instant>,
@@ -55,6 +68,7 @@ pub(crate) async fn run<D, Req, P>(
     mut discover: D,
     picker: Arc<P>,
     weight_of: Option<WeightOf<D::Key>>,
+    zones: Option<Zones<D::Key>>,
     ejection: Option<(EjectionConfig, EjectionClassifier)>,
     shared: Weak<Shared<D::Service, P::Prepared>>,
     closed: Arc<Notify>,
@@ -126,6 +140,9 @@ pub(crate) async fn run<D, Req, P>(
                     endpoints.swap_remove(at);
                 }
                 let weight = weight_of.as_ref().map_or(1, |weight| weight(&key).max(1));
+                let local = zones
+                    .as_ref()
+                    .is_some_and(|zones| (zones.zone_of)(&key).as_deref() == Some(&*zones.local));
                 let hash = stable_hash(&key);
                 let (service, breaker) = match &ejection {
                     Some((ejection, classifier)) => {
@@ -141,6 +158,7 @@ pub(crate) async fn run<D, Req, P>(
                     key,
                     service,
                     weight,
+                    local,
                     ready: false,
                     retry_at: None,
                     breaker,
@@ -196,6 +214,7 @@ pub(crate) async fn run<D, Req, P>(
             &name,
             &endpoints,
             &*picker,
+            zones.as_ref().map(|zones| zones.min_local),
             panic_threshold,
             &mut panicking,
         ));
@@ -318,6 +337,7 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
     name: &str,
     endpoints: &[Endpoint<K, S>],
     picker: &P,
+    min_local: Option<usize>,
     panic_threshold: f64,
     panicking: &mut bool,
 ) -> Snapshot<S, P::Prepared> {
@@ -348,6 +368,13 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
     let ejected = if panic { 0 } else { ready.len() - healthy };
     if !panic {
         ready.retain(|e| !e.ejected);
+    }
+    // Zone-aware routing: stay in the caller's zone while enough of it is usable.
+    if let Some(min_local) = min_local {
+        let local = ready.iter().filter(|e| e.local).count();
+        if local >= min_local {
+            ready.retain(|e| e.local);
+        }
     }
     let weights: Arc<[u32]> = ready.iter().map(|e| e.weight).collect();
     let keys: Vec<u64> = ready.iter().map(|e| e.hash).collect();

@@ -66,6 +66,22 @@ pub fn weights(
     }
 }
 
+/// The zone of each instance of `service` as registered in `registry`, for a balancer built
+/// over [`discover`]: `Balance::builder(..).zones("eu-1a", 1, discovery::zones(&registry,
+/// "users"))`. An instance without a zone (or gone) has none.
+pub fn zones(
+    registry: &super::MemoryRegistry,
+    service: &str,
+) -> impl Fn(&InstanceId) -> Option<String> + Send + Sync + 'static {
+    let (registry, service) = (registry.clone(), service.to_string());
+    move |id: &InstanceId| {
+        registry
+            .snapshot(&service)
+            .get(id)
+            .and_then(|instance| instance.zone.clone())
+    }
+}
+
 /// The stream [`discover`] returns: a `tower::discover::Discover`.
 #[must_use = "streams do nothing unless polled"]
 pub struct Discovered<F, S> {

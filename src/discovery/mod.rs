@@ -56,7 +56,7 @@ mod instance;
 mod memory;
 mod registry;
 
-pub use discover::{discover, weights, Discovered};
+pub use discover::{discover, weights, zones, Discovered};
 pub use instance::{Health, HealthCheck, Instance, InstanceBuilder, InstanceId};
 pub use memory::MemoryRegistry;
 pub use registry::{

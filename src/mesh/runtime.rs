@@ -9,7 +9,8 @@ use crate::balance::{Balance, ConfiguredPicker};
 use crate::breaker::CircuitBreakerLayer;
 use crate::classify::{Classify, ClassifyRetry};
 use crate::discovery::{
-    discover, weights, Instance, InstanceId, MemoryRegistry, Registration, Registry, RegistryError,
+    discover, weights, zones, Instance, InstanceId, MemoryRegistry, Registration, Registry,
+    RegistryError,
 };
 use crate::events::system::{self, SystemEvent};
 use crate::events::EventBus;
@@ -234,6 +235,13 @@ impl Mesh {
         .weights(weights(&self.inner.registry, service))
         .classify::<Req, _>(classifier.clone());
         let outcome_classifier = classifier.clone();
+        if let Some(zone) = &settings.balance.zone {
+            balance = balance.zones(
+                zone.clone(),
+                settings.balance.min_local_endpoints as usize,
+                zones(&self.inner.registry, service),
+            );
+        }
         if let Some(ejection) = &settings.balance.ejection {
             balance = balance.ejection(ejection.clone()).map_err(|e| {
                 MeshConfigError::Invalid(e.at(&format!("services.{service}.balance")))

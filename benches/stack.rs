@@ -6,9 +6,12 @@
 //! * `stack/per_call/meshkit_mesh_client` – `Mesh::client_with` over 8 registered instances
 //!   of the same service: discovery, balance (least requests) with outlier ejection, breaker,
 //!   retry (budget on), timeout, as configured by `MeshConfig`.
+//! * `stack/http_in_process/{raw,meshkit}` – the HTTP path without a network: a leaf that
+//!   answers at once, alone and as the leaf of `Mesh::client`.
 //! * `stack/http/raw_hyper` and `stack/http/meshkit_hyper` – requests per second over
 //!   loopback HTTP/1 to an axum server (its own runtime and thread), 16 in flight, with a
-//!   hyper-util client alone and as the leaf of `Mesh::client`.
+//!   hyper-util client alone and as the leaf of `Mesh::client`; then `stack/http/alternating`
+//!   prints the median ratio of the two over rounds that alternate them.
 //!
 //! Regenerate the table in BENCHMARKS.md with `cargo bench --bench stack`.
 
@@ -94,6 +97,47 @@ fn per_call(c: &mut Criterion) {
     bench_single(&mut g, &rt, "tower_p2c_timeout", tower_stack);
     bench_single(&mut g, &rt, "meshkit_mesh_client", mesh_client);
     g.finish();
+
+    // The HTTP path without a network: a leaf that answers at once, called raw and through
+    // `Mesh::client` (URI rewrite, request copy for retries, HTTP classification).
+    let mut g = c.benchmark_group("stack/http_in_process");
+    g.throughput(Throughput::Elements(1));
+    let leaf = tower::service_fn(|_: http::Request<()>| {
+        std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+    });
+    let request = || http::Request::get("http://users/users/7").body(()).unwrap();
+    g.bench_function("raw", |b| {
+        let mut leaf = leaf;
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let response = leaf.ready().await.unwrap().call(request()).await.unwrap();
+                    criterion::black_box(response);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    let mut client = rt.block_on(async {
+        let mesh = mesh(8).await;
+        let client = mesh.client("users", leaf).unwrap();
+        std::mem::forget(mesh);
+        client
+    });
+    g.bench_function("meshkit", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let response = client.ready().await.unwrap().call(request()).await.unwrap();
+                    criterion::black_box(response);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
 }
 
 /// An axum server on its own thread and runtime; returns its port.
@@ -175,6 +219,26 @@ fn http(c: &mut Criterion) {
         b.iter_custom(|iters| rt.block_on(load(meshed.clone(), iters, 16, "http://users")))
     });
     g.finish();
+
+    // The same two loads alternated, round after round, so that both see the same machine:
+    // the median of the per-round throughput ratios.
+    const ROUNDS: usize = 15;
+    const PER_ROUND: u64 = 20_000;
+    let mut ratios: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            let raw_time = rt.block_on(load(raw.clone(), PER_ROUND, 16, base));
+            let mesh_time = rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users"));
+            raw_time.as_secs_f64() / mesh_time.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "stack/http/alternating: mesh / raw requests per second over {ROUNDS} rounds of \
+         {PER_ROUND}: median {:.3}, min {:.3}, max {:.3}",
+        ratios[ROUNDS / 2],
+        ratios[0],
+        ratios[ROUNDS - 1]
+    );
 }
 
 criterion_group! {

@@ -168,8 +168,10 @@ pub struct Report {
     pub failures: BTreeMap<String, usize>,
     /// Retries the budget allowed, and refused.
     pub retries: (u64, u64),
-    /// Breaker transitions, in order.
+    /// The service breaker's transitions, in order.
     pub transitions: Vec<String>,
+    /// Transitions of the per-instance ejection breakers.
+    pub ejection_transitions: usize,
     /// System events seen, by type.
     pub events: BTreeMap<&'static str, usize>,
     /// Wall time of the run.
@@ -297,12 +299,19 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
 
     let mut seen = BTreeMap::new();
     let mut transitions = Vec::new();
+    let mut ejection_transitions = 0;
     loop {
         match events.recv().now_or_never() {
             Some(Ok(event)) => {
                 *seen.entry(event.data.event_type()).or_insert(0) += 1;
                 if let SystemEvent::BreakerTransition { breaker, from, to } = &event.data {
-                    transitions.push(format!("{breaker}: {from:?} → {to:?}"));
+                    // The service's breaker is named after it; each endpoint's ejection
+                    // breaker after the service and the endpoint.
+                    if breaker == "users" {
+                        transitions.push(format!("{from:?} → {to:?}"));
+                    } else {
+                        ejection_transitions += 1;
+                    }
                 }
             }
             Some(Err(RecvError::Lagged(_))) => continue,
@@ -331,6 +340,7 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
         failures,
         retries: (budget.withdrawals, budget.refusals),
         transitions,
+        ejection_transitions,
         events: seen,
         elapsed: started.elapsed(),
         served_after_restart: instances[0].served.load(Ordering::Relaxed) - served_before_restart,
@@ -421,11 +431,18 @@ impl fmt::Display for Report {
             self.served_after_restart
         )?;
         let transitions = if self.transitions.is_empty() {
-            "none (ejection kept the failures below its threshold)".to_string()
+            "none (retries and ejection kept failures below its threshold)".to_string()
         } else {
             self.transitions.join(", ")
         };
-        writeln!(f, "breaker transitions {transitions}")?;
+        writeln!(f, "service breaker     {transitions}")?;
+        writeln!(
+            f,
+            "ejection breakers   {} transitions (ejected {}, re-admitted {})",
+            self.ejection_transitions,
+            self.events.get("EndpointEjected").copied().unwrap_or(0),
+            self.events.get("EndpointReadmitted").copied().unwrap_or(0)
+        )?;
         writeln!(f, "system events:")?;
         for (kind, count) in &self.events {
             writeln!(f, "  {kind:<22} {count:>6}")?;

@@ -17,15 +17,13 @@ pub trait Routable {
 
 impl<B> Routable for Request<B> {
     fn route_to(&mut self, authority: &Authority) {
-        let uri = self.uri();
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(uri.scheme().cloned().unwrap_or(Scheme::HTTP));
+        // Taken apart, not copied: the scheme and path move into the new URI.
+        let mut parts = std::mem::take(self.uri_mut()).into_parts();
+        parts.scheme.get_or_insert(Scheme::HTTP);
         parts.authority = Some(authority.clone());
-        parts.path_and_query = Some(
-            uri.path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
+        parts
+            .path_and_query
+            .get_or_insert_with(|| http::uri::PathAndQuery::from_static("/"));
         // Scheme, authority and path are all set: the parts always make a URI.
         if let Ok(uri) = Uri::from_parts(parts) {
             *self.uri_mut() = uri;

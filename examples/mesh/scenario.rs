@@ -267,7 +267,9 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
                 ),
             );
         }
-        if killed && !restarted && sent >= restart_at {
+        // Started again once its health check has seen it gone, so that the run always shows
+        // both transitions, however fast the requests go.
+        if killed && !restarted && sent >= restart_at && is_critical(&mesh, instances[0].port) {
             restarted = true;
             served_before_restart = instances[0].served.load(Ordering::Relaxed);
             instances[0].listen().await?;
@@ -343,7 +345,11 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
         ejection_transitions,
         events: seen,
         elapsed: started.elapsed(),
-        served_after_restart: instances[0].served.load(Ordering::Relaxed) - served_before_restart,
+        served_after_restart: if restarted {
+            instances[0].served.load(Ordering::Relaxed) - served_before_restart
+        } else {
+            0
+        },
     })
 }
 
@@ -378,6 +384,15 @@ fn describe(error: &BoxError) -> String {
     } else {
         error.to_string()
     }
+}
+
+/// Whether the registry marks the instance on `port` critical.
+fn is_critical(mesh: &Mesh, port: u16) -> bool {
+    mesh.registry()
+        .snapshot("users")
+        .instances()
+        .iter()
+        .any(|i| i.port == port && i.health == Health::Critical)
 }
 
 async fn wait_until_passing(mesh: &Mesh, count: usize) -> Result<(), BoxError> {

@@ -239,3 +239,40 @@ async fn only_hedgeable_requests_are_hedged() {
     service.oneshot("GET").await.unwrap();
     assert_eq!(seen.tries(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn rejections_do_not_pull_the_percentile_delay_down() {
+    use meshkit::breaker::{BreakerState, CircuitOpen};
+    let seen = Seen::default();
+    let config = HedgeConfig {
+        delay: HedgeDelay::Percentile(0.9),
+        min_samples: 20,
+        budget: BudgetConfig::Unlimited,
+        ..HedgeConfig::default()
+    };
+    // Tries 1-30 take 10 ms; 31-630 are refused at once by an open breaker below (were they
+    // counted, the p90 would be 0 ms); 631 is slow, and its hedge (632) quick.
+    let service = HedgeLayer::new(config).unwrap().layer(backend(
+        &seen,
+        |n| match n {
+            1..=30 => ms(10),
+            31..=630 => Duration::ZERO,
+            631 => ms(10_000),
+            _ => ms(10),
+        },
+        |n| match n {
+            31..=630 => Err(CircuitOpen::new(BreakerState::Open, ms(100)).into()),
+            n => Ok(n),
+        },
+    ));
+    for _ in 0..630 {
+        let _ = service.clone().oneshot("q").await;
+    }
+    let started = Instant::now();
+    assert_eq!(service.oneshot("q").await.unwrap(), 632);
+    let took = started.elapsed();
+    assert!(
+        took > ms(20) && took < ms(22),
+        "hedged after the p90 of real calls (10 ms), not of refusals (0 ms): {took:?}"
+    );
+}

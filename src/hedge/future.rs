@@ -99,6 +99,7 @@ where
 impl<S, Req, C, K> Future for ResponseFuture<S, Req, C, K>
 where
     S: Service<Req>,
+    S::Error: 'static,
     C: Classify<S::Response, S::Error>,
     K: Replay<Req>,
 {
@@ -109,7 +110,13 @@ where
         loop {
             match this.tries.poll_next_unpin(cx) {
                 Poll::Ready(Some((result, latency))) => {
-                    this.shared.latencies.record(latency, Instant::now());
+                    // A meshkit rejection (an open breaker below) returned without reaching
+                    // the dependency: its latency says nothing of the dependency's, and
+                    // would pull the hedge delay down.
+                    let rejected = matches!(&result, Err(e) if crate::error::is_rejection_value(e));
+                    if !rejected {
+                        this.shared.latencies.record(latency, Instant::now());
+                    }
                     let failed = this.classifier.classify(&result) == Outcome::Failure;
                     if !failed {
                         // The tries still running took at least this long: record that, or

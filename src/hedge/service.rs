@@ -69,6 +69,7 @@ impl<S, C, K> Hedge<S, C, K> {
 impl<S, C, K, Req> Service<Req> for Hedge<S, C, K>
 where
     S: Service<Req> + Clone,
+    S::Error: 'static,
     C: Classify<S::Response, S::Error> + Clone,
     K: Replay<Req> + Clone,
 {

@@ -26,7 +26,6 @@ use meshkit::balance::{
     Balance, ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin,
 };
 use std::convert::Infallible;
-use std::time::Duration;
 use tower::discover::{Change, ServiceList};
 use tower::load::{CompleteOnResponse, PendingRequests};
 
@@ -125,10 +124,7 @@ fn two_tasks(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500));
+    config = common::criterion();
     targets = per_call, consistent_hash_lookup, two_tasks
 }
 criterion_main!(benches);

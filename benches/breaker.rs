@@ -318,10 +318,7 @@ fn time_window_flat(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500));
+    config = common::criterion();
     targets = closed_single_task, closed_two_tasks, time_window_flat
 }
 criterion_main!(benches);

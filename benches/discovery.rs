@@ -19,6 +19,9 @@
 // Benchmarks measure real elapsed time; paused tokio time has no place here.
 #![allow(clippy::disallowed_types)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use futures::{FutureExt, StreamExt};
 use meshkit::discovery::{Instance, MemoryRegistry, Registry, Update};
@@ -210,10 +213,7 @@ fn change_to_watcher(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500));
+    config = common::criterion();
     targets = snapshot_read, register_deregister, change_to_watcher
 }
 criterion_main!(benches);

@@ -16,6 +16,10 @@
 // Benchmarks measure real elapsed time; paused tokio time has no place here.
 #![allow(clippy::disallowed_types)]
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::current_thread_rt;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures::FutureExt;
 use meshkit::events::{Event, EventBus, EventStore, ExpectedVersion, MemoryEventStore};
@@ -24,15 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn bus<T: Clone + Send + Sync + 'static>(c: &mut Criterion, payload: &str, data: T) {
-    let rt = runtime();
+    let rt = current_thread_rt();
     for subscribers in [1usize, 8] {
         let mut g = c.benchmark_group(format!("events/bus/{subscribers}/{payload}"));
         g.throughput(Throughput::Elements(1));
@@ -162,10 +159,7 @@ fn filled(size: u64) -> MemoryEventStore {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(20)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500));
+    config = common::criterion().sample_size(20);
     targets = bus_groups, store
 }
 criterion_main!(benches);

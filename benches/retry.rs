@@ -154,10 +154,7 @@ fn first_try_two_tasks(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .measurement_time(Duration::from_secs(2))
-        .warm_up_time(Duration::from_millis(500));
+    config = common::criterion();
     targets = first_try_single_task, first_try_two_tasks
 }
 criterion_main!(benches);

@@ -42,6 +42,26 @@ fn ejection(max_ejection_percent: f64, panic_threshold: f64) -> EjectionConfig {
     }
 }
 
+/// A round-robin balancer over `endpoints` (name, failing flag) with `ejection`, started and
+/// with every endpoint ready.
+async fn balancer(
+    endpoints: &[(&'static str, &Arc<AtomicBool>)],
+    ejection: EjectionConfig,
+) -> Balance<Endpoint, u64, RoundRobin> {
+    let (tx, rx) = mpsc::unbounded();
+    for (name, failing) in endpoints {
+        tx.unbounded_send(endpoint(name, Arc::clone(failing)))
+            .unwrap();
+    }
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection)
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    balance
+}
+
 /// Sends `calls` calls; counts the answers (errors under their message).
 async fn tally<S>(balance: &mut S, calls: u64) -> BTreeMap<String, u64>
 where
@@ -62,17 +82,9 @@ where
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_endpoint_is_ejected_then_probed_and_readmitted() {
-    let (tx, rx) = mpsc::unbounded();
     let bad = Arc::new(AtomicBool::new(true));
-    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
-        .unwrap();
-    tx.unbounded_send(endpoint("bad", bad.clone())).unwrap();
-    let mut balance = Balance::builder(rx, RoundRobin)
-        .ejection(ejection(0.5, 0.0))
-        .unwrap()
-        .build();
-    balance.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let good = Arc::new(AtomicBool::new(false));
+    let mut balance = balancer(&[("good", &good), ("bad", &bad)], ejection(0.5, 0.0)).await;
 
     let first = tally(&mut balance, 40).await;
     assert_eq!(
@@ -96,17 +108,8 @@ async fn a_failing_endpoint_is_ejected_then_probed_and_readmitted() {
 
 #[tokio::test(start_paused = true)]
 async fn ejection_never_exceeds_max_ejection_percent() {
-    let (tx, rx) = mpsc::unbounded();
-    for name in ["a", "b"] {
-        tx.unbounded_send(endpoint(name, Arc::new(AtomicBool::new(true))))
-            .unwrap();
-    }
-    let mut balance = Balance::builder(rx, RoundRobin)
-        .ejection(ejection(0.5, 0.0))
-        .unwrap()
-        .build();
-    balance.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let failing = Arc::new(AtomicBool::new(true));
+    let mut balance = balancer(&[("a", &failing), ("b", &failing)], ejection(0.5, 0.0)).await;
     let counts = tally(&mut balance, 60).await;
     // One of the two may go (50 %); ejecting the second would make it 100 %.
     let a = counts.get("a failed").copied().unwrap_or(0);
@@ -120,19 +123,12 @@ async fn ejection_never_exceeds_max_ejection_percent() {
 
 #[tokio::test(start_paused = true)]
 async fn panic_mode_balances_over_all_endpoints_when_too_few_are_healthy() {
-    let (tx, rx) = mpsc::unbounded();
-    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
-        .unwrap();
-    for name in ["bad1", "bad2"] {
-        tx.unbounded_send(endpoint(name, Arc::new(AtomicBool::new(true))))
-            .unwrap();
-    }
-    let mut balance = Balance::builder(rx, RoundRobin)
-        .ejection(ejection(1.0, 0.5))
-        .unwrap()
-        .build();
-    balance.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let (good, bad) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let endpoints = [("good", &good), ("bad1", &bad), ("bad2", &bad)];
+    let mut balance = balancer(&endpoints, ejection(1.0, 0.5)).await;
     let counts = tally(&mut balance, 90).await;
     // With one ejected, 2 of 3 are healthy; with both bad ones ejected only 1 of 3 (< 50 %):
     // panic mode puts them back, and their breakers (open) reject at once.

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use criterion::measurement::WallTime;
-use criterion::{black_box, BenchmarkGroup};
+use criterion::{black_box, BenchmarkGroup, Criterion};
 use tokio::runtime::Runtime;
 use tower::{BoxError, Service, ServiceExt};
 
@@ -146,4 +146,13 @@ pub fn bench_tasks<S, F>(
             })
         });
     });
+}
+
+/// The settings every bench starts from: 30 samples of 2 s after 0.5 s of warm-up. Benches
+/// whose iterations are long adjust them on the value returned.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .sample_size(30)
+        .measurement_time(std::time::Duration::from_secs(2))
+        .warm_up_time(std::time::Duration::from_millis(500))
 }

@@ -42,14 +42,16 @@ breaker = { failure_rate = 0.5, minimum_calls = 20 }
 retry = { max_attempts = 3 }
 "#;
 
-async fn mesh(instances: usize) -> Mesh {
+/// A mesh configured by `CONFIG` with an instance of "users" on each of `ports`. A client
+/// outlives it: the client holds the registry it discovers from.
+async fn mesh(ports: impl IntoIterator<Item = u16>) -> Mesh {
     let mesh = Mesh::builder()
         .config(MeshConfig::from_toml(CONFIG).unwrap())
         .build()
         .unwrap();
-    for port in 0..instances {
+    for port in ports {
         mesh.register(
-            Instance::builder("users", "127.0.0.1", 10_000 + port as u16)
+            Instance::builder("users", "127.0.0.1", port)
                 .build()
                 .unwrap(),
         )
@@ -60,19 +62,18 @@ async fn mesh(instances: usize) -> Mesh {
     mesh
 }
 
+/// Eight instances (never connected to: their endpoints are in-process services).
+const EIGHT: std::ops::Range<u16> = 10_000..10_008;
+
 fn mesh_client() -> MeshClient<u64, u64> {
-    let mesh = futures::executor::block_on(mesh(8));
-    let client = mesh
+    futures::executor::block_on(mesh(EIGHT))
         .client_with(
             "users",
             |_: &Instance| Trivial,
             DefaultClassifier,
             CloneRequest,
         )
-        .unwrap();
-    // The mesh is only needed to build the client; its registry lives on in the client.
-    std::mem::forget(mesh);
-    client
+        .unwrap()
 }
 
 type TowerStack = tower::timeout::Timeout<
@@ -119,12 +120,7 @@ fn per_call(c: &mut Criterion) {
             })
         })
     });
-    let mut client = rt.block_on(async {
-        let mesh = mesh(8).await;
-        let client = mesh.client("users", leaf).unwrap();
-        std::mem::forget(mesh);
-        client
-    });
+    let mut client = rt.block_on(async { mesh(EIGHT).await.client("users", leaf).unwrap() });
     g.bench_function("meshkit", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
@@ -157,7 +153,7 @@ fn server() -> u16 {
 }
 
 /// Sends `total` GETs, `in_flight` at a time, each on a clone of `client`.
-async fn load<S>(client: S, total: u64, in_flight: u64, base: &'static str) -> Duration
+async fn load<S>(client: S, total: u64, in_flight: u64, base: &str) -> Duration
 where
     S: Service<http::Request<meshkit::http::ReplayBody<Empty<Bytes>>>> + Clone + Send + 'static,
     S::Future: Send,
@@ -167,7 +163,7 @@ where
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..in_flight {
-        let mut client = client.clone();
+        let (mut client, base) = (client.clone(), base.to_owned());
         tasks.spawn(async move {
             let mut n = worker;
             while n < total {
@@ -194,27 +190,11 @@ fn http(c: &mut Criterion) {
             .build_http::<meshkit::http::ReplayBody<Empty<Bytes>>>()
     };
     let raw = rt.block_on(async { hyper_client() });
-    let base: &'static str = Box::leak(format!("http://127.0.0.1:{port}").into_boxed_str());
+    let base = format!("http://127.0.0.1:{port}");
     g.bench_function("raw_hyper", |b| {
-        b.iter_custom(|iters| rt.block_on(load(raw.clone(), iters, 16, base)))
+        b.iter_custom(|iters| rt.block_on(load(raw.clone(), iters, 16, &base)))
     });
-    let meshed = rt.block_on(async {
-        let mesh = Mesh::builder()
-            .config(MeshConfig::from_toml(CONFIG).unwrap())
-            .build()
-            .unwrap();
-        mesh.register(
-            Instance::builder("users", "127.0.0.1", port)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-        let client = mesh.client("users", hyper_client()).unwrap();
-        std::mem::forget(mesh);
-        client
-    });
+    let meshed = rt.block_on(async { mesh([port]).await.client("users", hyper_client()).unwrap() });
     g.bench_function("meshkit_hyper", |b| {
         b.iter_custom(|iters| rt.block_on(load(meshed.clone(), iters, 16, "http://users")))
     });
@@ -226,7 +206,7 @@ fn http(c: &mut Criterion) {
     const PER_ROUND: u64 = 20_000;
     let mut ratios: Vec<f64> = (0..ROUNDS)
         .map(|_| {
-            let raw_time = rt.block_on(load(raw.clone(), PER_ROUND, 16, base));
+            let raw_time = rt.block_on(load(raw.clone(), PER_ROUND, 16, &base));
             let mesh_time = rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users"));
             raw_time.as_secs_f64() / mesh_time.as_secs_f64()
         })

@@ -54,44 +54,43 @@ fn busy_once(calls: Arc<AtomicUsize>) -> axum::Router {
         .route("/users", post(handler))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retry_after_from_a_real_server_is_honoured() {
+/// Sends one `method` request through a retrying reqwest client to a fresh [`busy_once`]
+/// server: the response, how many calls the server saw, and how long it took.
+async fn through_retries_to_busy_once(
+    method: reqwest::Method,
+) -> (reqwest::Response, usize, Duration) {
     let calls = Arc::new(AtomicUsize::new(0));
     let (port, _server) = serve(busy_once(calls.clone())).await;
     let mut client = ServiceBuilder::new()
         .layer(retry())
         .service(reqwest::Client::new());
-    let request = reqwest::Request::new(
-        reqwest::Method::GET,
-        format!("http://127.0.0.1:{port}/users").parse().unwrap(),
-    );
+    let url = format!("http://127.0.0.1:{port}/users").parse().unwrap();
     let started = Instant::now();
-    let response = client.ready().await.unwrap().call(request).await.unwrap();
+    let response = client
+        .ready()
+        .await
+        .unwrap()
+        .call(reqwest::Request::new(method, url))
+        .await
+        .unwrap();
+    (response, calls.load(Ordering::SeqCst), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_from_a_real_server_is_honoured() {
+    let (response, calls, took) = through_retries_to_busy_once(reqwest::Method::GET).await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls, 2);
     // The 1 ms backoff is overridden by the server's one second.
-    assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(took >= Duration::from_secs(1), "{took:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_is_sent_once_and_its_response_returned_as_is() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (port, _server) = serve(busy_once(calls.clone())).await;
-    let mut client = ServiceBuilder::new()
-        .layer(retry())
-        .service(reqwest::Client::new());
-    let request = reqwest::Request::new(
-        reqwest::Method::POST,
-        format!("http://127.0.0.1:{port}/users").parse().unwrap(),
-    );
-    let response = client.ready().await.unwrap().call(request).await.unwrap();
+    let (response, calls, _) = through_retries_to_busy_once(reqwest::Method::POST).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "1");
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(calls, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

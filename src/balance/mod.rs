@@ -72,5 +72,5 @@ pub use picker::{
     ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
 };
 pub use ring::HashRing;
-pub use service::{Balance, BalanceBuilder, ResponseFuture};
+pub use service::{Balance, BalanceBuilder, Endpoints, ResponseFuture};
 pub use stats::EndpointLoads;

@@ -128,6 +128,21 @@ pub struct Balance<S, Req, P: Picker<Req>> {
     waiting: Option<(Instant, Pin<Box<Sleep>>)>,
 }
 
+/// A discovery stream a balancer can run over: a tower [`Discover`] whose keys hash and
+/// whose errors box, that its worker task can own. Every such stream implements it.
+pub trait Endpoints:
+    Discover<Key: std::hash::Hash + Clone + Send, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<D> Endpoints for D where
+    D: Discover<Key: std::hash::Hash + Clone + Send, Error: Into<BoxError>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 impl<S, Req, P> Balance<S, Req, P>
 where
     P: Picker<Req>,
@@ -137,9 +152,7 @@ where
     /// ready endpoint. Needs no runtime until the first `poll_ready`.
     pub fn new<D>(discover: D, picker: P) -> Self
     where
-        D: Discover<Service = S> + Send + Unpin + 'static,
-        D::Key: std::hash::Hash + Clone + Send,
-        D::Error: Into<BoxError>,
+        D: Endpoints<Service = S>,
         S: Service<Req> + Sync,
         S::Error: Into<BoxError>,
         Req: 'static,
@@ -156,9 +169,7 @@ where
         failfast_after: Duration,
     ) -> Self
     where
-        D: Discover<Service = S> + Send + Unpin + 'static,
-        D::Key: std::hash::Hash + Clone + Send,
-        D::Error: Into<BoxError>,
+        D: Endpoints<Service = S>,
         S: Service<Req> + Sync,
         S::Error: Into<BoxError>,
         Req: 'static,
@@ -182,20 +193,32 @@ where
     /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
     pub fn from_config<D>(discover: D, config: &BalanceConfig) -> Result<Self, crate::ConfigError>
     where
-        D: Discover<Service = S> + Send + Unpin + 'static,
-        D::Key: std::hash::Hash + Clone + Send,
-        D::Error: Into<BoxError>,
+        D: Endpoints<Service = S>,
         S: Service<Req> + Sync,
         S::Error: Into<BoxError>,
         Req: 'static,
     {
+        Ok(Balance::builder_from_config(discover, config)?.build())
+    }
+}
+
+impl Balance<(), (), RoundRobin> {
+    /// Starts a balancer as `config` describes (picker, fail-fast and ejection), to be
+    /// completed with weights, zones or a classifier before [`build`](BalanceBuilder::build).
+    ///
+    /// # Errors
+    /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
+    pub fn builder_from_config<D: Discover>(
+        discover: D,
+        config: &BalanceConfig,
+    ) -> Result<BalanceBuilder<D, ConfiguredPicker>, crate::ConfigError> {
         config.validate()?;
         let mut builder = Balance::builder(discover, ConfiguredPicker::new(config.picker))
             .failfast_after(config.failfast_after);
         if let Some(ejection) = &config.ejection {
             builder = builder.ejection(ejection.clone())?;
         }
-        Ok(builder.build())
+        Ok(builder)
     }
 }
 
@@ -295,9 +318,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
     pub fn build<Req>(self) -> Balance<D::Service, Req, P>
     where
         P: Picker<Req>,
-        D: Send + Unpin + 'static,
-        D::Key: std::hash::Hash + Clone + Send,
-        D::Error: Into<BoxError>,
+        D: Endpoints,
         D::Service: Service<Req> + Clone + Send + Sync + 'static,
         <D::Service as Service<Req>>::Error: Into<BoxError>,
         Req: 'static,

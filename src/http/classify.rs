@@ -73,43 +73,28 @@ pub struct HttpClassifier {
 impl Default for HttpClassifier {
     /// Retries 408, 429 and every 5xx.
     fn default() -> Self {
-        let mut classifier = Self { retryable: [0; 16] };
-        classifier.set(StatusCode::REQUEST_TIMEOUT, true);
-        classifier.set(StatusCode::TOO_MANY_REQUESTS, true);
-        for code in 500..=599 {
-            classifier.set_code(code, true);
-        }
-        classifier
+        Self::retrying_codes([408, 429].into_iter().chain(500..=599))
     }
 }
 
 impl HttpClassifier {
     /// Retries exactly `statuses` (and errors), in place of the default set.
     pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        let mut classifier = Self { retryable: [0; 16] };
-        for status in statuses {
-            classifier.set(status, true);
+        Self::retrying_codes(statuses.into_iter().map(|status| status.as_u16()))
+    }
+
+    fn retrying_codes(codes: impl IntoIterator<Item = u16>) -> Self {
+        let mut retryable = [0u64; 16];
+        for code in codes {
+            retryable[code as usize / 64] |= 1 << (code % 64);
         }
-        classifier
+        Self { retryable }
     }
 
     /// Whether a response with `status` is tried again.
     pub fn retries(&self, status: StatusCode) -> bool {
         let code = status.as_u16() as usize;
         self.retryable[code / 64] & (1 << (code % 64)) != 0
-    }
-
-    fn set(&mut self, status: StatusCode, retry: bool) {
-        self.set_code(status.as_u16(), retry);
-    }
-
-    fn set_code(&mut self, code: u16, retry: bool) {
-        let (word, bit) = (code as usize / 64, code % 64);
-        if retry {
-            self.retryable[word] |= 1 << bit;
-        } else {
-            self.retryable[word] &= !(1 << bit);
-        }
     }
 }
 

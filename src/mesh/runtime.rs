@@ -225,29 +225,22 @@ impl Mesh {
         K: Replay<Req> + Clone + Send + Sync + 'static,
     {
         let config = self.config();
-        let settings = config.service(service);
-        let mut balance = Balance::builder(
-            discover(&self.inner.registry, service, make_endpoint),
-            ConfiguredPicker::new(settings.balance.picker),
-        )
-        .name(service.to_string())
-        .failfast_after(settings.balance.failfast_after)
-        .weights(weights(&self.inner.registry, service))
-        .classify::<Req, _>(classifier.clone());
-        let outcome_classifier = classifier.clone();
-        if let Some(zone) = &settings.balance.zone {
+        let settings = &config.service(service).balance;
+        let endpoints = discover(&self.inner.registry, service, make_endpoint);
+        let mut balance = Balance::builder_from_config(endpoints, settings)
+            .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}.balance"))))?
+            .name(service.to_string())
+            .weights(weights(&self.inner.registry, service))
+            .classify::<Req, _>(classifier.clone());
+        if let Some(zone) = &settings.zone {
             balance = balance.zones(
                 zone.clone(),
-                settings.balance.min_local_endpoints as usize,
+                settings.min_local_endpoints as usize,
                 zones(&self.inner.registry, service),
             );
         }
-        if let Some(ejection) = &settings.balance.ejection {
-            balance = balance.ejection(ejection.clone()).map_err(|e| {
-                MeshConfigError::Invalid(e.at(&format!("services.{service}.balance")))
-            })?;
-        }
         let balance: Balance<S, Req, ConfiguredPicker> = balance.build();
+        let outcome_classifier = classifier.clone();
         let name = service.to_string();
         let build: BuildPolicy<Req, S::Response> = Box::new(move |config: &MeshConfig| {
             let settings = config.service(&name);

@@ -21,6 +21,16 @@ fn fixed(delay: Duration, max_hedges: u32) -> HedgeConfig {
     }
 }
 
+/// Hedges at the 90th percentile of recent latencies, once 20 are known; no budget.
+fn p90_after_20_samples() -> HedgeConfig {
+    HedgeConfig {
+        delay: HedgeDelay::Percentile(0.9),
+        min_samples: 20,
+        budget: BudgetConfig::Unlimited,
+        ..HedgeConfig::default()
+    }
+}
+
 /// What the backend saw: when each try was sent, and how many were cancelled (dropped before
 /// they finished).
 #[derive(Clone, Debug, Default)]
@@ -164,12 +174,7 @@ async fn when_every_try_fails_the_last_failure_is_returned() {
 #[tokio::test(start_paused = true)]
 async fn percentile_delay_waits_for_samples_then_hedges_at_the_tail() {
     let seen = Seen::default();
-    let config = HedgeConfig {
-        delay: HedgeDelay::Percentile(0.9),
-        min_samples: 20,
-        budget: BudgetConfig::Unlimited,
-        ..HedgeConfig::default()
-    };
+    let config = p90_after_20_samples();
     let slow_call = Arc::new(AtomicUsize::new(usize::MAX));
     let slow = slow_call.clone();
     let service = HedgeLayer::new(config).unwrap().layer(backend(
@@ -244,12 +249,7 @@ async fn only_hedgeable_requests_are_hedged() {
 async fn rejections_do_not_pull_the_percentile_delay_down() {
     use meshkit::breaker::{BreakerState, CircuitOpen};
     let seen = Seen::default();
-    let config = HedgeConfig {
-        delay: HedgeDelay::Percentile(0.9),
-        min_samples: 20,
-        budget: BudgetConfig::Unlimited,
-        ..HedgeConfig::default()
-    };
+    let config = p90_after_20_samples();
     // Tries 1-30 take 10 ms; 31-630 are refused at once by an open breaker below (were they
     // counted, the p90 would be 0 ms); 631 is slow, and its hedge (632) quick.
     let service = HedgeLayer::new(config).unwrap().layer(backend(

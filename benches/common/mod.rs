@@ -5,6 +5,8 @@
 use std::convert::Infallible;
 use std::fmt::Debug;
 use std::future::Ready;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -107,7 +109,14 @@ where
 }
 
 /// `tasks` spawned tasks on the 2-worker runtime, each with its own clone of
-/// ONE shared-state service, each doing `iters` calls. Returns wall time.
+/// ONE shared-state service, each doing `iters` calls. Returns the wall time from the first
+/// task's start to the last task's end.
+///
+/// The tasks start together: each waits (spinning, at most 100 ms) until every task is
+/// running. The calls never yield, so without this start line tokio may run two freshly
+/// spawned tasks one after the other on one worker while the other worker is still waking,
+/// and the figure would measure that race, not the service. A spinning task holds its worker,
+/// so the others are taken by the other workers.
 pub fn bench_tasks<S, F>(
     g: &mut BenchmarkGroup<'_, WallTime>,
     rt: &Runtime,
@@ -129,23 +138,40 @@ pub fn bench_tasks<S, F>(
         });
         b.iter_custom(|iters| {
             let clones: Vec<S> = (0..tasks).map(|_| svc.clone()).collect();
+            let running = Arc::new(AtomicUsize::new(0));
             rt.block_on(async move {
-                let start = Instant::now();
                 let handles: Vec<_> = clones
                     .into_iter()
                     .map(|mut s| {
+                        let running = running.clone();
                         tokio::spawn(async move {
+                            start_together(&running, tasks);
+                            let start = Instant::now();
                             drive(&mut s, iters).await;
+                            (start, Instant::now())
                         })
                     })
                     .collect();
+                let mut first: Option<Instant> = None;
+                let mut last: Option<Instant> = None;
                 for h in handles {
-                    h.await.expect("bench task panicked");
+                    let (start, end) = h.await.expect("bench task panicked");
+                    first = Some(first.map_or(start, |f| f.min(start)));
+                    last = Some(last.map_or(end, |l| l.max(end)));
                 }
-                start.elapsed()
+                last.unwrap() - first.unwrap()
             })
         });
     });
+}
+
+/// Counts this task as running, then spins until `tasks` are (or 100 ms have passed).
+fn start_together(running: &AtomicUsize, tasks: usize) {
+    running.fetch_add(1, Ordering::AcqRel);
+    let deadline = Instant::now() + std::time::Duration::from_millis(100);
+    while running.load(Ordering::Acquire) < tasks && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
 }
 
 /// The settings every bench starts from: 30 samples of 2 s after 0.5 s of warm-up. Benches

@@ -352,7 +352,19 @@ impl<T: Send + Sync + 'static> Receiving<T> {
             return Err(RecvError::Closed);
         }
         loop {
-            match self.receiver.recv().await {
+            // An event already waiting is taken without building a receive future (and its
+            // waiter); only an empty channel waits.
+            let received = match self.receiver.try_recv() {
+                Ok(message) => Ok(message),
+                Err(broadcast::error::TryRecvError::Empty) => self.receiver.recv().await,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    Err(broadcast::error::RecvError::Lagged(n))
+                }
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    Err(broadcast::error::RecvError::Closed)
+                }
+            };
+            match received {
                 Ok(Message::Event(event, position)) => {
                     if position != 0 {
                         if position <= self.seen {

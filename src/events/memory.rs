@@ -7,6 +7,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::broadcast;
 
@@ -43,6 +44,9 @@ pub struct MemoryEventStore {
 struct Inner {
     state: Mutex<State>,
     live: broadcast::Sender<StoredEvent>,
+    /// Live receivers of `live` (see [`Follower`]): with none, an append skips the channel,
+    /// whose receiver count sits behind a lock of its own.
+    followers: AtomicUsize,
     bus: Option<EventBus>,
     max_event_size: usize,
 }
@@ -121,6 +125,7 @@ impl MemoryEventStore {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
                 live,
+                followers: AtomicUsize::new(0),
                 bus,
                 max_event_size,
             }),
@@ -194,7 +199,8 @@ impl MemoryEventStore {
             }
         }
         // Published under the lock, so live subscribers see positions in order.
-        let live = self.inner.live.receiver_count() > 0;
+        // Followers subscribe under this lock too, so the count is exact here.
+        let live = self.inner.followers.load(Ordering::Relaxed) > 0;
         for stored in &all[first..] {
             if let Some(bus) = &self.inner.bus {
                 bus.publish_stored(stored.event.clone(), stored.position);
@@ -293,7 +299,7 @@ impl EventStore for MemoryEventStore {
             (
                 inner,
                 from_position.max(1),
-                None::<broadcast::Receiver<StoredEvent>>,
+                None::<Follower>,
                 Vec::<StoredEvent>::new(),
             ),
             |(inner, mut next, mut live, mut backlog)| async move {
@@ -302,8 +308,8 @@ impl EventStore for MemoryEventStore {
                         next = stored.position + 1;
                         return Some((stored, (inner, next, live, backlog)));
                     }
-                    if let Some(receiver) = live.as_mut() {
-                        match receiver.recv().await {
+                    if let Some(follower) = live.as_mut() {
+                        match follower.receiver.recv().await {
                             // Already delivered from the backlog: skip.
                             Ok(stored) if stored.position < next => continue,
                             Ok(stored) => {
@@ -319,7 +325,7 @@ impl EventStore for MemoryEventStore {
                     // Subscribe to live events and read the backlog under one lock: nothing
                     // is appended in between, so there is no gap and no duplicate.
                     let state = inner.state();
-                    live = Some(inner.live.subscribe());
+                    live = Some(Follower::new(&inner));
                     backlog = state
                         .all
                         .iter()
@@ -332,6 +338,29 @@ impl EventStore for MemoryEventStore {
             },
         );
         Box::pin(stream)
+    }
+}
+
+/// A subscriber's receiver of the store's live channel, counted in `Inner::followers` while
+/// it exists. Made under the state lock.
+struct Follower {
+    receiver: broadcast::Receiver<StoredEvent>,
+    inner: Arc<Inner>,
+}
+
+impl Follower {
+    fn new(inner: &Arc<Inner>) -> Self {
+        inner.followers.fetch_add(1, Ordering::Relaxed);
+        Self {
+            receiver: inner.live.subscribe(),
+            inner: inner.clone(),
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.inner.followers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -8,6 +8,8 @@
 //!   retry (budget on), timeout, as configured by `MeshConfig`.
 //! * `stack/http_in_process/{raw,meshkit}` – the HTTP path without a network: a leaf that
 //!   answers at once, alone and as the leaf of `Mesh::client`.
+//! * `stack/http_in_process_pending/{raw,meshkit}` – the same with a leaf that yields once
+//!   before answering, as a network call does: the timeout arms its timer.
 //! * `stack/http/raw_hyper` and `stack/http/meshkit_hyper` – requests per second over
 //!   loopback HTTP/1 to an axum server (its own runtime and thread), 16 in flight, with a
 //!   hyper-util client alone and as the leaf of `Mesh::client`; then `stack/http/alternating`
@@ -107,6 +109,43 @@ fn per_call(c: &mut Criterion) {
         std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
     });
     let request = || http::Request::get("http://users/users/7").body(()).unwrap();
+    g.bench_function("raw", |b| {
+        let mut leaf = leaf;
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let response = leaf.ready().await.unwrap().call(request()).await.unwrap();
+                    criterion::black_box(response);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    let mut client = rt.block_on(async { mesh(EIGHT).await.client("users", leaf).unwrap() });
+    g.bench_function("meshkit", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let response = client.ready().await.unwrap().call(request()).await.unwrap();
+                    criterion::black_box(response);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    // The same, with a leaf that is not ready at once (it yields once before answering, as
+    // every network call does): the timeout arms its timer and the layers take their slow
+    // paths.
+    let mut g = c.benchmark_group("stack/http_in_process_pending");
+    g.throughput(Throughput::Elements(1));
+    let leaf = tower::service_fn(|_: http::Request<()>| async {
+        tokio::task::yield_now().await;
+        Ok::<_, std::convert::Infallible>(http::Response::new(()))
+    });
     g.bench_function("raw", |b| {
         let mut leaf = leaf;
         b.iter_custom(|iters| {

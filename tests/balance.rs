@@ -4,7 +4,7 @@ use futures::channel::mpsc;
 use meshkit::balance::{Balance, ConsistentHash, LeastRequests, NoEndpoints, Random, RoundRobin};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tower::discover::Change;
@@ -379,4 +379,101 @@ async fn zone_aware_routing_stays_in_the_local_zone_until_it_empties() {
         "{counts:?}"
     );
     drop(local_2);
+}
+
+/// An endpoint that counts how often it is copied and whether it is ever called without
+/// having been ready; with `first_ask_pending`, each copy's first `poll_ready` is `Pending`
+/// (waking its task at once), as a service with a queue of its own can be.
+#[derive(Debug)]
+struct Copied {
+    copies: Arc<AtomicUsize>,
+    unready_calls: Arc<AtomicUsize>,
+    first_ask_pending: bool,
+    asked: bool,
+    ready: bool,
+}
+
+impl Copied {
+    fn new(first_ask_pending: bool) -> Self {
+        Self {
+            copies: Arc::default(),
+            unready_calls: Arc::default(),
+            first_ask_pending,
+            asked: false,
+            ready: false,
+        }
+    }
+}
+
+impl Clone for Copied {
+    fn clone(&self) -> Self {
+        self.copies.fetch_add(1, Ordering::SeqCst);
+        Self {
+            copies: self.copies.clone(),
+            unready_calls: self.unready_calls.clone(),
+            first_ask_pending: self.first_ask_pending,
+            asked: false,
+            ready: false,
+        }
+    }
+}
+
+impl Service<u64> for Copied {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<u64, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        if self.first_ask_pending && !std::mem::replace(&mut self.asked, true) {
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        self.ready = true;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: u64) -> Self::Future {
+        if !std::mem::replace(&mut self.ready, false) {
+            self.unready_calls.fetch_add(1, Ordering::SeqCst);
+        }
+        std::future::ready(Ok(request))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_calls_its_own_copy_of_a_ready_endpoint() {
+    let endpoint = Copied::new(false);
+    let (copies, unready) = (endpoint.copies.clone(), endpoint.unready_calls.clone());
+    let discover = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", endpoint))]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let before = copies.load(Ordering::SeqCst);
+    for n in 0..100 {
+        assert_eq!(balance.ready().await.unwrap().call(n).await.unwrap(), n);
+    }
+    // One copy for this handle, made on its first call; none per call.
+    assert_eq!(copies.load(Ordering::SeqCst) - before, 1);
+    assert_eq!(unready.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_copy_that_is_not_ready_is_readied_before_its_call() {
+    let endpoint = Copied::new(true);
+    let unready = endpoint.unready_calls.clone();
+    let discover = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", endpoint))]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    for n in 0..20 {
+        assert_eq!(balance.ready().await.unwrap().call(n).await.unwrap(), n);
+    }
+    assert_eq!(
+        unready.load(Ordering::SeqCst),
+        0,
+        "a call without readiness"
+    );
 }

@@ -207,11 +207,15 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        Plain { #[pin] call: tower::util::Oneshot<S, Req> },
-        // Admitted by a closed ejection breaker; the breaker's future records the outcome.
-        // Boxed: plain calls keep the size of their own future.
+        // The handle's copy of the endpoint was ready: its call, nothing else.
+        Direct { #[pin] call: S::Future },
+        // The same, admitted by a closed ejection breaker, whose future records the outcome.
+        // Boxed, as the paths below: plain calls keep the size of the endpoint's own future.
+        AdmittedDirect { call: Pin<Box<crate::breaker::ResponseFuture<S::Future, EjectionClassifier>>> },
+        // The handle's copy was not ready: a fresh copy, readied as the call is polled.
+        Plain { call: Pin<Box<tower::util::Oneshot<S, Req>>> },
         Admitted { call: Pin<Box<crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier>>> },
-        // Boxed: only calls with ejection on pay for the breaker's larger future.
+        // The ejection breaker is not closed: it decides as the call is polled.
         Breaker {
             service: Box<CircuitBreaker<S, EjectionClassifier>>,
             request: Option<Req>,
@@ -221,30 +225,69 @@ pin_project! {
 }
 
 impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
-    /// A call to `endpoint` (copied for the call). Behind a closed ejection breaker, the
-    /// breaker admits the call at once and only the endpoint is copied; otherwise the breaker
-    /// is copied too and decides as the call is polled.
-    #[inline]
-    pub(crate) fn new(endpoint: &Guarded<S>, request: Req) -> Self {
-        let inner = match &endpoint.0 {
-            Kind::Plain(service) => CallInner::Plain {
-                call: tower::util::Oneshot::new(service.clone(), request),
-            },
+    /// A call to `endpoint`, sent through `copy`, the calling handle's own copy of the
+    /// endpoint's service (made here on first use), when that copy is ready at once: then
+    /// nothing is copied per call, and the future is the endpoint's own. A copy that is not
+    /// ready (or failed) is dropped, giving back whatever its readiness held, and the call
+    /// goes to a fresh copy readied as the call is polled. Behind a closed ejection breaker,
+    /// the breaker admits the call at once; behind one that is not closed, the breaker is
+    /// copied too and decides as the call is polled.
+    #[inline(always)]
+    pub(crate) fn new(endpoint: &Guarded<S>, copy: &mut Option<S>, request: Req) -> Self {
+        let (service, admitted) = match &endpoint.0 {
+            Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
-                Some(word) => CallInner::Admitted {
-                    call: Box::pin(breaker.admitted(
-                        tower::util::Oneshot::new(breaker.get_ref().clone(), request),
-                        word,
-                    )),
-                },
-                None => CallInner::Breaker {
-                    service: breaker.clone(),
-                    request: Some(request),
-                    future: None,
-                },
+                Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
+                None => return Self::through_breaker(breaker, request),
+            },
+        };
+        let own = copy.get_or_insert_with(|| service.clone());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if !matches!(own.poll_ready(&mut cx), Poll::Ready(Ok(()))) {
+            *copy = None;
+            return Self::through_fresh_copy(service, admitted, request);
+        }
+        let call = own.call(request);
+        let inner = match admitted {
+            Some((breaker, word)) => CallInner::AdmittedDirect {
+                call: Box::pin(breaker.admitted(call, word)),
+            },
+            None => CallInner::Direct { call },
+        };
+        Self { inner }
+    }
+
+    /// The handle's copy was not ready: a fresh copy, readied as the call is polled.
+    #[cold]
+    #[inline(never)]
+    fn through_fresh_copy(
+        service: &S,
+        admitted: Option<(&CircuitBreaker<S, EjectionClassifier>, u64)>,
+        request: Req,
+    ) -> Self {
+        let call = tower::util::Oneshot::new(service.clone(), request);
+        let inner = match admitted {
+            Some((breaker, word)) => CallInner::Admitted {
+                call: Box::pin(breaker.admitted(call, word)),
+            },
+            None => CallInner::Plain {
+                call: Box::pin(call),
             },
         };
         Self { inner }
+    }
+
+    /// The ejection breaker is not closed: a copy of it decides as the call is polled.
+    #[cold]
+    #[inline(never)]
+    fn through_breaker(breaker: &CircuitBreaker<S, EjectionClassifier>, request: Req) -> Self {
+        Self {
+            inner: CallInner::Breaker {
+                service: Box::new(breaker.clone()),
+                request: Some(request),
+                future: None,
+            },
+        }
     }
 }
 
@@ -259,7 +302,9 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().inner.project() {
-            CallInnerProjection::Plain { call } => call.poll(cx).map_err(Into::into),
+            CallInnerProjection::Direct { call } => call.poll(cx).map_err(Into::into),
+            CallInnerProjection::AdmittedDirect { call } => call.as_mut().poll(cx),
+            CallInnerProjection::Plain { call } => call.as_mut().poll(cx).map_err(Into::into),
             CallInnerProjection::Admitted { call } => call.as_mut().poll(cx),
             CallInnerProjection::Breaker {
                 service,

@@ -90,9 +90,11 @@ impl<S, T> Drop for Shared<S, T> {
 /// A background task (started by the first `poll_ready`, on that task's runtime) applies
 /// discovery changes and drives endpoints that are not ready, whether or not requests
 /// arrive, and publishes the ready ones as an immutable snapshot. Handles pick from their
-/// copy of the snapshot with no lock; each call goes to a clone of the chosen endpoint's
-/// service (so endpoint services must be `Clone`, as hyper, reqwest and tonic clients are).
-/// The task stops when the last handle is dropped.
+/// copy of the snapshot with no lock; each handle calls its own copy of the chosen endpoint's
+/// service, made on first use (so endpoint services must be `Clone`, as hyper, reqwest and
+/// tonic clients are). A copy that is not ready at once is set aside and the call goes to a
+/// fresh copy, readied as the call is polled. The task stops when the last handle is
+/// dropped.
 ///
 /// When no endpoint is ready for `failfast_after`, `poll_ready` stops waiting and calls fail
 /// at once with [`NoEndpoints`]; they resume as soon as an endpoint is ready.
@@ -123,6 +125,9 @@ pub struct Balance<S, Req, P: Picker<Req>> {
     view: Arc<Snapshot<S, P::Prepared>>,
     /// This handle's loads on the snapshot's endpoints.
     loads: Arc<EndpointLoads>,
+    /// This handle's copies of the snapshot's endpoint services, made on first use: a call
+    /// through a ready copy copies nothing.
+    copies: Vec<Option<S>>,
     version: u64,
     /// Since when no endpoint has been ready, while waiting.
     waiting: Option<(Instant, Pin<Box<Sleep>>)>,
@@ -365,6 +370,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
                 Instant::now(),
             )),
             view,
+            copies: Vec::new(),
             version: 0,
             shared,
             picker,
@@ -394,6 +400,8 @@ impl<S, Req, P: Picker<Req>> Balance<S, Req, P> {
                 self.view.weights.clone(),
                 Instant::now(),
             ));
+            self.copies.clear();
+            self.copies.resize_with(self.view.services.len(), || None);
             self.version = version;
         }
     }
@@ -468,7 +476,10 @@ where
         let index = self
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
-        let call = GuardedCall::new(&view.services[index], request);
+        if self.copies.len() != view.services.len() {
+            self.copies.resize_with(view.services.len(), || None);
+        }
+        let call = GuardedCall::new(&view.services[index], &mut self.copies[index], request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());
@@ -491,6 +502,7 @@ impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
                 self.view.weights.clone(),
                 Instant::now(),
             )),
+            copies: (0..self.view.services.len()).map(|_| None).collect(),
             version: self.version,
             waiting: None,
         }
@@ -516,7 +528,8 @@ pin_project! {
     {
         #[pin]
         call: Option<GuardedCall<S, Req>>,
-        failed: Option<NoEndpoints>,
+        // Boxed: the common future stays small enough to be built in place.
+        failed: Option<Box<NoEndpoints>>,
         // Load bookkeeping for pickers that read it: finished on completion or drop.
         tracked: Option<Tracked>,
     }
@@ -540,7 +553,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
     fn failed(error: NoEndpoints) -> Self {
         Self {
             call: None,
-            failed: Some(error),
+            failed: Some(Box::new(error)),
             tracked: None,
         }
     }
@@ -582,7 +595,7 @@ where
                 .failed
                 .take()
                 .expect("balance future polled after completion");
-            return Poll::Ready(Err(error.into()));
+            return Poll::Ready(Err(Box::new(*error)));
         };
         let result = std::task::ready!(call.poll(cx));
         if let Some(Tracked {

@@ -215,10 +215,10 @@ pin_project! {
         // The handle's copy was not ready: a fresh copy, readied as the call is polled.
         Plain { call: Pin<Box<tower::util::Oneshot<S, Req>>> },
         Admitted { call: Pin<Box<crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier>>> },
-        // The ejection breaker is not closed: it decides as the call is polled.
+        // The ejection breaker is not closed: it decides as the call is polled. The request
+        // waits in the box too, so that it does not make every call's future larger.
         Breaker {
-            service: Box<CircuitBreaker<S, EjectionClassifier>>,
-            request: Option<Req>,
+            service: Box<(CircuitBreaker<S, EjectionClassifier>, Option<Req>)>,
             future: Option<Pin<Box<crate::breaker::ResponseFuture<S::Future, EjectionClassifier>>>>,
         },
     }
@@ -283,8 +283,7 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     fn through_breaker(breaker: &CircuitBreaker<S, EjectionClassifier>, request: Req) -> Self {
         Self {
             inner: CallInner::Breaker {
-                service: Box::new(breaker.clone()),
-                request: Some(request),
+                service: Box::new((breaker.clone(), Some(request))),
                 future: None,
             },
         }
@@ -306,12 +305,9 @@ where
             CallInnerProjection::AdmittedDirect { call } => call.as_mut().poll(cx),
             CallInnerProjection::Plain { call } => call.as_mut().poll(cx).map_err(Into::into),
             CallInnerProjection::Admitted { call } => call.as_mut().poll(cx),
-            CallInnerProjection::Breaker {
-                service,
-                request,
-                future,
-            } => {
+            CallInnerProjection::Breaker { service, future } => {
                 if future.is_none() {
+                    let (service, request) = &mut **service;
                     std::task::ready!(service.poll_ready(cx)).map_err(ejected)?;
                     let request = request.take().expect("called once");
                     *future = Some(Box::pin(service.call(request)));

@@ -467,6 +467,7 @@ where
         }
     }
 
+    #[inline(always)]
     fn call(&mut self, request: Req) -> Self::Future {
         let view = &self.view;
         let Some(prepared) = view.prepared.as_ref().filter(|_| !view.services.is_empty()) else {

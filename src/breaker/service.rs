@@ -129,7 +129,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Request) -> Self::Future {
         let admitted = std::mem::replace(&mut self.admitted, UNDECIDED);
         if passes(admitted) && state_of(admitted) == BreakerState::Closed {

@@ -4,6 +4,7 @@ use super::retry_after::retry_after;
 use crate::classify::ClassifyRetry;
 use crate::classify::{Classify, Outcome, RetryDecision};
 use http::{HeaderMap, StatusCode};
+use std::sync::{Mutex, PoisonError};
 
 /// A response whose status and headers a classifier can read: `http::Response<B>`, and
 /// `reqwest::Response` with the `reqwest` feature.
@@ -64,31 +65,64 @@ impl HttpResponse for reqwest::Response {
 /// assert_eq!(classifier.classify(&missing), Outcome::Success);
 /// assert_eq!(classifier.classify_retry(&missing), RetryDecision::Stop);
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct HttpClassifier {
-    /// Bit `n` set: status `n` (100..=999) is retried.
-    retryable: [u64; 16],
+    /// The retried statuses, interned: classifiers with the same set share one, so the copy
+    /// each call carries (in the breaker's and the retry's futures) is a pointer.
+    retryable: &'static StatusSet,
+}
+
+/// Bit `n` set: status `n` (100..=999) is retried.
+type StatusSet = [u64; 16];
+
+/// 408, 429 and every 5xx.
+static DEFAULT_SET: StatusSet = {
+    let mut set = [0u64; 16];
+    let mut code = 408;
+    while code < 600 {
+        if code == 408 || code == 429 || code >= 500 {
+            set[code / 64] |= 1 << (code % 64);
+        }
+        code += 1;
+    }
+    set
+};
+
+/// The one copy of `set`, made (and kept for the life of the process) the first time it is
+/// seen. Programs build a handful of distinct sets, so what is kept stays small.
+fn intern(set: StatusSet) -> &'static StatusSet {
+    static SETS: Mutex<Vec<&'static StatusSet>> = Mutex::new(Vec::new());
+    if set == DEFAULT_SET {
+        return &DEFAULT_SET;
+    }
+    let mut sets = SETS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(found) = sets.iter().find(|kept| ***kept == set) {
+        return found;
+    }
+    let kept: &'static StatusSet = Box::leak(Box::new(set));
+    sets.push(kept);
+    kept
 }
 
 impl Default for HttpClassifier {
     /// Retries 408, 429 and every 5xx.
     fn default() -> Self {
-        Self::retrying_codes([408, 429].into_iter().chain(500..=599))
+        Self {
+            retryable: &DEFAULT_SET,
+        }
     }
 }
 
 impl HttpClassifier {
     /// Retries exactly `statuses` (and errors), in place of the default set.
     pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
-        Self::retrying_codes(statuses.into_iter().map(|status| status.as_u16()))
-    }
-
-    fn retrying_codes(codes: impl IntoIterator<Item = u16>) -> Self {
-        let mut retryable = [0u64; 16];
-        for code in codes {
-            retryable[code as usize / 64] |= 1 << (code % 64);
+        let mut set = [0u64; 16];
+        for code in statuses.into_iter().map(|status| status.as_u16()) {
+            set[code as usize / 64] |= 1 << (code % 64);
         }
-        Self { retryable }
+        Self {
+            retryable: intern(set),
+        }
     }
 
     /// Whether a response with `status` is tried again.
@@ -185,5 +219,24 @@ mod tests {
         assert!(classifier.retries(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!classifier.retries(StatusCode::INTERNAL_SERVER_ERROR));
         assert!(!classifier.retries(StatusCode::TOO_MANY_REQUESTS));
+    }
+
+    #[test]
+    fn the_default_set_is_408_429_and_every_5xx() {
+        let classifier = HttpClassifier::default();
+        for code in 100..=999u16 {
+            let status = StatusCode::from_u16(code).unwrap();
+            let expected = code == 408 || code == 429 || (500..600).contains(&code);
+            assert_eq!(classifier.retries(status), expected, "{code}");
+        }
+    }
+
+    #[test]
+    fn classifiers_with_the_same_statuses_share_one_set() {
+        let a = HttpClassifier::retrying([StatusCode::BAD_GATEWAY, StatusCode::GATEWAY_TIMEOUT]);
+        let b = HttpClassifier::retrying([StatusCode::GATEWAY_TIMEOUT, StatusCode::BAD_GATEWAY]);
+        assert!(std::ptr::eq(a.retryable, b.retryable));
+        let c = HttpClassifier::retrying([StatusCode::BAD_GATEWAY]);
+        assert!(!std::ptr::eq(a.retryable, c.retryable));
     }
 }

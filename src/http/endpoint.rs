@@ -105,7 +105,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, mut request: R) -> Self::Future {
         request.route_to(&self.authority);
         let span = tracing::debug_span!("meshkit.endpoint", instance = %self.authority);

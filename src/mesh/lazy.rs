@@ -52,7 +52,7 @@ impl<S: Service<Req> + Clone, Req> Service<Req> for LazyClone<S> {
         self.live().poll_ready(cx)
     }
 
-    #[inline]
+    #[inline(always)]
     fn call(&mut self, request: Req) -> S::Future {
         self.live().call(request)
     }

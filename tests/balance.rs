@@ -1,7 +1,9 @@
 //! The balancer through the public API, with paused time.
 
 use futures::channel::mpsc;
-use meshkit::balance::{Balance, ConsistentHash, LeastRequests, NoEndpoints, Random, RoundRobin};
+use meshkit::balance::{
+    Balance, ConsistentHash, LeastRequests, NoEndpoints, PeakEwma, Random, RoundRobin,
+};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -476,4 +478,44 @@ async fn an_endpoint_copy_that_is_not_ready_is_readied_before_its_call() {
         0,
         "a call without readiness"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_sends_calls_to_the_endpoint_that_answers_sooner() {
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert(
+            "fast",
+            endpoint("fast", Duration::from_millis(1)),
+        )),
+        Ok(Change::Insert(
+            "slow",
+            endpoint("slow", Duration::from_millis(50)),
+        )),
+    ]);
+    let mut balance = Balance::new(discover, PeakEwma::seeded(7));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 200).await;
+    assert!(counts["fast"] >= 190, "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_prefers_an_endpoint_that_answers_at_once() {
+    // "now" answers on the first poll, with no clock read for its round trip; "later" takes
+    // 5 ms: "now" must win every comparison once both have answered.
+    let now = tower::util::BoxCloneSyncService::new(tower::service_fn(|_: u64| {
+        std::future::ready(Ok::<_, BoxError>("now"))
+    }));
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert("now", now)),
+        Ok(Change::Insert(
+            "later",
+            endpoint("later", Duration::from_millis(5)),
+        )),
+    ]);
+    let mut balance = Balance::new(discover, PeakEwma::seeded(3));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 200).await;
+    assert!(counts["now"] >= 190, "{counts:?}");
 }

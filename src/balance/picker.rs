@@ -243,6 +243,10 @@ impl<Req> Picker<Req> for LeastRequests {
 
 /// Power of two choices over peak-EWMA latency × requests in flight, as Finagle and linkerd
 /// do: slow or busy endpoints get less traffic, and a latency spike counts at once.
+///
+/// A round trip runs from `call` to the response, on tokio's clock. A call whose future
+/// answers on its first poll (an in-process service that answers synchronously) counts as
+/// taking no time, which saves the second clock read.
 #[derive(Clone, Debug, Default)]
 pub struct PeakEwma {
     random: Random,

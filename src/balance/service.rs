@@ -542,6 +542,9 @@ struct Tracked {
     index: usize,
     /// When it was sent, on the loads' clock.
     sent: Option<u64>,
+    /// Polled at least once: a call that answers on its first poll answered synchronously,
+    /// and its round trip is taken as zero without reading the clock again.
+    polled: bool,
 }
 
 impl Drop for Tracked {
@@ -576,7 +579,12 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         Self {
             call: Some(call),
             failed: None,
-            tracked: Some(Tracked { loads, index, sent }),
+            tracked: Some(Tracked {
+                loads,
+                index,
+                sent,
+                polled: false,
+            }),
         }
     }
 }
@@ -598,14 +606,22 @@ where
                 .expect("balance future polled after completion");
             return Poll::Ready(Err(Box::new(*error)));
         };
+        let first_poll = this
+            .tracked
+            .as_mut()
+            .is_some_and(|tracked| !std::mem::replace(&mut tracked.polled, true));
         let result = std::task::ready!(call.poll(cx));
         if let Some(Tracked {
             loads,
             index,
             sent: Some(sent),
+            ..
         }) = this.tracked.as_ref()
         {
-            loads.observe(*index, *sent, loads.now());
+            // Answered on the first poll, right after `call`: no time has passed that the
+            // clock would show (one clock read per call instead of two).
+            let now = if first_poll { *sent } else { loads.now() };
+            loads.observe(*index, *sent, now);
         }
         // Dropping the bookkeeping counts the request as finished.
         *this.tracked = None;

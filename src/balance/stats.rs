@@ -19,11 +19,12 @@ pub struct EndpointLoads {
     weights: Arc<[u32]>,
     /// Requests sent to each endpoint, written by the handle's `call` only (it takes
     /// `&mut self`), so a plain load and store, not a locked read-modify-write.
-    started: Box<[AtomicU64]>,
+    started: Counters,
     /// Requests finished, counted by their futures (which may run anywhere).
-    finished: Box<[AtomicU64]>,
-    /// Peak-EWMA round-trip time in nanoseconds (`f64` bits), and its last update.
-    ewma: Box<[(AtomicU64, AtomicU64)]>,
+    finished: Counters,
+    /// Per endpoint `i`: at `2i`, the peak-EWMA round-trip time in nanoseconds (`f64` bits);
+    /// at `2i + 1`, its last update.
+    ewma: Counters,
     origin: Instant,
 }
 
@@ -37,9 +38,9 @@ impl EndpointLoads {
     pub(crate) fn with_weights(weights: Arc<[u32]>, origin: Instant) -> Self {
         let n = weights.len();
         Self {
-            started: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            finished: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            ewma: (0..n).map(|_| Default::default()).collect(),
+            started: Counters::new(n),
+            finished: Counters::new(n),
+            ewma: Counters::new(2 * n),
             weights,
             origin,
         }
@@ -65,32 +66,33 @@ impl EndpointLoads {
     pub fn in_flight(&self, i: usize) -> u64 {
         // Only the handle starts requests, and it is the one asking: nothing starts between
         // the two loads, so `finished` cannot pass `started`.
-        let started = self.started[i].load(Ordering::Relaxed);
-        started.saturating_sub(self.finished[i].load(Ordering::Relaxed))
+        let started = self.started.get(i).load(Ordering::Relaxed);
+        started.saturating_sub(self.finished.get(i).load(Ordering::Relaxed))
     }
 
     /// Endpoint `i`'s peak-EWMA round-trip time as this handle measured it (zero before its
     /// first response).
     pub fn latency(&self, i: usize) -> Duration {
-        Duration::from_nanos(f64::from_bits(self.ewma[i].0.load(Ordering::Relaxed)) as u64)
+        Duration::from_nanos(f64::from_bits(self.ewma.get(2 * i).load(Ordering::Relaxed)) as u64)
     }
 
     /// The load a peak-EWMA picker compares: latency × (in flight + 1), so an endpoint with
     /// no history scores zero and is tried first.
     #[inline]
     pub fn peak_ewma_load(&self, i: usize) -> f64 {
-        f64::from_bits(self.ewma[i].0.load(Ordering::Relaxed)) * (self.in_flight(i) + 1) as f64
+        f64::from_bits(self.ewma.get(2 * i).load(Ordering::Relaxed))
+            * (self.in_flight(i) + 1) as f64
     }
 
     pub(crate) fn start(&self, i: usize) {
         // Written by this handle's calls only (one writer): no read-modify-write needed, and
         // no other core contends for it.
-        let started = &self.started[i];
+        let started = self.started.get(i);
         started.store(started.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     pub(crate) fn finish(&self, i: usize) {
-        self.finished[i].fetch_add(1, Ordering::Relaxed);
+        self.finished.get(i).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Nanoseconds since this handle's origin: the clock latency pickers read.
@@ -108,7 +110,7 @@ impl EndpointLoads {
     pub(crate) fn observe(&self, i: usize, sent: u64, now: u64) {
         // Integers until here: a `u128` of nanoseconds converts to `f64` in software.
         let rtt = now.saturating_sub(sent) as f64;
-        let (average, stamp) = &self.ewma[i];
+        let (average, stamp) = (self.ewma.get(2 * i), self.ewma.get(2 * i + 1));
         let previous = f64::from_bits(average.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(stamp.load(Ordering::Relaxed));
         stamp.store(now, Ordering::Relaxed);
@@ -119,6 +121,26 @@ impl EndpointLoads {
             previous * weight + rtt * (1.0 - weight)
         };
         average.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
+/// Counters in one allocation with 128 bytes of padding at each end, so that no other
+/// allocation shares their cache lines: two handles on two cores would otherwise slow each
+/// other down through the heap neighbours their counters happen to get.
+#[derive(Debug)]
+struct Counters(Box<[AtomicU64]>);
+
+/// Padding at each end, in counters (16 × 8 bytes: two cache lines).
+const PAD: usize = 16;
+
+impl Counters {
+    fn new(n: usize) -> Self {
+        Self((0..n + 2 * PAD).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> &AtomicU64 {
+        &self.0[PAD + i]
     }
 }
 

@@ -23,6 +23,8 @@
 //!   the shared-state service) each doing `iters` calls. The reported time is the wall time, so
 //!   per iteration `two_tasks` does 2 calls. Scaling = `2 * t(one_task) / t(two_tasks)`
 //!   (throughput is set to 1 resp. 2 elements, so criterion's elem/s can be compared directly).
+//!   `compute` is a service that shares nothing and spends ~10 ns per call in arithmetic: its
+//!   scaling is what the machine allows two busy cores.
 //! * `breaker/time_window_flat`   – per-call cost of a 60 s time-window breaker that has already
 //!   served N calls (pre-warm is outside the timed region).
 //!
@@ -275,6 +277,7 @@ fn closed_two_tasks(c: &mut Criterion) {
     }
 
     pair!("raw", || Trivial);
+    pair!("compute", Compute::default);
     pair!("meshkit_count", meshkit_count);
     pair!("meshkit_time", meshkit_time);
     pair!("tower_resilience", tower_resilience_count);

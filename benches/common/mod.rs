@@ -35,6 +35,33 @@ impl Service<u64> for Trivial {
     }
 }
 
+/// Always ready, and spends about 10 ns of arithmetic on each request in registers and its
+/// own field: a service with nothing shared, whose two-task scaling shows what the machine
+/// allows (two busy cores may each run slower than one).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Compute(u64);
+
+impl Service<u64> for Compute {
+    type Response = u64;
+    type Error = Infallible;
+    type Future = Ready<Result<u64, Infallible>>;
+
+    #[inline]
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    #[inline]
+    fn call(&mut self, req: u64) -> Self::Future {
+        let mut x = req;
+        for _ in 0..20 {
+            x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
+        }
+        self.0 = self.0.wrapping_add(x);
+        std::future::ready(Ok(x))
+    }
+}
+
 /// [`Trivial`] with a boxed error, for layers that make errors of their own.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrivialBoxed;

@@ -103,74 +103,61 @@ fn per_call(c: &mut Criterion) {
 
     // The HTTP path without a network: a leaf that answers at once, called raw and through
     // `Mesh::client` (URI rewrite, request copy for retries, HTTP classification).
-    let mut g = c.benchmark_group("stack/http_in_process");
-    g.throughput(Throughput::Elements(1));
-    let leaf = tower::service_fn(|_: http::Request<()>| {
-        std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
-    });
-    let request = || http::Request::get("http://users/users/7").body(()).unwrap();
-    g.bench_function("raw", |b| {
-        let mut leaf = leaf;
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let response = leaf.ready().await.unwrap().call(request()).await.unwrap();
-                    criterion::black_box(response);
-                }
-                start.elapsed()
-            })
-        })
-    });
-    let mut client = rt.block_on(async { mesh(EIGHT).await.client("users", leaf).unwrap() });
-    g.bench_function("meshkit", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let response = client.ready().await.unwrap().call(request()).await.unwrap();
-                    criterion::black_box(response);
-                }
-                start.elapsed()
-            })
-        })
-    });
-    g.finish();
-
+    http_in_process(
+        c,
+        &rt,
+        "stack/http_in_process",
+        tower::service_fn(|_: http::Request<()>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+        }),
+    );
     // The same, with a leaf that is not ready at once (it yields once before answering, as
     // every network call does): the timeout arms its timer and the layers take their slow
     // paths.
-    let mut g = c.benchmark_group("stack/http_in_process_pending");
+    http_in_process(
+        c,
+        &rt,
+        "stack/http_in_process_pending",
+        tower::service_fn(|_: http::Request<()>| async {
+            tokio::task::yield_now().await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        }),
+    );
+}
+
+/// `group/raw` calls `leaf` directly, `group/meshkit` through `Mesh::client` over 8
+/// instances; each call sends a freshly built `http::Request<()>`.
+fn http_in_process<L>(c: &mut Criterion, rt: &tokio::runtime::Runtime, group: &str, leaf: L)
+where
+    L: Service<http::Request<()>, Response = http::Response<()>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    L::Future: Send,
+{
+    async fn drive_http<S>(service: &mut S, iters: u64) -> Duration
+    where
+        S: Service<http::Request<()>, Response = http::Response<()>>,
+        S::Error: std::fmt::Debug,
+    {
+        let start = Instant::now();
+        for _ in 0..iters {
+            let request = http::Request::get("http://users/users/7").body(()).unwrap();
+            let response = service.ready().await.unwrap().call(request).await.unwrap();
+            criterion::black_box(response);
+        }
+        start.elapsed()
+    }
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(1));
-    let leaf = tower::service_fn(|_: http::Request<()>| async {
-        tokio::task::yield_now().await;
-        Ok::<_, std::convert::Infallible>(http::Response::new(()))
-    });
+    let mut raw = leaf.clone();
     g.bench_function("raw", |b| {
-        let mut leaf = leaf;
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let response = leaf.ready().await.unwrap().call(request()).await.unwrap();
-                    criterion::black_box(response);
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(drive_http(&mut raw, iters)))
     });
     let mut client = rt.block_on(async { mesh(EIGHT).await.client("users", leaf).unwrap() });
     g.bench_function("meshkit", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let response = client.ready().await.unwrap().call(request()).await.unwrap();
-                    criterion::black_box(response);
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(drive_http(&mut client, iters)))
     });
     g.finish();
 }

@@ -480,22 +480,27 @@ async fn an_endpoint_copy_that_is_not_ready_is_readied_before_its_call() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn peak_ewma_sends_calls_to_the_endpoint_that_answers_sooner() {
-    let discover = futures::stream::iter([
-        Ok::<_, Infallible>(Change::Insert(
-            "fast",
-            endpoint("fast", Duration::from_millis(1)),
-        )),
-        Ok(Change::Insert(
-            "slow",
-            endpoint("slow", Duration::from_millis(50)),
-        )),
-    ]);
+/// 200 sequential calls through a `PeakEwma` balancer over `endpoints`, counted by the name
+/// each endpoint answers.
+async fn peak_ewma_tally<const N: usize>(
+    endpoints: [(&'static str, Endpoint); N],
+) -> BTreeMap<&'static str, u64> {
+    let discover = futures::stream::iter(
+        endpoints.map(|(name, endpoint)| Ok::<_, Infallible>(Change::Insert(name, endpoint))),
+    );
     let mut balance = Balance::new(discover, PeakEwma::seeded(7));
     balance.ready().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let counts = tally(&mut balance, 200).await;
+    tally(&mut balance, 200).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn peak_ewma_sends_calls_to_the_endpoint_that_answers_sooner() {
+    let counts = peak_ewma_tally([
+        ("fast", endpoint("fast", Duration::from_millis(1))),
+        ("slow", endpoint("slow", Duration::from_millis(50))),
+    ])
+    .await;
     assert!(counts["fast"] >= 190, "{counts:?}");
 }
 
@@ -506,16 +511,10 @@ async fn peak_ewma_prefers_an_endpoint_that_answers_at_once() {
     let now = tower::util::BoxCloneSyncService::new(tower::service_fn(|_: u64| {
         std::future::ready(Ok::<_, BoxError>("now"))
     }));
-    let discover = futures::stream::iter([
-        Ok::<_, Infallible>(Change::Insert("now", now)),
-        Ok(Change::Insert(
-            "later",
-            endpoint("later", Duration::from_millis(5)),
-        )),
-    ]);
-    let mut balance = Balance::new(discover, PeakEwma::seeded(3));
-    balance.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
-    let counts = tally(&mut balance, 200).await;
+    let counts = peak_ewma_tally([
+        ("now", now),
+        ("later", endpoint("later", Duration::from_millis(5))),
+    ])
+    .await;
     assert!(counts["now"] >= 190, "{counts:?}");
 }

@@ -15,72 +15,57 @@ use criterion::{black_box, BenchmarkGroup, Criterion};
 use tokio::runtime::Runtime;
 use tower::{BoxError, Service, ServiceExt};
 
-/// Always ready, echoes the request.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Trivial;
+/// An always-ready `Service<u64>` with the given error type, answering each request with
+/// `$answer` (which sees the service as `$this` and the request as `$req`).
+macro_rules! always_ready {
+    ($(#[$doc:meta])* $name:ident $(($field:ty))?, $error:ty, |$this:ident, $req:ident| $answer:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct $name $(($field))?;
 
-impl Service<u64> for Trivial {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
+        impl Service<u64> for $name {
+            type Response = u64;
+            type Error = $error;
+            type Future = Ready<Result<u64, $error>>;
 
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
+            #[inline]
+            fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
 
-    #[inline]
-    fn call(&mut self, req: u64) -> Self::Future {
-        std::future::ready(Ok(req))
-    }
+            #[inline]
+            #[allow(clippy::redundant_locals, unused_variables)]
+            fn call(&mut self, $req: u64) -> Self::Future {
+                let $this = self;
+                std::future::ready(Ok($answer))
+            }
+        }
+    };
 }
 
-/// Always ready, and spends about 10 ns of arithmetic on each request in registers and its
-/// own field: a service with nothing shared, whose two-task scaling shows what the machine
-/// allows (two busy cores may each run slower than one).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Compute(u64);
+always_ready!(
+    /// Always ready, echoes the request.
+    Trivial, Infallible, |this, req| req
+);
 
-impl Service<u64> for Compute {
-    type Response = u64;
-    type Error = Infallible;
-    type Future = Ready<Result<u64, Infallible>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, req: u64) -> Self::Future {
+always_ready!(
+    /// Always ready, and spends about 10 ns of arithmetic on each request in registers and
+    /// its own field: a service with nothing shared, whose two-task scaling shows what the
+    /// machine allows (two busy cores may each run slower than one).
+    Compute(u64), Infallible, |this, req| {
         let mut x = req;
         for _ in 0..20 {
             x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
         }
-        self.0 = self.0.wrapping_add(x);
-        std::future::ready(Ok(x))
+        this.0 = this.0.wrapping_add(x);
+        x
     }
-}
+);
 
-/// [`Trivial`] with a boxed error, for layers that make errors of their own.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TrivialBoxed;
-
-impl Service<u64> for TrivialBoxed {
-    type Response = u64;
-    type Error = BoxError;
-    type Future = Ready<Result<u64, BoxError>>;
-
-    #[inline]
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    #[inline]
-    fn call(&mut self, req: u64) -> Self::Future {
-        std::future::ready(Ok(req))
-    }
-}
+always_ready!(
+    /// [`Trivial`] with a boxed error, for layers that make errors of their own.
+    TrivialBoxed, BoxError, |this, req| req
+);
 
 pub async fn drive<S>(svc: &mut S, iters: u64)
 where

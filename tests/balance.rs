@@ -518,3 +518,32 @@ async fn peak_ewma_prefers_an_endpoint_that_answers_at_once() {
     .await;
     assert!(counts["now"] >= 190, "{counts:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_to_an_endpoint_at_its_concurrency_limit_wait_their_turn() {
+    // One call at a time: a handle's copy is not ready while another call holds the permit,
+    // and its call must wait for the permit rather than fail or skip readiness (tower's
+    // `ConcurrencyLimit` panics on a call without a permit).
+    let limited = tower::ServiceBuilder::new()
+        .concurrency_limit(1)
+        .service(endpoint("a", Duration::from_millis(10)));
+    let discover = futures::stream::iter([Ok::<_, Infallible>(Change::Insert("a", limited))]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    let calls = (0..5u64).map(|n| {
+        let mut handle = balance.clone();
+        async move { handle.ready().await.unwrap().call(n).await.unwrap() }
+    });
+    let answers = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(calls))
+        .await
+        .expect("the calls waited for a permit that never came back");
+    assert_eq!(answers, ["a"; 5]);
+    // One at a time: five calls of 10 ms each.
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -212,7 +212,7 @@ pin_project! {
         // The same, admitted by a closed ejection breaker, whose future records the outcome.
         // Boxed, as the paths below: plain calls keep the size of the endpoint's own future.
         AdmittedDirect { call: Pin<Box<crate::breaker::ResponseFuture<S::Future, EjectionClassifier>>> },
-        // The handle's copy was not ready: a fresh copy, readied as the call is polled.
+        // The handle's copy was not ready: it goes on with the call, readied as it is polled.
         Plain { call: Pin<Box<tower::util::Oneshot<S, Req>>> },
         Admitted { call: Pin<Box<crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier>>> },
         // The ejection breaker is not closed: it decides as the call is polled. The request
@@ -228,8 +228,9 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     /// A call to `endpoint`, sent through `copy`, the calling handle's own copy of the
     /// endpoint's service (made here on first use), when that copy is ready at once: then
     /// nothing is copied per call, and the future is the endpoint's own. A copy that is not
-    /// ready (or failed) is dropped, giving back whatever its readiness held, and the call
-    /// goes to a fresh copy readied as the call is polled. Behind a closed ejection breaker,
+    /// ready goes on with the call, readied as the call is polled (keeping whatever place its
+    /// readiness holds), and the handle makes a new copy next time; a copy whose readiness
+    /// failed is dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
     /// the breaker admits the call at once; behind one that is not closed, the breaker is
     /// copied too and decides as the call is polled.
     #[inline(always)]
@@ -243,9 +244,19 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         };
         let own = copy.get_or_insert_with(|| service.clone());
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        if !matches!(own.poll_ready(&mut cx), Poll::Ready(Ok(()))) {
-            *copy = None;
-            return Self::through_fresh_copy(service, admitted, request);
+        match own.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Pending => {
+                // The copy goes on with this call, keeping whatever place its readiness holds
+                // (a queued permit, say); the next call makes a new copy.
+                let pending = copy.take().expect("made above");
+                return Self::through_copy(pending, admitted, request);
+            }
+            Poll::Ready(Err(_)) => {
+                // A failed copy is dropped: a fresh one reports the error (or has recovered).
+                *copy = None;
+                return Self::through_copy(service.clone(), admitted, request);
+            }
         }
         let call = own.call(request);
         let inner = match admitted {
@@ -257,15 +268,16 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         Self { inner }
     }
 
-    /// The handle's copy was not ready: a fresh copy, readied as the call is polled.
+    /// The handle's copy was not ready: the call goes through `service`, readied as the call
+    /// is polled.
     #[cold]
     #[inline(never)]
-    fn through_fresh_copy(
-        service: &S,
+    fn through_copy(
+        service: S,
         admitted: Option<(&CircuitBreaker<S, EjectionClassifier>, u64)>,
         request: Req,
     ) -> Self {
-        let call = tower::util::Oneshot::new(service.clone(), request);
+        let call = tower::util::Oneshot::new(service, request);
         let inner = match admitted {
             Some((breaker, word)) => CallInner::Admitted {
                 call: Box::pin(breaker.admitted(call, word)),

@@ -92,9 +92,9 @@ impl<S, T> Drop for Shared<S, T> {
 /// arrive, and publishes the ready ones as an immutable snapshot. Handles pick from their
 /// copy of the snapshot with no lock; each handle calls its own copy of the chosen endpoint's
 /// service, made on first use (so endpoint services must be `Clone`, as hyper, reqwest and
-/// tonic clients are). A copy that is not ready at once is set aside and the call goes to a
-/// fresh copy, readied as the call is polled. The task stops when the last handle is
-/// dropped.
+/// tonic clients are). A copy that is not ready at once goes on with the call, readied as the
+/// call is polled, and the handle makes a new copy next time. The task stops when the last
+/// handle is dropped.
 ///
 /// When no endpoint is ready for `failfast_after`, `poll_ready` stops waiting and calls fail
 /// at once with [`NoEndpoints`]; they resume as soon as an endpoint is ready.

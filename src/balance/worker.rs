@@ -193,7 +193,12 @@ pub(crate) async fn run<D, Req, P>(
                 on_transition(&name, &mut endpoints, hash, state, max_share)
             }
             Event::Ready(index) => {
-                endpoints[index].ready = true;
+                // Calls go to copies of this service, never to it: a copy takes its place, so
+                // that whatever its readiness reserved (a concurrency permit, a buffer slot, a
+                // breaker's probe slot) goes back to the calls.
+                let endpoint = &mut endpoints[index];
+                endpoint.service = endpoint.service.clone();
+                endpoint.ready = true;
                 true
             }
             Event::NotReady(index, error) => {

@@ -114,7 +114,9 @@ impl Default for HttpClassifier {
 }
 
 impl HttpClassifier {
-    /// Retries exactly `statuses` (and errors), in place of the default set.
+    /// Retries exactly `statuses` (and errors), in place of the default set. Each distinct
+    /// set is kept once for the life of the process and shared by every classifier built
+    /// with it, so that copying a classifier (every call does) copies a pointer.
     pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         let mut set = [0u64; 16];
         for code in statuses.into_iter().map(|status| status.as_u16()) {

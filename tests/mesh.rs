@@ -14,6 +14,13 @@ fn error_of(toml: &str) -> String {
     MeshConfig::from_toml(toml).unwrap_err().to_string()
 }
 
+/// The error `toml` gets, after checking that it names the key at `path`.
+fn error_at(toml: &str, path: &str) -> MeshConfigError {
+    let error = MeshConfig::from_toml(toml).unwrap_err();
+    assert_eq!(error.path(), Some(path), "{error}");
+    error
+}
+
 #[test]
 fn out_of_range_values_are_named_by_their_path_and_range() {
     assert_eq!(
@@ -38,8 +45,10 @@ fn out_of_range_values_are_named_by_their_path_and_range() {
 
 #[test]
 fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
-    let unknown = MeshConfig::from_toml("[services.users.breaker]\ncolour = \"red\"").unwrap_err();
-    assert_eq!(unknown.path(), Some("services.users.breaker.colour"));
+    let unknown = error_at(
+        "[services.users.breaker]\ncolour = \"red\"",
+        "services.users.breaker.colour",
+    );
     assert!(
         unknown.to_string().contains("unknown field `colour`"),
         "{unknown}"
@@ -51,27 +60,17 @@ fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
         "{top}"
     );
 
-    let wrong =
-        MeshConfig::from_toml("[services.users.retry]\nmax_attempts = \"many\"").unwrap_err();
-    assert_eq!(
-        wrong.path(),
-        Some("services.users.retry.max_attempts"),
-        "{wrong}"
+    error_at(
+        "[services.users.retry]\nmax_attempts = \"many\"",
+        "services.users.retry.max_attempts",
     );
-
-    let duration = MeshConfig::from_toml("[services.users]\ntimeout = \"soon\"").unwrap_err();
-    assert_eq!(
-        duration.path(),
-        Some("services.users.timeout"),
-        "{duration}"
+    error_at(
+        "[services.users]\ntimeout = \"soon\"",
+        "services.users.timeout",
     );
-
-    let picker =
-        MeshConfig::from_toml("[services.users.balance]\npicker = \"fastest\"").unwrap_err();
-    assert_eq!(
-        picker.path(),
-        Some("services.users.balance.picker"),
-        "{picker}"
+    let picker = error_at(
+        "[services.users.balance]\npicker = \"fastest\"",
+        "services.users.balance.picker",
     );
     assert!(
         picker.to_string().contains("round_robin"),

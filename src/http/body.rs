@@ -212,16 +212,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        // The service made ready is the one called, after the body is read.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let limit = self.limit as u64;
         let (parts, body) = request.into_parts();
         if body.size_hint().lower() > limit {
-            // Known to be too large: never read ahead.
+            // Known to be too large: never read ahead, and call now.
             let request = Request::from_parts(parts, ReplayBody::streaming(body));
-            return Box::pin(inner.call(request));
+            return Box::pin(self.inner.call(request));
         }
+        // The service made ready is the one called, after the body is read.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
             let body = read_up_to(body, limit).await;
             inner.call(Request::from_parts(parts, body)).await

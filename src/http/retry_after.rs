@@ -20,12 +20,17 @@ use std::time::{Duration, SystemTime};
 /// assert_eq!(retry_after(&headers), None);
 /// ```
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    retry_after_at(headers, SystemTime::now())
+    // The clock is read only for an HTTP-date.
+    parse(headers, SystemTime::now)
 }
 
 /// [`retry_after`] with an explicit "now" for HTTP-dates (wall-clock time: a date names a
 /// moment in UTC, not a point on tokio's clock).
 pub fn retry_after_at(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    parse(headers, || now)
+}
+
+fn parse(headers: &HeaderMap, now: impl FnOnce() -> SystemTime) -> Option<Duration> {
     let mut values = headers.get_all(RETRY_AFTER).iter();
     let value = values.next()?;
     if values.next().is_some() {
@@ -38,7 +43,7 @@ pub fn retry_after_at(headers: &HeaderMap, now: SystemTime) -> Option<Duration> 
         return Some(Duration::from_secs(text.parse().unwrap_or(u64::MAX)));
     }
     let date = httpdate::parse_http_date(text).ok()?;
-    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+    Some(date.duration_since(now()).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]

@@ -117,13 +117,7 @@ impl ServiceConfig {
         self.balance.validate().map_err(|e| e.at("balance"))?;
         self.breaker.validate().map_err(|e| e.at("breaker"))?;
         self.retry.validate().map_err(|e| e.at("retry"))?;
-        if self.http.body_limit > 64 << 20 {
-            return Err(ConfigError::new(
-                "http.body_limit",
-                "in [0, 67108864]",
-                self.http.body_limit,
-            ));
-        }
+        crate::config::int_in_range("http.body_limit", self.http.body_limit, 0, 64 << 20)?;
         if let Some(timeout) = self.timeout {
             duration_in_range(
                 "timeout",

@@ -211,18 +211,28 @@ async fn handles_are_clone_and_share_one_balancer_across_tasks() {
             let mut handle = balance.clone();
             tokio::spawn(async move {
                 let mut answered = 0u64;
+                let mut names = BTreeMap::new();
                 for n in 0..100 {
                     let ready = handle.ready().await.expect("ready");
-                    ready.call(n).await.expect("answered");
+                    let name = ready.call(n).await.expect("answered");
+                    *names.entry(name).or_insert(0u64) += 1;
                     answered += 1;
                 }
-                answered
+                (answered, names)
             })
         })
         .collect();
+    let mut names = BTreeMap::new();
     for task in tasks {
-        assert_eq!(task.await.unwrap(), 100);
+        let (answered, answers) = task.await.unwrap();
+        assert_eq!(answered, 100);
+        for (name, count) in answers {
+            *names.entry(name).or_insert(0) += count;
+        }
     }
+    // Every handle balanced over both endpoints the shared worker discovered.
+    assert_eq!(names.get("a"), Some(&200), "{names:?}");
+    assert_eq!(names.get("b"), Some(&200), "{names:?}");
 }
 
 /// Flags its own drop: held by the discovery stream, so by the worker.

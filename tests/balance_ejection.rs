@@ -136,4 +136,7 @@ async fn panic_mode_balances_over_all_endpoints_when_too_few_are_healthy() {
         counts["good"] < 90,
         "traffic still spreads in panic mode: {counts:?}"
     );
+    // Round robin over all three, not over the good one alone (which would serve 84 of the
+    // 90 calls, all but the 3 failures of each bad endpoint).
+    assert_eq!(counts["good"], 30, "{counts:?}");
 }

@@ -477,9 +477,6 @@ where
         let index = self
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
-        if self.copies.len() != view.services.len() {
-            self.copies.resize_with(view.services.len(), || None);
-        }
         let call = GuardedCall::new(&view.services[index], &mut self.copies[index], request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);

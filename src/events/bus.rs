@@ -154,6 +154,11 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         }
     }
 
+    /// Whether anyone (a subscription or a handler) would receive an event published now.
+    pub(crate) fn has_subscribers(&self) -> bool {
+        self.inner.sender.receiver_count() > 0
+    }
+
     /// Publishes an event to every current subscriber; never blocks. Returns how many
     /// subscribers will see it.
     ///

@@ -124,5 +124,9 @@ pub fn bus() -> &'static EventBus<SystemEvent> {
 
 /// Publishes `event` from `component` (the aggregate id: a breaker's or a service's name).
 pub fn publish(component: &str, event: SystemEvent) {
-    let _ = BUS.publish(Event::new(event.event_type(), component, event));
+    // Nobody listening: skip making the event (a v7 id and a timestamp), which the bus would
+    // drop at once.
+    if BUS.has_subscribers() {
+        let _ = BUS.publish(Event::new(event.event_type(), component, event));
+    }
 }

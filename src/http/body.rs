@@ -18,10 +18,12 @@ pub struct ReplayBody<B: Body> {
 }
 
 enum Kind<B: Body> {
-    /// The whole body; `sent` once its data has been yielded.
+    /// The whole body; `sent` once its data has been yielded. Trailers are rare and a
+    /// `HeaderMap` is large: boxed, they keep every request (moved through each layer, and
+    /// copied for a retry) small.
     Buffered {
         data: Bytes,
-        trailers: Option<HeaderMap>,
+        trailers: Option<Box<HeaderMap>>,
         sent: bool,
     },
     /// Too large to keep (or failed while read): what was read while finding out, the error
@@ -39,7 +41,7 @@ impl<B: Body> ReplayBody<B> {
         Self::whole(data.into(), None)
     }
 
-    fn whole(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+    fn whole(data: Bytes, trailers: Option<Box<HeaderMap>>) -> Self {
         Self {
             kind: Kind::Buffered {
                 data,
@@ -98,7 +100,7 @@ where
                         return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
                     }
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             Kind::Streaming { head, failed, rest } => {
                 if let Some(head) = head.take() {
@@ -254,7 +256,7 @@ where
                 }
                 Err(frame) => {
                     // Trailers end the body.
-                    let trailers = frame.into_trailers().ok();
+                    let trailers = frame.into_trailers().ok().map(Box::new);
                     return ReplayBody::whole(read.freeze(), trailers);
                 }
             },

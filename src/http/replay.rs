@@ -87,8 +87,13 @@ impl<B: ReplayableBody> Replay<Request<B>> for HttpReplay {
         *copy.method_mut() = request.method().clone();
         *copy.uri_mut() = request.uri().clone();
         *copy.version_mut() = request.version();
-        *copy.headers_mut() = request.headers().clone();
-        *copy.extensions_mut() = request.extensions().clone();
+        // The copy starts with empty headers and extensions: copied only when there are some.
+        if !request.headers().is_empty() {
+            *copy.headers_mut() = request.headers().clone();
+        }
+        if !request.extensions().is_empty() {
+            *copy.extensions_mut() = request.extensions().clone();
+        }
         Some(copy)
     }
 }
@@ -157,5 +162,35 @@ mod tests {
             .body(ReplayBody::<http_body_util::Empty<Bytes>>::buffered("x"))
             .unwrap();
         assert!(HttpReplay::default().replay(&buffered).is_some());
+    }
+
+    #[tokio::test]
+    async fn buffered_trailers_are_sent_with_every_copy() {
+        use crate::http::BufferBodyLayer;
+        use http_body_util::{BodyExt, StreamBody};
+        use tower::{Layer, ServiceExt};
+
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", "42".parse().unwrap());
+        let frames = vec![
+            Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"ab"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let body = StreamBody::new(futures::stream::iter(frames));
+        let buffered = BufferBodyLayer::new(1024)
+            .layer(tower::service_fn(
+                |request: Request<ReplayBody<_>>| async move {
+                    Ok::<_, std::convert::Infallible>(request)
+                },
+            ))
+            .oneshot(Request::put("http://users/1").body(body).unwrap())
+            .await
+            .unwrap();
+        let copy = HttpReplay::default().replay(&buffered).unwrap();
+        for request in [buffered, copy] {
+            let collected = request.into_body().collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["x-checksum"], "42");
+            assert_eq!(collected.to_bytes(), Bytes::from_static(b"ab"));
+        }
     }
 }

@@ -55,8 +55,9 @@ pin_project! {
         #[pin]
         inner: F,
         limit: Duration,
-        // Boxed: armed only for calls that wait, and a `Sleep` is large.
-        sleep: Option<Pin<Box<Sleep>>>,
+        // Armed only for calls that wait; in place (the whole future is boxed above it).
+        #[pin]
+        sleep: Option<Sleep>,
     }
 }
 
@@ -69,17 +70,18 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        let limit = *this.limit;
-        let sleep = this
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
-            Poll::Pending => Poll::Pending,
+        loop {
+            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                return match sleep.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            this.sleep.set(Some(tokio::time::sleep(*this.limit)));
         }
     }
 }

@@ -124,7 +124,7 @@ pub struct Balance<S, Req, P: Picker<Req>> {
     state: P::State,
     view: Arc<Snapshot<S, P::Prepared>>,
     /// This handle's loads on the snapshot's endpoints.
-    loads: Arc<EndpointLoads>,
+    loads: Loads,
     /// This handle's copies of the snapshot's endpoint services, made on first use: a call
     /// through a ready copy copies nothing.
     copies: Vec<Option<S>>,
@@ -365,10 +365,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
         let state = picker.state();
         let view = shared.current().clone();
         Balance {
-            loads: Arc::new(EndpointLoads::with_weights(
-                view.weights.clone(),
-                Instant::now(),
-            )),
+            loads: fresh_loads(&view.weights),
             view,
             copies: Vec::new(),
             version: 0,
@@ -396,10 +393,7 @@ impl<S, Req, P: Picker<Req>> Balance<S, Req, P> {
         let version = self.shared.version.load(Ordering::Acquire);
         if version != self.version {
             self.view = self.shared.current().clone();
-            self.loads = Arc::new(EndpointLoads::with_weights(
-                self.view.weights.clone(),
-                Instant::now(),
-            ));
+            self.loads = fresh_loads(&self.view.weights);
             self.copies.clear();
             self.copies.resize_with(self.view.services.len(), || None);
             self.version = version;
@@ -476,7 +470,7 @@ where
         };
         let index = self
             .picker
-            .pick(&request, &self.loads, prepared, &mut self.state);
+            .pick(&request, &self.loads.0, prepared, &mut self.state);
         let call = GuardedCall::new(&view.services[index], &mut self.copies[index], request);
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
@@ -496,10 +490,7 @@ impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
             state: self.picker.state(),
             view: self.view.clone(),
             // Each handle balances its own traffic: fresh loads.
-            loads: Arc::new(EndpointLoads::with_weights(
-                self.view.weights.clone(),
-                Instant::now(),
-            )),
+            loads: fresh_loads(&self.view.weights),
             copies: (0..self.view.services.len()).map(|_| None).collect(),
             version: self.version,
             waiting: None,
@@ -533,9 +524,21 @@ pin_project! {
     }
 }
 
+/// One handle's loads, shared with its calls' futures. Padded: each call clones and drops
+/// the `Arc`, writing its count, so two handles' loads on two cores must not share a cache
+/// line (allocated one after the other, as clones are, they otherwise would).
+type Loads = Arc<CachePadded<EndpointLoads>>;
+
+fn fresh_loads(weights: &Arc<[u32]>) -> Loads {
+    Arc::new(CachePadded(EndpointLoads::with_weights(
+        weights.clone(),
+        Instant::now(),
+    )))
+}
+
 /// An in-flight request counted against its endpoint (and timed, for latency pickers).
 struct Tracked {
-    loads: Arc<EndpointLoads>,
+    loads: Loads,
     index: usize,
     /// When it was sent, on the loads' clock.
     sent: Option<u64>,
@@ -567,12 +570,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         }
     }
 
-    fn tracked(
-        call: GuardedCall<S, Req>,
-        loads: Arc<EndpointLoads>,
-        index: usize,
-        sent: Option<u64>,
-    ) -> Self {
+    fn tracked(call: GuardedCall<S, Req>, loads: Loads, index: usize, sent: Option<u64>) -> Self {
         Self {
             call: Some(call),
             failed: None,

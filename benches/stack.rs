@@ -227,13 +227,21 @@ fn http(c: &mut Criterion) {
     g.finish();
 
     // The same two loads alternated, round after round, so that both see the same machine:
-    // the median of the per-round throughput ratios.
-    const ROUNDS: usize = 15;
-    const PER_ROUND: u64 = 20_000;
+    // the median of the per-round throughput ratios. Short rounds keep the machine's drift
+    // within a pair small; which load goes first alternates, so neither always runs second.
+    const ROUNDS: usize = 101;
+    const PER_ROUND: u64 = 5_000;
+    let raw_load = || rt.block_on(load(raw.clone(), PER_ROUND, 16, &base));
+    let mesh_load = || rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users"));
     let mut ratios: Vec<f64> = (0..ROUNDS)
-        .map(|_| {
-            let raw_time = rt.block_on(load(raw.clone(), PER_ROUND, 16, &base));
-            let mesh_time = rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users"));
+        .map(|round| {
+            let (raw_time, mesh_time) = if round % 2 == 0 {
+                let raw_time = raw_load();
+                (raw_time, mesh_load())
+            } else {
+                let mesh_time = mesh_load();
+                (raw_load(), mesh_time)
+            };
             raw_time.as_secs_f64() / mesh_time.as_secs_f64()
         })
         .collect();

@@ -6,6 +6,9 @@
 //! * `stack/per_call/meshkit_mesh_client` – `Mesh::client_with` over 8 registered instances
 //!   of the same service: discovery, balance (least requests) with outlier ejection, breaker,
 //!   retry (budget on), timeout, as configured by `MeshConfig`.
+//! * `stack/two_tasks/{one_task,two_tasks}/{raw,meshkit_mesh_client}` – the same with one
+//!   task, then two tasks on a two-worker runtime, each calling its own clone of one client;
+//!   scaling = 2 × t(one task) / t(two tasks).
 //! * `stack/http_in_process/{raw,meshkit}` – the HTTP path without a network: a leaf that
 //!   answers at once, alone and as the leaf of `Mesh::client`.
 //! * `stack/http_in_process_pending/{raw,meshkit}` – the same with a leaf that yields once
@@ -99,6 +102,23 @@ fn per_call(c: &mut Criterion) {
     bench_single(&mut g, &rt, "raw", || Trivial);
     bench_single(&mut g, &rt, "tower_p2c_timeout", tower_stack);
     bench_single(&mut g, &rt, "meshkit_mesh_client", mesh_client);
+    g.finish();
+
+    // Two tasks on two workers, each with its own clone of one client (as the tasks of a
+    // multi-threaded service share one): the calls of different clones must not contend.
+    let rt2 = multi_thread_rt();
+    let mut g = c.benchmark_group("stack/two_tasks");
+    for (name, tasks, elements) in [("one_task", 1, 1), ("two_tasks", 2, 2)] {
+        g.throughput(Throughput::Elements(elements));
+        bench_tasks(&mut g, &rt2, &format!("{name}/raw"), tasks, || Trivial);
+        bench_tasks(
+            &mut g,
+            &rt2,
+            &format!("{name}/meshkit_mesh_client"),
+            tasks,
+            mesh_client,
+        );
+    }
     g.finish();
 
     // The HTTP path without a network: a leaf that answers at once, called raw and through

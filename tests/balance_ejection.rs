@@ -140,3 +140,32 @@ async fn panic_mode_balances_over_all_endpoints_when_too_few_are_healthy() {
     // 90 calls, all but the 3 failures of each bad endpoint).
     assert_eq!(counts["good"], 30, "{counts:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_balancers_classifier_ejects_an_endpoint_whose_answers_it_calls_failures() {
+    // Both endpoints answer `Ok`; the classifier calls "bad"'s answers failures, as an HTTP
+    // classifier does with a 500. A clone of the handle (with its own copy of the classifier)
+    // sees the same ejection.
+    let never = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::unbounded();
+    for name in ["good", "bad"] {
+        tx.unbounded_send(endpoint(name, Arc::clone(&never)))
+            .unwrap();
+    }
+    let balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection(0.5, 0.0))
+        .unwrap()
+        .classify::<u64, _>(|result: &Result<&'static str, BoxError>| match result {
+            Ok("bad") | Err(_) => meshkit::classify::Outcome::Failure,
+            Ok(_) => meshkit::classify::Outcome::Success,
+        })
+        .build();
+    let mut clone = balance.clone();
+    drop(balance);
+    clone.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+
+    let counts = tally(&mut clone, 40).await;
+    assert_eq!(counts.get("bad"), Some(&3), "ejected after 3: {counts:?}");
+    assert_eq!(counts["good"], 37);
+}

@@ -5,6 +5,7 @@ use super::EndpointEjected;
 use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitOpen, WindowConfig};
 use crate::classify::{Classify, DefaultClassifier, Outcome};
 use crate::config::{duration_in_range, int_in_range, ConfigError};
+use crate::padded::CachePadded;
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
@@ -132,6 +133,19 @@ impl EjectionClassifier {
     }
 }
 
+impl EjectionClassifier {
+    /// The same classifier behind an `Arc` of its own, for one balancer handle: every call
+    /// admitted by an ejection breaker carries a clone of it, and the handles on other cores
+    /// must not write the same reference count (padded, so that no neighbour on the heap
+    /// shares its line either).
+    pub(crate) fn fork(&self) -> Self {
+        Self(self.0.as_ref().map(|shared| {
+            let shared = CachePadded(shared.clone());
+            Arc::new(move |result: &dyn Any| (shared.0)(result)) as Arc<ClassifyAny>
+        }))
+    }
+}
+
 impl<Res: 'static> Classify<Res, BoxError> for EjectionClassifier {
     #[inline]
     fn classify(&self, result: &Result<Res, BoxError>) -> Outcome {
@@ -233,8 +247,16 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     /// failed is dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
     /// the breaker admits the call at once; behind one that is not closed, the breaker is
     /// copied too and decides as the call is polled.
+    ///
+    /// `classifier` is the handle's own copy of the ejection classifier, which an admitted
+    /// call carries.
     #[inline(always)]
-    pub(crate) fn new(endpoint: &Guarded<S>, copy: &mut Option<S>, request: Req) -> Self {
+    pub(crate) fn new(
+        endpoint: &Guarded<S>,
+        copy: &mut Option<S>,
+        classifier: &EjectionClassifier,
+        request: Req,
+    ) -> Self {
         let (service, admitted) = match &endpoint.0 {
             Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
@@ -250,18 +272,18 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
                 // The copy goes on with this call, keeping whatever place its readiness holds
                 // (a queued permit, say); the next call makes a new copy.
                 let pending = copy.take().expect("made above");
-                return Self::through_copy(pending, admitted, request);
+                return Self::through_copy(pending, admitted, classifier, request);
             }
             Poll::Ready(Err(_)) => {
                 // A failed copy is dropped: a fresh one reports the error (or has recovered).
                 *copy = None;
-                return Self::through_copy(service.clone(), admitted, request);
+                return Self::through_copy(service.clone(), admitted, classifier, request);
             }
         }
         let call = own.call(request);
         let inner = match admitted {
             Some((breaker, word)) => CallInner::AdmittedDirect {
-                call: Box::pin(breaker.admitted(call, word)),
+                call: Box::pin(breaker.admitted(call, word, classifier.clone())),
             },
             None => CallInner::Direct { call },
         };
@@ -275,12 +297,13 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     fn through_copy(
         service: S,
         admitted: Option<(&CircuitBreaker<S, EjectionClassifier>, u64)>,
+        classifier: &EjectionClassifier,
         request: Req,
     ) -> Self {
         let call = tower::util::Oneshot::new(service, request);
         let inner = match admitted {
             Some((breaker, word)) => CallInner::Admitted {
-                call: Box::pin(breaker.admitted(call, word)),
+                call: Box::pin(breaker.admitted(call, word, classifier.clone())),
             },
             None => CallInner::Plain {
                 call: Box::pin(call),

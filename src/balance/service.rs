@@ -60,6 +60,8 @@ pub(crate) struct Shared<S, T> {
     /// that task's runtime.
     pub(crate) start: Mutex<Option<StartWorker<S, T>>>,
     pub(crate) closed: Arc<tokio::sync::Notify>,
+    /// The ejection classifier the handles fork their own copies from.
+    pub(crate) classifier: EjectionClassifier,
 }
 
 impl<S, T> Shared<S, T> {
@@ -128,6 +130,8 @@ pub struct Balance<S, Req, P: Picker<Req>> {
     /// This handle's copies of the snapshot's endpoint services, made on first use: a call
     /// through a ready copy copies nothing.
     copies: Vec<Option<S>>,
+    /// This handle's own copy of the ejection classifier (see [`EjectionClassifier::fork`]).
+    classifier: EjectionClassifier,
     version: u64,
     /// Since when no endpoint has been ready, while waiting.
     waiting: Option<(Instant, Pin<Box<Sleep>>)>,
@@ -338,6 +342,11 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             ejection,
             classifier,
         } = self;
+        // Handles need the classifier only for the calls ejection breakers admit.
+        let handles_classifier = match ejection {
+            Some(_) => classifier.clone(),
+            None => EjectionClassifier::default(),
+        };
         let ejection = ejection.map(|ejection| (ejection, classifier));
         let picker = Arc::new(picker);
         let worker_picker = picker.clone();
@@ -361,6 +370,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
                 ));
             }))),
             closed,
+            classifier: handles_classifier,
         });
         let state = picker.state();
         let view = shared.current().clone();
@@ -368,6 +378,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             loads: fresh_loads(&view.weights),
             view,
             copies: Vec::new(),
+            classifier: shared.classifier.fork(),
             version: 0,
             shared,
             picker,
@@ -471,7 +482,12 @@ where
         let index = self
             .picker
             .pick(&request, &self.loads.0, prepared, &mut self.state);
-        let call = GuardedCall::new(&view.services[index], &mut self.copies[index], request);
+        let call = GuardedCall::new(
+            &view.services[index],
+            &mut self.copies[index],
+            &self.classifier,
+            request,
+        );
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());
@@ -492,6 +508,7 @@ impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
             // Each handle balances its own traffic: fresh loads.
             loads: fresh_loads(&self.view.weights),
             copies: (0..self.view.services.len()).map(|_| None).collect(),
+            classifier: self.shared.classifier.fork(),
             version: self.version,
             waiting: None,
         }

@@ -167,14 +167,15 @@ impl<S, C: Clone> CircuitBreaker<S, C> {
     }
 
     /// The future of a call [`admit_closed`](Self::admit_closed) admitted under `word`:
-    /// records its outcome as `call`'s would.
+    /// records its outcome as `call`'s would, judged by `classifier` (the caller's copy of
+    /// this breaker's classifier).
     #[inline]
-    pub(crate) fn admitted<F>(&self, future: F, word: u64) -> ResponseFuture<F, C> {
+    pub(crate) fn admitted<F>(&self, future: F, word: u64, classifier: C) -> ResponseFuture<F, C> {
         ResponseFuture::closed(
             future,
             &self.shared,
             word,
-            self.classifier.clone(),
+            classifier,
             self.options.count_rejections,
         )
     }

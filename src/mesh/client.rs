@@ -1,7 +1,7 @@
 //! [`MeshClient`]: a service's whole client stack, rebuilt when its policies are reloaded.
 
 use super::observe::{ClassifyResult, Observation, Observer};
-use super::runtime::Lifecycle;
+use super::runtime::{Lifecycle, LifecycleHold};
 use super::MeshConfig;
 use crate::breaker::BreakerHandle;
 use crate::config::ConfigError;
@@ -58,6 +58,8 @@ struct Shared<Req, Res> {
 /// [`Mesh::shutdown`](super::Mesh::shutdown) calls fail with [`MeshClosed`].
 pub struct MeshClient<Req, Res> {
     shared: Arc<Shared<Req, Res>>,
+    /// This clone's own hold on the mesh's lifecycle, cloned by each call.
+    lifecycle: LifecycleHold,
     config: watch::Receiver<Arc<(u64, MeshConfig)>>,
     version: u64,
     policy: Arc<Policy<Req, Res>>,
@@ -80,6 +82,7 @@ where
         let policy = Arc::new(build(&current.1)?);
         let stack = (policy.stack)();
         Ok(Self {
+            lifecycle: lifecycle.hold(),
             shared: Arc::new(Shared {
                 build,
                 current: Mutex::new((current.0, policy.clone())),
@@ -141,6 +144,7 @@ impl<Req, Res> Clone for MeshClient<Req, Res> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
+            lifecycle: self.shared.lifecycle.hold(),
             config: self.config.clone(),
             version: self.version,
             policy: self.policy.clone(),
@@ -169,7 +173,7 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        match self.shared.lifecycle.enter() {
+        match Lifecycle::enter(&self.lifecycle) {
             Some(guard) => {
                 // Fields are evaluated only when a subscriber wants the span.
                 let span = tracing::info_span!(

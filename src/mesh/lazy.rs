@@ -1,5 +1,6 @@
 //! [`LazyClone`]: a service whose clones cost one reference count until they are used.
 
+use crate::padded::CachePadded;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
@@ -9,8 +10,12 @@ use tower::Service;
 /// and a balancer handle are costly to clone (reference counts, a balancer's per-handle
 /// loads). A `LazyClone` clone shares a prototype and makes its own copy of the service only
 /// when it is first polled, which for a retry's spare copy is only when a retry happens.
+///
+/// Each instance that is used (polled) moves onto an `Arc` of its own, which its spare copies
+/// share: the retry clones the instance on every call, and those clones must not count on a
+/// reference count that the clients of other tasks, on other cores, write as well.
 pub(crate) struct LazyClone<S> {
-    prototype: Arc<S>,
+    prototype: Arc<CachePadded<Arc<S>>>,
     // Boxed: a spare copy rides in every retry future, which should stay small (futures are
     // moved as they are wrapped) while the service is large.
     live: Option<Box<S>>,
@@ -19,16 +24,20 @@ pub(crate) struct LazyClone<S> {
 impl<S: Clone> LazyClone<S> {
     pub(crate) fn new(service: S) -> Self {
         Self {
-            prototype: Arc::new(service),
+            prototype: Arc::new(CachePadded(Arc::new(service))),
             live: None,
         }
     }
 
     #[inline]
     fn live(&mut self) -> &mut S {
-        let prototype = &self.prototype;
-        self.live
-            .get_or_insert_with(|| Box::new(S::clone(prototype)))
+        let prototype = &mut self.prototype;
+        self.live.get_or_insert_with(|| {
+            let copy = Box::new(S::clone(&prototype.0));
+            // An `Arc` of this instance's own (padded: no neighbour shares its line).
+            *prototype = Arc::new(CachePadded(Arc::clone(&prototype.0)));
+            copy
+        })
     }
 }
 

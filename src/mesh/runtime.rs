@@ -14,6 +14,7 @@ use crate::discovery::{
 };
 use crate::events::system::{self, SystemEvent};
 use crate::events::EventBus;
+use crate::padded::CachePadded;
 use crate::retry::{Replay, RetryLayer};
 use crate::striped::StripedCounter;
 use std::fmt;
@@ -308,15 +309,26 @@ pub(crate) struct Lifecycle {
     idle: Notify,
 }
 
+/// One client clone's hold on the mesh's [`Lifecycle`]. Each call's [`InFlight`] clones it:
+/// a reference count that only that clone's calls write (padded, so no neighbour shares its
+/// line), where the mesh's own `Arc` would be written by every client on every core.
+pub(crate) type LifecycleHold = Arc<CachePadded<Arc<Lifecycle>>>;
+
 impl Lifecycle {
-    /// Counts a call in, unless the mesh is closed.
+    /// A hold for one client clone.
+    pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
+        Arc::new(CachePadded(self.clone()))
+    }
+
+    /// Counts a call in through `hold`, unless the mesh is closed.
     #[inline]
-    pub(crate) fn enter(self: &Arc<Self>) -> Option<InFlight> {
-        if self.closed.load(Ordering::Relaxed) {
+    pub(crate) fn enter(hold: &LifecycleHold) -> Option<InFlight> {
+        let lifecycle = &hold.0;
+        if lifecycle.closed.load(Ordering::Relaxed) {
             return None;
         }
-        self.started.increment();
-        Some(InFlight(self.clone()))
+        lifecycle.started.increment();
+        Some(InFlight(hold.clone()))
     }
 
     fn in_flight(&self) -> u64 {
@@ -339,13 +351,14 @@ impl Lifecycle {
 }
 
 /// A call in flight; counted out when dropped.
-pub(crate) struct InFlight(Arc<Lifecycle>);
+pub(crate) struct InFlight(LifecycleHold);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.finished.increment();
-        if self.0.closed.load(Ordering::Relaxed) {
-            self.0.idle.notify_waiters();
+        let lifecycle = &self.0 .0;
+        lifecycle.finished.increment();
+        if lifecycle.closed.load(Ordering::Relaxed) {
+            lifecycle.idle.notify_waiters();
         }
     }
 }

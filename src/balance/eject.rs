@@ -261,7 +261,7 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
             Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
-                None => return Self::through_breaker(breaker, request),
+                None => return Self::through_breaker(breaker, classifier, request),
             },
         };
         let own = copy.get_or_insert_with(|| service.clone());
@@ -312,13 +312,18 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         Self { inner }
     }
 
-    /// The ejection breaker is not closed: a copy of it decides as the call is polled.
+    /// The ejection breaker is not closed: a copy of it (judging with the handle's
+    /// classifier) decides as the call is polled.
     #[cold]
     #[inline(never)]
-    fn through_breaker(breaker: &CircuitBreaker<S, EjectionClassifier>, request: Req) -> Self {
+    fn through_breaker(
+        breaker: &CircuitBreaker<S, EjectionClassifier>,
+        classifier: &EjectionClassifier,
+        request: Req,
+    ) -> Self {
         Self {
             inner: CallInner::Breaker {
-                service: Box::new((breaker.clone(), Some(request))),
+                service: Box::new((breaker.clone_with(classifier.clone()), Some(request))),
                 future: None,
             },
         }

@@ -481,7 +481,7 @@ where
         };
         let index = self
             .picker
-            .pick(&request, &self.loads.0, prepared, &mut self.state);
+            .pick(&request, &self.loads, prepared, &mut self.state);
         let call = GuardedCall::new(
             &view.services[index],
             &mut self.copies[index],

@@ -83,11 +83,19 @@ impl<S, C> CircuitBreaker<S, C> {
 
 impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
+        self.clone_with(self.classifier.clone())
+    }
+}
+
+impl<S: Clone, C> CircuitBreaker<S, C> {
+    /// A copy of this breaker whose calls are judged by `classifier` (the caller's copy of
+    /// this breaker's classifier).
+    pub(crate) fn clone_with(&self, classifier: C) -> Self {
         // A probe slot reserved by `poll_ready` belongs to this service only.
         Self::new(
             self.inner.clone(),
             self.shared.clone(),
-            self.classifier.clone(),
+            classifier,
             self.options,
         )
     }

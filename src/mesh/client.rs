@@ -51,7 +51,11 @@ struct Shared<Req, Res> {
 /// `meshkit.endpoint` span (`instance`) per try, under the retry's span when there is one.
 ///
 /// `Clone` (every clone shares the balancer, the breaker and the retry budget) and
-/// `Send + Sync`: keep one in your application state. When the mesh's policies are reloaded
+/// `Send + Sync`: keep one in your application state. A clone is meant to live as long as
+/// the task that uses it: it allocates its own counters (so that tasks on different cores
+/// share no written cache line), and its first call makes its own copy of the stack below
+/// the retry layer (a balancer handle with its own loads). Cloning per request works, at
+/// that cost on each request. When the mesh's policies are reloaded
 /// ([`Mesh::reload`](super::Mesh::reload)), the next `poll_ready` of each clone switches to a
 /// stack built from the new values; the balancer and its endpoints stay, the breaker and the
 /// retry budget start afresh under the new thresholds. After
@@ -173,7 +177,7 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
-        match Lifecycle::enter(&self.lifecycle) {
+        match self.lifecycle.enter() {
             Some(guard) => {
                 // Fields are evaluated only when a subscriber wants the span.
                 let span = tracing::info_span!(

@@ -312,23 +312,30 @@ pub(crate) struct Lifecycle {
 /// One client clone's hold on the mesh's [`Lifecycle`]. Each call's [`InFlight`] clones it:
 /// a reference count that only that clone's calls write (padded, so no neighbour shares its
 /// line), where the mesh's own `Arc` would be written by every client on every core.
-pub(crate) type LifecycleHold = Arc<CachePadded<Arc<Lifecycle>>>;
+#[derive(Clone)]
+pub(crate) struct LifecycleHold(Arc<CachePadded<Arc<Lifecycle>>>);
 
-impl Lifecycle {
-    /// A hold for one client clone.
-    pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
-        Arc::new(CachePadded(self.clone()))
-    }
-
-    /// Counts a call in through `hold`, unless the mesh is closed.
+impl LifecycleHold {
+    /// Counts a call in, unless the mesh is closed.
     #[inline]
-    pub(crate) fn enter(hold: &LifecycleHold) -> Option<InFlight> {
-        let lifecycle = &hold.0;
+    pub(crate) fn enter(&self) -> Option<InFlight> {
+        let lifecycle = self.lifecycle();
         if lifecycle.closed.load(Ordering::Relaxed) {
             return None;
         }
         lifecycle.started.increment();
-        Some(InFlight(hold.clone()))
+        Some(InFlight(self.clone()))
+    }
+
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.0 .0
+    }
+}
+
+impl Lifecycle {
+    /// A hold for one client clone.
+    pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
+        LifecycleHold(Arc::new(CachePadded(self.clone())))
     }
 
     fn in_flight(&self) -> u64 {
@@ -355,7 +362,7 @@ pub(crate) struct InFlight(LifecycleHold);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let lifecycle = &self.0 .0;
+        let lifecycle = self.0.lifecycle();
         lifecycle.finished.increment();
         if lifecycle.closed.load(Ordering::Relaxed) {
             lifecycle.idle.notify_waiters();

@@ -1,7 +1,7 @@
 //! [`ReplayBody`] and [`BufferBodyLayer`]: request bodies buffered so a retry can send them
 //! again.
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
 use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
@@ -233,23 +233,22 @@ where
 
 /// Reads `body` whole if it is at most `limit` bytes; otherwise keeps what was read and
 /// streams the rest. A body error ends the buffering: the error is sent on with the rest.
+///
+/// A body that arrives in one frame (`Full`, `Bytes`, most small bodies) is kept as that
+/// frame's bytes, without a copy when its data is `Bytes`; frames are gathered into one
+/// buffer only from the second on.
 async fn read_up_to<B>(mut body: B, limit: u64) -> ReplayBody<B>
 where
     B: Body + Unpin,
     B::Data: Buf,
 {
-    let mut read = BytesMut::new();
+    let mut read = Read::default();
     loop {
         match body.frame().await {
             None => return ReplayBody::whole(read.freeze(), None),
             Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    while data.has_remaining() {
-                        let chunk = data.chunk();
-                        read.extend_from_slice(chunk);
-                        let n = chunk.len();
-                        data.advance(n);
-                    }
+                Ok(data) => {
+                    read.push(data);
                     if read.len() as u64 > limit {
                         return streaming_after(read.freeze(), None, body);
                     }
@@ -266,6 +265,47 @@ where
     }
 }
 
+/// The data of a body read so far: nothing, one frame's bytes as they came, or a buffer
+/// gathering several frames.
+#[derive(Default)]
+enum Read {
+    #[default]
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Read {
+    fn push(&mut self, mut data: impl Buf) {
+        match self {
+            Read::Empty => *self = Read::One(data.copy_to_bytes(data.remaining())),
+            Read::One(first) => {
+                let mut all = BytesMut::with_capacity(first.len() + data.remaining());
+                all.extend_from_slice(first);
+                all.put(data);
+                *self = Read::Many(all);
+            }
+            Read::Many(all) => all.put(data),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Read::Empty => 0,
+            Read::One(bytes) => bytes.len(),
+            Read::Many(all) => all.len(),
+        }
+    }
+
+    fn freeze(self) -> Bytes {
+        match self {
+            Read::Empty => Bytes::new(),
+            Read::One(bytes) => bytes,
+            Read::Many(all) => all.freeze(),
+        }
+    }
+}
+
 fn streaming_after<B: Body>(head: Bytes, failed: Option<B::Error>, rest: B) -> ReplayBody<B> {
     ReplayBody {
         kind: Kind::Streaming {
@@ -273,5 +313,54 @@ fn streaming_after<B: Body>(head: Bytes, failed: Option<B::Error>, rest: B) -> R
             failed,
             rest,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use std::convert::Infallible;
+
+    type FrameResult = Result<Frame<Bytes>, Infallible>;
+
+    /// A body of `parts`, one data frame each.
+    fn frames(parts: &[&'static str]) -> StreamBody<impl futures::Stream<Item = FrameResult>> {
+        let frames: Vec<FrameResult> = parts
+            .iter()
+            .map(|part| Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
+            .collect();
+        StreamBody::new(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_in_one_frame_is_kept_without_a_copy() {
+        let data = Bytes::from(vec![7u8; 1000]);
+        let body = read_up_to(Full::new(data.clone()), 4096).await;
+        assert!(body.is_buffered());
+        let kept = body.collect().await.unwrap().to_bytes();
+        assert_eq!(kept, data);
+        assert_eq!(
+            kept.as_ptr(),
+            data.as_ptr(),
+            "the frame's own bytes, not a copy"
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_under_the_limit_are_gathered_in_order() {
+        let body = read_up_to(frames(&["ab", "cd", "ef"]), 6).await;
+        assert!(body.is_buffered());
+        let copy = body.try_clone().unwrap();
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdef");
+        assert_eq!(copy.collect().await.unwrap().to_bytes(), "abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_everything_once() {
+        let body = read_up_to(frames(&["ab", "cd", "ef", "gh"]), 5).await;
+        assert!(!body.is_buffered());
+        assert!(body.try_clone().is_none());
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdefgh");
     }
 }

@@ -7,6 +7,7 @@ use super::ring::stable_hash;
 use super::service::{Shared, Snapshot};
 use crate::breaker::{BreakerHandle, BreakerState, CircuitBreakerLayer};
 use futures::stream::{SelectAll, StreamExt};
+use futures::FutureExt;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
@@ -88,6 +89,10 @@ pub(crate) async fn run<D, Req, P>(
     let mut transitions: Transitions = SelectAll::new();
     let mut panicking = false;
     let mut discovering = true;
+    // Changes applied since the last snapshot was published, and how many events in a row
+    // were taken without waiting.
+    let mut unpublished = false;
+    let mut drained = 0;
     loop {
         let now = Instant::now();
         let next_retry = endpoints.iter().filter_map(|e| e.retry_at).min();
@@ -117,7 +122,42 @@ pub(crate) async fn run<D, Req, P>(
             }
             Poll::Pending
         });
-        let event = tokio::select! {
+        // Events that are ready at once (discovery's initial set, several endpoints turning
+        // ready together) are applied before one snapshot covers them all: handles re-read
+        // each snapshot, and a handle must not be made ready by a snapshot holding only the
+        // first of the endpoints discovery already knows.
+        let event = if unpublished {
+            let taken = if drained < MAX_UNPUBLISHED {
+                event.now_or_never()
+            } else {
+                None
+            };
+            match taken {
+                Some(event) => {
+                    drained += 1;
+                    event
+                }
+                None => {
+                    // Nothing more at once: one snapshot for everything applied.
+                    unpublished = false;
+                    drained = 0;
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let panic_threshold = ejection.as_ref().map_or(0.0, |(e, _)| e.panic_threshold);
+                    shared.publish(snapshot(
+                        &name,
+                        &endpoints,
+                        &*picker,
+                        zones.as_ref().map(|zones| zones.min_local),
+                        panic_threshold,
+                        &mut panicking,
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            tokio::select! {
             event = event => event,
             () = async {
                 match next_retry {
@@ -133,6 +173,7 @@ pub(crate) async fn run<D, Req, P>(
                 continue;
             }
             () = closed.notified() => return,
+            }
         };
         let changed = match event {
             Event::Change(Change::Insert(key, service)) => {
@@ -207,24 +248,18 @@ pub(crate) async fn run<D, Req, P>(
                 false
             }
         };
-        let Some(shared) = shared.upgrade() else {
+        if shared.strong_count() == 0 {
             return;
-        };
-        if !changed {
-            // A new snapshot makes every handle re-read it and start its loads afresh.
-            continue;
         }
-        let panic_threshold = ejection.as_ref().map_or(0.0, |(e, _)| e.panic_threshold);
-        shared.publish(snapshot(
-            &name,
-            &endpoints,
-            &*picker,
-            zones.as_ref().map(|zones| zones.min_local),
-            panic_threshold,
-            &mut panicking,
-        ));
+        // Published once nothing more is ready at once (above). Unchanged, none is: a new
+        // snapshot makes every handle re-read it and start its loads afresh.
+        unpublished |= changed;
     }
 }
+
+/// Events applied in a row, at most, before a snapshot is published anyway (a discovery
+/// stream that never waits must not hold every handle on the old set).
+const MAX_UNPUBLISHED: usize = 1_024;
 
 /// Wraps an endpoint in its ejection breaker.
 fn guard<S>(

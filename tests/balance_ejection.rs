@@ -137,8 +137,14 @@ async fn panic_mode_balances_over_all_endpoints_when_too_few_are_healthy() {
         "traffic still spreads in panic mode: {counts:?}"
     );
     // Round robin over all three, not over the good one alone (which would serve 84 of the
-    // 90 calls, all but the 3 failures of each bad endpoint).
-    assert_eq!(counts["good"], 30, "{counts:?}");
+    // 90 calls, all but the 3 failures of each bad endpoint): about a third. Not exactly 30:
+    // between the two ejections the round goes over two endpoints for a call or two, and
+    // where that falls depends on the handle's starting point, which depends on how many
+    // handles the process made before (the other tests run beside this one).
+    assert!(
+        (28..=32).contains(&counts["good"]),
+        "a third of the calls, give or take the two-endpoint interlude: {counts:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]

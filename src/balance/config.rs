@@ -1,7 +1,9 @@
 //! [`BalanceConfig`]: the picker and fail-fast settings as plain data, and [`ConfiguredPicker`],
 //! the picker it names.
 
-use super::picker::{LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin};
+use super::picker::{
+    Cursor, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
+};
 use super::stats::EndpointLoads;
 use crate::config::{duration_in_range, ConfigError};
 use crate::random::SplitMix64;
@@ -109,7 +111,7 @@ impl ConfiguredPicker {
 
 impl<Req> Picker<Req> for ConfiguredPicker {
     type Prepared = Option<Box<[u32]>>;
-    type State = (usize, SplitMix64);
+    type State = (Cursor, SplitMix64);
 
     fn prepare(&self, weights: &[u32], keys: &[u64]) -> Option<Box<[u32]>> {
         (self.kind == PickerKind::WeightedRoundRobin).then(|| {
@@ -117,7 +119,7 @@ impl<Req> Picker<Req> for ConfiguredPicker {
         })
     }
 
-    fn state(&self) -> (usize, SplitMix64) {
+    fn state(&self) -> (Cursor, SplitMix64) {
         (
             <RoundRobin as Picker<Req>>::state(&RoundRobin),
             <Random as Picker<Req>>::state(&self.random),
@@ -129,7 +131,7 @@ impl<Req> Picker<Req> for ConfiguredPicker {
         request: &Req,
         endpoints: &EndpointLoads,
         prepared: &Option<Box<[u32]>>,
-        (cursor, random): &mut (usize, SplitMix64),
+        (cursor, random): &mut (Cursor, SplitMix64),
     ) -> usize {
         match (self.kind, prepared) {
             (PickerKind::RoundRobin, _) => RoundRobin.pick(request, endpoints, &(), cursor),

@@ -69,7 +69,7 @@ pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
 pub use eject::EjectionConfig;
 pub use error::{EndpointEjected, NoEndpoints};
 pub use picker::{
-    ConsistentHash, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
+    ConsistentHash, Cursor, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
 };
 pub use ring::HashRing;
 pub use service::{Balance, BalanceBuilder, Endpoints, ResponseFuture};

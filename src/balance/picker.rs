@@ -61,34 +61,62 @@ pub struct RoundRobin;
 
 impl<Req> Picker<Req> for RoundRobin {
     type Prepared = ();
-    type State = usize;
+    type State = Cursor;
 
     fn prepare(&self, _: &[u32], _: &[u64]) {}
 
-    fn state(&self) -> usize {
-        (next_handle() >> 32) as usize
+    fn state(&self) -> Cursor {
+        Cursor::new()
     }
 
     #[inline]
-    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), cursor: &mut usize) -> usize {
-        step(cursor, endpoints.len())
+    fn pick(&self, _: &Req, endpoints: &EndpointLoads, _: &(), cursor: &mut Cursor) -> usize {
+        cursor.step(endpoints.len())
     }
 }
 
-/// Moves `cursor` to the next place in a cycle of `n` (`n > 0`) and returns it. Once the
-/// cursor is in range this is a comparison, not a division (which costs tens of cycles); a
-/// handle's first pick, and the first after its endpoint set shrank, bring it into range.
-#[inline]
-fn step(cursor: &mut usize, n: usize) -> usize {
-    let next = cursor.wrapping_add(1);
-    *cursor = if next < n {
-        next
-    } else if next == n {
-        0
-    } else {
-        next % n
-    };
-    *cursor
+/// A round-robin handle's place in its cycle (of endpoints, or of a weighted schedule).
+///
+/// Each handle starts at its own point, and starts again from it (modulo the new length)
+/// whenever the cycle's length changes, so handles never fall into step with each other;
+/// between changes a step is a comparison, not a division.
+#[derive(Clone, Debug)]
+pub struct Cursor {
+    at: usize,
+    len: usize,
+    start: usize,
+}
+
+impl Cursor {
+    /// A cursor with a starting point of its own.
+    pub fn new() -> Self {
+        Self {
+            at: 0,
+            len: 0,
+            start: (next_handle() >> 32) as usize,
+        }
+    }
+
+    /// Moves to the next place in a cycle of `len` (at least 1) and returns it.
+    #[inline]
+    pub fn step(&mut self, len: usize) -> usize {
+        if len != self.len {
+            self.len = len;
+            self.at = self.start % len.max(1);
+        } else {
+            self.at += 1;
+            if self.at >= len {
+                self.at = 0;
+            }
+        }
+        self.at
+    }
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A uniformly random endpoint; seed it for reproducible tests.
@@ -157,7 +185,7 @@ const MAX_CYCLE: u64 = 65_536;
 
 impl<Req> Picker<Req> for WeightedRoundRobin {
     type Prepared = Box<[u32]>;
-    type State = usize;
+    type State = Cursor;
 
     fn prepare(&self, weights: &[u32], _: &[u64]) -> Box<[u32]> {
         let total: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
@@ -188,13 +216,13 @@ impl<Req> Picker<Req> for WeightedRoundRobin {
             .collect()
     }
 
-    fn state(&self) -> usize {
-        (next_handle() >> 32) as usize
+    fn state(&self) -> Cursor {
+        Cursor::new()
     }
 
     #[inline]
-    fn pick(&self, _: &Req, _: &EndpointLoads, cycle: &Box<[u32]>, cursor: &mut usize) -> usize {
-        cycle[step(cursor, cycle.len())] as usize
+    fn pick(&self, _: &Req, _: &EndpointLoads, cycle: &Box<[u32]>, cursor: &mut Cursor) -> usize {
+        cycle[cursor.step(cycle.len())] as usize
     }
 }
 
@@ -374,26 +402,29 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// From any cursor (a handle's random start, or one left by a larger endpoint set),
-        /// `n` steps visit every place below `n` once, in order.
+        /// From any starting point, `len` steps visit every place below `len` once, in
+        /// order; when the length changes, the cursor starts again from its own point.
         #[test]
-        fn a_round_visits_every_endpoint_once_from_any_cursor(
+        fn a_round_visits_every_place_once_and_restarts_from_its_own_point(
             start in proptest::prelude::any::<usize>(),
-            n in 1usize..2_000,
+            len in 1usize..2_000,
+            next_len in 1usize..2_000,
         ) {
-            let mut cursor = start;
-            let first = step(&mut cursor, n);
-            proptest::prop_assert!(first < n);
-            proptest::prop_assert_eq!(first, start.wrapping_add(1) % n);
-            let mut seen = vec![false; n];
+            let mut cursor = Cursor { at: 0, len: 0, start };
+            let first = cursor.step(len);
+            proptest::prop_assert_eq!(first, start % len);
+            let mut seen = vec![false; len];
             seen[first] = true;
             let mut previous = first;
-            for _ in 1..n {
-                let next = step(&mut cursor, n);
-                proptest::prop_assert_eq!(next, (previous + 1) % n);
+            for _ in 1..len {
+                let next = cursor.step(len);
+                proptest::prop_assert_eq!(next, (previous + 1) % len);
                 proptest::prop_assert!(!seen[next]);
                 seen[next] = true;
                 previous = next;
+            }
+            if next_len != len {
+                proptest::prop_assert_eq!(cursor.step(next_len), start % next_len);
             }
         }
     }

@@ -257,8 +257,9 @@ pub(crate) async fn run<D, Req, P>(
     }
 }
 
-/// Events applied in a row, at most, before a snapshot is published anyway (a discovery
-/// stream that never waits must not hold every handle on the old set).
+/// Events applied in a row without waiting, at most, after the first, before a snapshot is
+/// published anyway (a discovery stream that never waits must not hold every handle on the
+/// old set).
 const MAX_UNPUBLISHED: usize = 1_024;
 
 /// Wraps an endpoint in its ejection breaker.

@@ -234,9 +234,10 @@ where
 /// Reads `body` whole if it is at most `limit` bytes; otherwise keeps what was read and
 /// streams the rest. A body error ends the buffering: the error is sent on with the rest.
 ///
-/// A body that arrives in one frame (`Full`, `Bytes`, most small bodies) is kept as that
-/// frame's bytes, without a copy when its data is `Bytes`; frames are gathered into one
-/// buffer only from the second on.
+/// A body that arrives in one frame (`Full<Bytes>`, `String`, most small bodies) is kept as
+/// that frame's bytes, without a copy when its data is `Bytes` (which keeps alive whatever
+/// buffer the frame was cut from, as long as the request lives); frames are gathered into
+/// one buffer only from the second on.
 async fn read_up_to<B>(mut body: B, limit: u64) -> ReplayBody<B>
 where
     B: Body + Unpin,

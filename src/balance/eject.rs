@@ -5,7 +5,7 @@ use super::EndpointEjected;
 use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitOpen, WindowConfig};
 use crate::classify::{Classify, DefaultClassifier, Outcome};
 use crate::config::{duration_in_range, int_in_range, ConfigError};
-use crate::padded::CachePadded;
+use crate::padded::Hold;
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Serialize};
 use std::any::Any;
@@ -111,8 +111,11 @@ impl EjectionConfig {
 /// type erased so that endpoints stay generic over their service alone (the balancer checks
 /// the type when the classifier is set, so the downcast always succeeds). Without one, the
 /// default: errors fail, responses succeed.
+///
+/// Every call an ejection breaker admits carries a clone, so each balancer handle holds its
+/// own [`fork`](Self::fork): handles on other cores never write the same reference count.
 #[derive(Clone, Default)]
-pub(crate) struct EjectionClassifier(Option<Arc<ClassifyAny>>);
+pub(crate) struct EjectionClassifier(Option<Hold<ClassifyAny>>);
 
 /// A classifier of `&Result<Res, BoxError>` behind `&dyn Any`.
 type ClassifyAny = dyn Fn(&dyn Any) -> Outcome + Send + Sync;
@@ -124,25 +127,18 @@ impl EjectionClassifier {
         Res: 'static,
         C: Classify<Res, BoxError> + Send + Sync + 'static,
     {
-        Self(Some(Arc::new(move |result: &dyn Any| {
+        let classify: Arc<ClassifyAny> = Arc::new(move |result: &dyn Any| {
             match result.downcast_ref::<Result<Res, BoxError>>() {
                 Some(result) => classifier.classify(result),
                 None => Outcome::Ignored,
             }
-        })))
+        });
+        Self(Some(Hold::new(classify)))
     }
-}
 
-impl EjectionClassifier {
-    /// The same classifier behind an `Arc` of its own, for one balancer handle: every call
-    /// admitted by an ejection breaker carries a clone of it, and the handles on other cores
-    /// must not write the same reference count (padded, so that no neighbour on the heap
-    /// shares its line either).
+    /// The same classifier on a hold of its own, for one balancer handle.
     pub(crate) fn fork(&self) -> Self {
-        Self(self.0.as_ref().map(|shared| {
-            let shared = CachePadded(shared.clone());
-            Arc::new(move |result: &dyn Any| (shared.0)(result)) as Arc<ClassifyAny>
-        }))
+        Self(self.0.as_ref().map(Hold::fork))
     }
 }
 
@@ -150,7 +146,7 @@ impl<Res: 'static> Classify<Res, BoxError> for EjectionClassifier {
     #[inline]
     fn classify(&self, result: &Result<Res, BoxError>) -> Outcome {
         match &self.0 {
-            Some(classify) => classify(result),
+            Some(classify) => (**classify)(result),
             None => DefaultClassifier.classify(result),
         }
     }

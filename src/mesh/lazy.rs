@@ -1,6 +1,6 @@
 //! [`LazyClone`]: a service whose clones cost one reference count until they are used.
 
-use crate::padded::CachePadded;
+use crate::padded::Hold;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
@@ -15,7 +15,7 @@ use tower::Service;
 /// share: the retry clones the instance on every call, and those clones must not count on a
 /// reference count that the clients of other tasks, on other cores, write as well.
 pub(crate) struct LazyClone<S> {
-    prototype: Arc<CachePadded<Arc<S>>>,
+    prototype: Hold<S>,
     // Boxed: a spare copy rides in every retry future, which should stay small (futures are
     // moved as they are wrapped) while the service is large.
     live: Option<Box<S>>,
@@ -24,7 +24,7 @@ pub(crate) struct LazyClone<S> {
 impl<S: Clone> LazyClone<S> {
     pub(crate) fn new(service: S) -> Self {
         Self {
-            prototype: Arc::new(CachePadded(Arc::new(service))),
+            prototype: Hold::new(Arc::new(service)),
             live: None,
         }
     }
@@ -33,10 +33,9 @@ impl<S: Clone> LazyClone<S> {
     fn live(&mut self) -> &mut S {
         let prototype = &mut self.prototype;
         self.live.get_or_insert_with(|| {
-            let copy = Box::new(S::clone(&prototype.0));
-            // An `Arc` of this instance's own (padded: no neighbour shares its line).
-            *prototype = Arc::new(CachePadded(Arc::clone(&prototype.0)));
-            copy
+            // From here on, this instance's spare copies share a hold of its own.
+            *prototype = prototype.fork();
+            Box::new(S::clone(prototype))
         })
     }
 }

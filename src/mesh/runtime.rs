@@ -14,7 +14,7 @@ use crate::discovery::{
 };
 use crate::events::system::{self, SystemEvent};
 use crate::events::EventBus;
-use crate::padded::CachePadded;
+use crate::padded::Hold;
 use crate::retry::{Replay, RetryLayer};
 use crate::striped::StripedCounter;
 use std::fmt;
@@ -310,10 +310,10 @@ pub(crate) struct Lifecycle {
 }
 
 /// One client clone's hold on the mesh's [`Lifecycle`]. Each call's [`InFlight`] clones it:
-/// a reference count that only that clone's calls write (padded, so no neighbour shares its
-/// line), where the mesh's own `Arc` would be written by every client on every core.
+/// a reference count that only that clone's calls write, where the mesh's own `Arc` would be
+/// written by every client on every core.
 #[derive(Clone)]
-pub(crate) struct LifecycleHold(Arc<CachePadded<Arc<Lifecycle>>>);
+pub(crate) struct LifecycleHold(Hold<Lifecycle>);
 
 impl LifecycleHold {
     /// Counts a call in, unless the mesh is closed.
@@ -328,14 +328,14 @@ impl LifecycleHold {
     }
 
     fn lifecycle(&self) -> &Lifecycle {
-        &self.0 .0
+        &self.0
     }
 }
 
 impl Lifecycle {
     /// A hold for one client clone.
     pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
-        LifecycleHold(Arc::new(CachePadded(self.clone())))
+        LifecycleHold(Hold::new(self.clone()))
     }
 
     fn in_flight(&self) -> u64 {

@@ -158,21 +158,21 @@ pub(crate) async fn run<D, Req, P>(
             }
         } else {
             tokio::select! {
-            event = event => event,
-            () = async {
-                match next_retry {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                for endpoint in &mut endpoints {
-                    if endpoint.retry_at.is_some_and(|at| at <= Instant::now()) {
-                        endpoint.retry_at = None;
+                event = event => event,
+                () = async {
+                    match next_retry {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
+                } => {
+                    for endpoint in &mut endpoints {
+                        if endpoint.retry_at.is_some_and(|at| at <= Instant::now()) {
+                            endpoint.retry_at = None;
+                        }
+                    }
+                    continue;
                 }
-                continue;
-            }
-            () = closed.notified() => return,
+                () = closed.notified() => return,
             }
         };
         let changed = match event {

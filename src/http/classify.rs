@@ -75,14 +75,19 @@ pub struct HttpClassifier {
 /// Bit `n` set: status `n` (100..=999) is retried.
 type StatusSet = [u64; 16];
 
+/// Adds status `code` to `set`.
+const fn insert(set: &mut StatusSet, code: u16) {
+    set[code as usize / 64] |= 1 << (code % 64);
+}
+
 /// 408, 429 and every 5xx.
 static DEFAULT_SET: StatusSet = {
     let mut set = [0u64; 16];
-    let mut code = 408;
+    insert(&mut set, 408);
+    insert(&mut set, 429);
+    let mut code = 500;
     while code < 600 {
-        if code == 408 || code == 429 || code >= 500 {
-            set[code / 64] |= 1 << (code % 64);
-        }
+        insert(&mut set, code);
         code += 1;
     }
     set
@@ -119,8 +124,8 @@ impl HttpClassifier {
     /// with it, so that copying a classifier (every call does) copies a pointer.
     pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         let mut set = [0u64; 16];
-        for code in statuses.into_iter().map(|status| status.as_u16()) {
-            set[code as usize / 64] |= 1 << (code % 64);
+        for status in statuses {
+            insert(&mut set, status.as_u16());
         }
         Self {
             retryable: intern(set),

@@ -152,6 +152,66 @@ async fn read_all_is_in_global_order() {
     );
 }
 
+/// Past 65 536 events a store grows in segments, prepared ahead by a helper thread once it
+/// holds 16 384: every read still sees every event, in order, across the boundaries.
+#[tokio::test]
+async fn a_store_past_several_segments_reads_back_every_event_in_order() {
+    const TOTAL: u64 = 150_000;
+    let store = MemoryEventStore::new();
+    let mut first_ids = Vec::new();
+    for batch in 0..TOTAL / 1_000 {
+        // Two aggregates, interleaved batch by batch: each stream's positions skip.
+        let aggregate = if batch % 2 == 0 { "even" } else { "odd" };
+        let events: Vec<Event> = (0..1_000)
+            .map(|n| event("E", aggregate, batch * 1_000 + n))
+            .collect();
+        if batch < 2 {
+            first_ids.push(events[0].clone());
+        }
+        store
+            .append(aggregate, ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.len() as u64, TOTAL);
+
+    let all = store.read_all(1, usize::MAX).await;
+    assert_eq!(all.len() as u64, TOTAL);
+    for (index, stored) in all.iter().enumerate() {
+        assert_eq!(stored.position, index as u64 + 1);
+        assert_eq!(stored.event.data["n"], index as u64);
+    }
+    // A page that starts just before a segment boundary.
+    let page = store.read_all(65_530, 10).await;
+    let positions: Vec<u64> = page.iter().map(|s| s.position).collect();
+    assert_eq!(positions, (65_530..65_540).collect::<Vec<_>>());
+
+    let odd = store.read_stream("odd", 40_000).await;
+    assert_eq!(odd.len(), 35_001);
+    for (offset, stored) in odd.iter().enumerate() {
+        assert_eq!(stored.event.version, 40_000 + offset as u64);
+        assert_eq!(stored.event.aggregate_id, "odd");
+    }
+
+    // Ids from the first segment are still known: re-appending them stores nothing.
+    for event in first_ids {
+        let aggregate = event.aggregate_id.clone();
+        store
+            .append(&aggregate, ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.len() as u64, TOTAL);
+
+    let replayed: Vec<u64> = store
+        .subscribe(TOTAL - 70_000)
+        .take(70_001)
+        .map(|s| s.position)
+        .collect()
+        .await;
+    assert_eq!(replayed, (TOTAL - 70_000..=TOTAL).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_subscription_replays_then_follows_with_no_gap_and_no_duplicate() {
     let store = MemoryEventStore::new();

@@ -2,6 +2,7 @@
 
 use super::bus::EventBus;
 use super::event::Event;
+use super::reserve::{Reserve, Segmented, SEGMENT};
 use super::store::{AppendError, EventStore, ExpectedVersion, StoredEvent};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -19,6 +20,14 @@ const LIVE_CAPACITY: usize = 4_096;
 ///
 /// Appends take one lock; events are shared (`Arc`) between the store, readers and the bus.
 /// With [`with_bus`](Self::with_bus), every appended event is also published on the bus.
+///
+/// The store grows in segments of 65 536 events rather than reallocating, so an append costs
+/// the same at ten thousand events and at ten million. Once it holds 16 384 events it starts
+/// a helper thread that prepares, ahead of the appends, the next segments and a batch of
+/// event allocations, writing every page once: where the first touch of memory is slow (a
+/// virtual machine whose host backs its memory lazily can take tens of microseconds per
+/// 4 KiB page) that cost leaves the appending task. The helper keeps about 5 MiB ready and
+/// stops when the store is dropped; appends never wait for it.
 ///
 /// ```
 /// use meshkit::events::{Event, EventStore, ExpectedVersion, MemoryEventStore};
@@ -51,12 +60,20 @@ struct Inner {
     max_event_size: usize,
 }
 
+/// A store this large starts a [`Reserve`] to prepare its memory ahead (the first new segment
+/// is needed at [`SEGMENT`] events): smaller ones never start a thread.
+const RESERVE_FROM: usize = SEGMENT / 4;
+
 #[derive(Default)]
 struct State {
-    all: Vec<StoredEvent>,
-    /// Positions (index + 1 into `all`) of each aggregate's events, in version order.
-    streams: HashMap<String, Vec<u64>>,
+    /// Every event, at index position - 1.
+    all: Segmented<Arc<Event>>,
+    /// Positions of each aggregate's events, in version order.
+    streams: HashMap<String, Segmented<u64>>,
     ids: Ids,
+    /// Event allocations the reserve made ahead, each unshared, to be overwritten.
+    allocations: Vec<Arc<Event>>,
+    reserve: Option<Reserve>,
 }
 
 /// Every stored event id, for idempotent appends.
@@ -68,7 +85,7 @@ struct State {
 /// clocks of other hosts) go to an ordered set beside it.
 #[derive(Default)]
 struct Ids {
-    ascending: Vec<u128>,
+    ascending: Segmented<u128>,
     others: BTreeSet<u128>,
 }
 
@@ -76,23 +93,76 @@ impl Ids {
     fn contains(&self, id: u128) -> bool {
         match self.ascending.last() {
             Some(&last) if id <= last => {
-                self.ascending.binary_search(&id).is_ok() || self.others.contains(&id)
+                self.ascending.contains_sorted(&id) || self.others.contains(&id)
             }
             _ => false,
         }
     }
 
-    /// Adds `id`; false if it was already there.
-    fn insert(&mut self, id: u128) -> bool {
+    /// Adds `id` (a new segment, if needed, from `spare`); false if it was already there.
+    fn insert(&mut self, id: u128, spare: impl FnOnce() -> Vec<u128>) -> bool {
         match self.ascending.last() {
             Some(&last) if id <= last => {
-                self.ascending.binary_search(&id).is_err() && self.others.insert(id)
+                !self.ascending.contains_sorted(&id) && self.others.insert(id)
             }
             _ => {
-                self.ascending.push(id);
+                self.ascending.push(id, spare);
                 true
             }
         }
+    }
+}
+
+/// A new segment for a growing vector: from the reserve, if the store has one.
+fn segment<T>(reserve: &Option<Reserve>, take: fn(&Reserve) -> Vec<T>) -> Vec<T> {
+    match reserve {
+        Some(reserve) => take(reserve),
+        None => Vec::with_capacity(SEGMENT),
+    }
+}
+
+/// `event`, shared, in an allocation the reserve made ahead when there is one.
+fn share(event: Event, allocations: &mut Vec<Arc<Event>>, reserve: &Option<Reserve>) -> Arc<Event> {
+    if allocations.is_empty() {
+        if let Some(reserve) = reserve {
+            *allocations = reserve.allocations();
+        }
+    }
+    match allocations.pop() {
+        Some(mut allocation) => match Arc::get_mut(&mut allocation) {
+            Some(place) => {
+                *place = event;
+                allocation
+            }
+            None => Arc::new(event),
+        },
+        None => Arc::new(event),
+    }
+}
+
+impl State {
+    /// The event at `position` (from 1), which must be stored.
+    fn stored(&self, position: u64) -> StoredEvent {
+        StoredEvent {
+            position,
+            event: self
+                .all
+                .get((position - 1) as usize)
+                .expect("stored")
+                .clone(),
+        }
+    }
+
+    /// Events from `position` (from 1) on, in order.
+    fn events_from(&self, position: u64) -> impl Iterator<Item = StoredEvent> + '_ {
+        let start = position.max(1) - 1;
+        self.all
+            .iter_from(start as usize)
+            .zip(start + 1..)
+            .map(|(event, position)| StoredEvent {
+                position,
+                event: event.clone(),
+            })
     }
 }
 
@@ -163,7 +233,16 @@ impl MemoryEventStore {
             }
         }
         let mut guard = self.inner.state();
-        let State { all, streams, ids } = &mut *guard;
+        if guard.reserve.is_none() && guard.all.len() >= RESERVE_FROM {
+            guard.reserve = Reserve::start();
+        }
+        let State {
+            all,
+            streams,
+            ids,
+            allocations,
+            reserve,
+        } = &mut *guard;
         let mut stream = streams.get_mut(aggregate_id);
         let actual = stream.as_ref().map_or(0, |s| s.len() as u64);
         let stored_before = events
@@ -177,36 +256,44 @@ impl MemoryEventStore {
         if !expected.accepts(actual) {
             return Err(AppendError::Conflict { expected, actual });
         }
-        let first = all.len();
+        let first = all.len() as u64 + 1;
         let mut version = actual;
         for mut event in events {
             // A duplicate within the batch is caught here too: the first copy is in `ids`.
-            if !ids.insert(event.id.as_u128()) {
+            if !ids.insert(event.id.as_u128(), || segment(reserve, Reserve::ids)) {
                 continue;
             }
             version += 1;
             event.version = version;
-            all.push(StoredEvent {
-                position: all.len() as u64 + 1,
-                event: Arc::new(event),
+            all.push(share(event, allocations, reserve), || {
+                segment(reserve, Reserve::events)
             });
         }
-        let positions = (first as u64 + 1)..=(all.len() as u64);
+        let positions = first..all.len() as u64 + 1;
+        let add = |stream: &mut Segmented<u64>| {
+            for position in positions {
+                stream.push(position, || segment(reserve, Reserve::positions));
+            }
+        };
         match stream.as_mut() {
-            Some(stream) => stream.extend(positions),
+            Some(stream) => add(stream),
             None => {
-                streams.insert(aggregate_id.to_string(), positions.collect());
+                let mut new = Segmented::default();
+                add(&mut new);
+                streams.insert(aggregate_id.to_string(), new);
             }
         }
         // Published under the lock, so live subscribers see positions in order.
         // Followers subscribe under this lock too, so the count is exact here.
         let live = self.inner.followers.load(Ordering::Relaxed) > 0;
-        for stored in &all[first..] {
-            if let Some(bus) = &self.inner.bus {
-                bus.publish_stored(stored.event.clone(), stored.position);
-            }
-            if live {
-                let _ = self.inner.live.send(stored.clone());
+        if live || self.inner.bus.is_some() {
+            for stored in guard.events_from(first) {
+                if let Some(bus) = &self.inner.bus {
+                    bus.publish_stored(stored.event.clone(), stored.position);
+                }
+                if live {
+                    let _ = self.inner.live.send(stored);
+                }
             }
         }
         Ok(version)
@@ -275,9 +362,8 @@ impl EventStore for MemoryEventStore {
             .get(aggregate_id)
             .map(|positions| {
                 positions
-                    .iter()
-                    .skip(from_version.saturating_sub(1) as usize)
-                    .map(|&p| state.all[(p - 1) as usize].clone())
+                    .iter_from(from_version.saturating_sub(1) as usize)
+                    .map(|&position| state.stored(position))
                     .collect()
             })
             .unwrap_or_default();
@@ -287,8 +373,7 @@ impl EventStore for MemoryEventStore {
 
     fn read_all(&self, from_position: u64, limit: usize) -> BoxFuture<'_, Vec<StoredEvent>> {
         let state = self.inner.state();
-        let start = from_position.max(1) as usize - 1;
-        let events = state.all.iter().skip(start).take(limit).cloned().collect();
+        let events = state.events_from(from_position).take(limit).collect();
         drop(state);
         Box::pin(async move { events })
     }
@@ -326,14 +411,9 @@ impl EventStore for MemoryEventStore {
                     // is appended in between, so there is no gap and no duplicate.
                     let state = inner.state();
                     live = Some(Follower::new(&inner));
-                    backlog = state
-                        .all
-                        .iter()
-                        .skip((next - 1) as usize)
-                        .cloned()
-                        .rev()
-                        .collect();
+                    backlog = state.events_from(next).collect();
                     drop(state);
+                    backlog.reverse();
                 }
             },
         );
@@ -393,7 +473,7 @@ mod tests {
                     _ => offset,                                // far older
                 };
                 prop_assert_eq!(ids.contains(id), model.contains(&id));
-                prop_assert_eq!(ids.insert(id), model.insert(id));
+                prop_assert_eq!(ids.insert(id, Vec::new), model.insert(id));
                 prop_assert!(ids.contains(id));
             }
         }

@@ -44,6 +44,7 @@
 mod bus;
 mod event;
 mod memory;
+mod reserve;
 mod store;
 pub mod system;
 

@@ -73,11 +73,14 @@ impl<T, const SIZE: usize> Segmented<T, SIZE> {
     /// Adds `value` at the end; a new segment, when one is needed, comes from `spare`.
     #[inline]
     pub(super) fn push(&mut self, value: T, spare: impl FnOnce() -> Vec<T>) {
+        const { assert!(SIZE > 0) };
         let last = match self.rest.last_mut() {
             Some(last) if last.len() < SIZE => last,
             None if self.first.len() < SIZE => &mut self.first,
             _ => {
-                self.rest.push(spare());
+                let spare = spare();
+                debug_assert!(spare.is_empty(), "a new segment starts empty");
+                self.rest.push(spare);
                 self.rest.last_mut().expect("pushed above")
             }
         };
@@ -123,12 +126,22 @@ impl<T, const SIZE: usize> Segmented<T, SIZE> {
 fn touched<T>() -> Vec<T> {
     let mut segment = Vec::<T>::with_capacity(SEGMENT);
     let stride = (PAGE / std::mem::size_of::<T>().max(1)).max(1);
-    for slot in segment.spare_capacity_mut().iter_mut().step_by(stride) {
+    let room = segment.spare_capacity_mut();
+    for slot in room.iter_mut().step_by(stride) {
         *slot = MaybeUninit::zeroed();
+    }
+    // The room need not start on a page: its last page may hold no slot of the stride.
+    if let Some(last) = room.last_mut() {
+        *last = MaybeUninit::zeroed();
     }
     // The writes are what this is for: keep the optimizer from judging them dead.
     std::hint::black_box(segment.spare_capacity_mut());
     segment
+}
+
+/// An empty vector with room for [`SEGMENT`] elements, its pages touched as it fills.
+pub(super) fn untouched<T>() -> Vec<T> {
+    Vec::with_capacity(SEGMENT)
 }
 
 /// An event allocation to be overwritten by a stored event (see [`Reserve::event`]).
@@ -147,8 +160,10 @@ fn placeholder() -> Arc<Event> {
 /// Spares made ahead for a growing store by a helper thread of its own.
 ///
 /// Takers never wait: when nothing is ready (the helper has fallen behind), they make what
-/// they need themselves, as a store without a reserve does. The helper keeps [`KEEP`] spares
-/// of each kind ready, about 5 MiB in all, and stops when the reserve is dropped.
+/// they need themselves, as a store without a reserve does (its pages are then touched as
+/// they are filled). The helper keeps [`KEEP`] spares of each kind ready, about 5 MiB in all,
+/// segments before allocation batches (a segment is taken once per 65 536 events, a batch
+/// every 1 024), and stops when the reserve is dropped.
 pub(super) struct Reserve {
     shared: Arc<Shared>,
 }
@@ -173,10 +188,10 @@ impl Ready {
     /// The first kind of spare with fewer than [`KEEP`] ready, if any.
     fn missing(&self) -> Option<Kind> {
         [
-            (Kind::Allocations, self.allocations.len()),
             (Kind::Events, self.events.len()),
             (Kind::Ids, self.ids.len()),
             (Kind::Positions, self.positions.len()),
+            (Kind::Allocations, self.allocations.len()),
         ]
         .into_iter()
         .find(|&(_, count)| count < KEEP)
@@ -240,18 +255,18 @@ impl Reserve {
     /// A segment for the store's events.
     pub(super) fn events(&self) -> Vec<Arc<Event>> {
         self.take(|ready| ready.events.pop())
-            .unwrap_or_else(touched)
+            .unwrap_or_else(untouched)
     }
 
     /// A segment for the id index.
     pub(super) fn ids(&self) -> Vec<u128> {
-        self.take(|ready| ready.ids.pop()).unwrap_or_else(touched)
+        self.take(|ready| ready.ids.pop()).unwrap_or_else(untouched)
     }
 
     /// A segment for an aggregate's positions.
     pub(super) fn positions(&self) -> Vec<u64> {
         self.take(|ready| ready.positions.pop())
-            .unwrap_or_else(touched)
+            .unwrap_or_else(untouched)
     }
 
     /// A batch of unshared event allocations, each to be overwritten with a stored event

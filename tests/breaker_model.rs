@@ -78,7 +78,16 @@ proptest! {
             let bucket_of = |at: tokio::time::Instant| (at - started).as_nanos() / bucket.as_nanos();
             let mut history: Vec<(u128, bool)> = Vec::new();
             for (failed, pause_ms) in steps {
-                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                // The breaker moves to the next bucket when its timer fires, on tokio's
+                // millisecond clock: a call made in the millisecond of a boundary may count
+                // in either bucket, depending on which task runs first. The model's calls keep
+                // off those instants.
+                let mut pause = Duration::from_millis(pause_ms);
+                let at = (tokio::time::Instant::now() + pause - started).as_nanos();
+                if at % bucket.as_nanos() < Duration::from_millis(1).as_nanos() {
+                    pause += Duration::from_millis(1);
+                }
+                tokio::time::sleep(pause).await;
                 let _ = send(&mut service, if failed { Call::Fail } else { Call::Succeed }).await;
                 let now = bucket_of(tokio::time::Instant::now());
                 history.push((now, failed));

@@ -93,6 +93,11 @@ pub enum WindowConfig {
         size: u32,
     },
     /// The calls recorded in the last `duration`, in `[1s, 1h]`, kept in 60 buckets.
+    ///
+    /// The window moves to its next bucket when the breaker's timer fires at the boundary
+    /// (tokio's timers have millisecond resolution, and fire when the runtime gets to them):
+    /// a call made between the boundary and that moment counts in the bucket before, and so
+    /// leaves the window one bucket early.
     Time {
         /// Length of the window, e.g. `"60s"`.
         #[serde(with = "crate::duration")]

@@ -371,13 +371,7 @@ impl<T: Send + Sync + 'static> Receiving<T> {
             };
             match received {
                 Ok(Message::Event(event, position)) => {
-                    if position != 0 {
-                        if position <= self.seen {
-                            continue;
-                        }
-                        self.seen = position;
-                    }
-                    if self.keep.as_deref().is_none_or(|keep| keep(&event)) {
+                    if let Some(event) = self.accept(event, position) {
                         return Ok(event);
                     }
                 }
@@ -470,8 +464,7 @@ impl Subscription<serde_json::Value> {
                 let page = store.read_all(receiving.seen + 1, PAGE).await;
                 let full = page.len() == PAGE;
                 for stored in page {
-                    receiving.seen = stored.position;
-                    receiving.keep_into(stored.event, &mut caught_up);
+                    caught_up.extend(receiving.accept(stored.event, stored.position));
                 }
                 if !full {
                     break;
@@ -481,11 +474,8 @@ impl Subscription<serde_json::Value> {
             // on from the newest event (older ones would be overwritten and lag again).
             loop {
                 match receiving.receiver.try_recv() {
-                    Ok(Message::Event(event, 0)) => receiving.keep_into(event, &mut caught_up),
-                    Ok(Message::Event(_, position)) if position <= receiving.seen => {}
                     Ok(Message::Event(event, position)) => {
-                        receiving.seen = position;
-                        receiving.keep_into(event, &mut caught_up);
+                        caught_up.extend(receiving.accept(event, position));
                     }
                     Ok(Message::Shutdown) | Err(TryRecvError::Closed) => {
                         receiving.closed = true;
@@ -501,10 +491,20 @@ impl Subscription<serde_json::Value> {
 }
 
 impl<T> Receiving<T> {
-    fn keep_into(&self, event: Arc<Event<T>>, into: &mut Vec<Arc<Event<T>>>) {
-        if self.keep.as_deref().is_none_or(|keep| keep(&event)) {
-            into.push(event);
+    /// `event`, published at store `position` (0: not from a store), if this subscriber is to
+    /// get it: not a stored event it already had, and accepted by its filter.
+    #[inline]
+    fn accept(&mut self, event: Arc<Event<T>>, position: u64) -> Option<Arc<Event<T>>> {
+        if position != 0 {
+            if position <= self.seen {
+                return None;
+            }
+            self.seen = position;
         }
+        self.keep
+            .as_deref()
+            .is_none_or(|keep| keep(&event))
+            .then_some(event)
     }
 }
 

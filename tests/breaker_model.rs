@@ -78,13 +78,14 @@ proptest! {
             let bucket_of = |at: tokio::time::Instant| (at - started).as_nanos() / bucket.as_nanos();
             let mut history: Vec<(u128, bool)> = Vec::new();
             for (failed, pause_ms) in steps {
-                // The breaker moves to the next bucket when its timer fires, on tokio's
-                // millisecond clock: a call made in the millisecond of a boundary may count
-                // in either bucket, depending on which task runs first. The model's calls keep
-                // off those instants.
+                // A success that skips the lock reads no clock: the breaker counts it in the
+                // bucket current when its timer last moved the window, and that timer fires on
+                // tokio's millisecond clock, so a success made in the millisecond of a boundary
+                // may count in either bucket, depending on which task runs first. The model's
+                // successes keep off those instants (failures take the lock and read the clock).
                 let mut pause = Duration::from_millis(pause_ms);
                 let at = (tokio::time::Instant::now() + pause - started).as_nanos();
-                if at % bucket.as_nanos() < Duration::from_millis(1).as_nanos() {
+                if !failed && at % bucket.as_nanos() < Duration::from_millis(1).as_nanos() {
                     pause += Duration::from_millis(1);
                 }
                 tokio::time::sleep(pause).await;

@@ -94,10 +94,13 @@ pub enum WindowConfig {
     },
     /// The calls recorded in the last `duration`, in `[1s, 1h]`, kept in 60 buckets.
     ///
-    /// The window moves to its next bucket when the breaker's timer fires at the boundary
-    /// (tokio's timers have millisecond resolution, and fire when the runtime gets to them):
-    /// a call made between the boundary and that moment counts in the bucket before, and so
-    /// leaves the window one bucket early.
+    /// Successes recorded without the lock (once the window holds `minimum_calls` calls) read
+    /// no clock: they count in the bucket current when the breaker's timer last moved the
+    /// window. That timer fires at each bucket boundary, on tokio's millisecond clock and
+    /// when the runtime gets to it, so a success made between a boundary and that moment
+    /// counts in the bucket before (and leaves the window a bucket early; more, if the
+    /// runtime is late by more than a bucket). Failures and slow calls read the clock and
+    /// always count in their own bucket.
     Time {
         /// Length of the window, e.g. `"60s"`.
         #[serde(with = "crate::duration")]

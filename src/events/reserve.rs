@@ -4,7 +4,7 @@
 //! A store that keeps growing writes into memory the process has never touched, and the first
 //! write to each page is a fault the kernel serves. On bare metal that is a fraction of a
 //! microsecond per 4 KiB page; on a virtual machine whose host backs guest memory lazily it
-//! can be tens of microseconds, which at about 200 new bytes per event is most of an append.
+//! can be microseconds, which at a few hundred new bytes per event is most of an append.
 //! So the store's growing parts are kept in fixed-size [`Segmented`] vectors, and once a store
 //! is large enough for growth to matter, a helper thread ([`Reserve`]) prepares the next
 //! segments and a batch of event allocations, touching every page, while the appends run:
@@ -13,6 +13,7 @@
 
 use super::event::Event;
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -144,7 +145,7 @@ pub(super) fn untouched<T>() -> Vec<T> {
     Vec::with_capacity(SEGMENT)
 }
 
-/// An event allocation to be overwritten by a stored event (see [`Reserve::event`]).
+/// An event allocation to be overwritten by a stored event (see [`Reserve::allocations`]).
 fn placeholder() -> Arc<Event> {
     Arc::new(Event {
         id: uuid::Uuid::nil(),
@@ -161,17 +162,26 @@ fn placeholder() -> Arc<Event> {
 ///
 /// Takers never wait: when nothing is ready (the helper has fallen behind), they make what
 /// they need themselves, as a store without a reserve does (its pages are then touched as
-/// they are filled). The helper keeps [`KEEP`] spares of each kind ready, about 5 MiB in all,
-/// segments before allocation batches (a segment is taken once per 65 536 events, a batch
-/// every 1 024), and stops when the reserve is dropped.
+/// they are filled). The helper keeps [`KEEP`] spares of each kind ready, about 4.4 MiB in
+/// all, segments before allocation batches (a segment is taken once per 65 536 events, a
+/// batch every 1 024), and stops when the reserve is dropped.
 pub(super) struct Reserve {
     shared: Arc<Shared>,
+    /// The helper, detached when the reserve is dropped (dropping never waits for it); the
+    /// tests join it.
+    #[cfg_attr(not(test), allow(dead_code))]
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 struct Shared {
     ready: Mutex<Ready>,
+    /// Allocation batches in `ready`, read without the lock: a store whose appends outrun
+    /// the helper asks for a batch on every append, and finds none without locking.
+    batches: AtomicUsize,
     /// Signalled when a spare is taken, or the reserve closed.
     taken: Condvar,
+    /// Signalled when the helper has stored a spare.
+    made: Condvar,
 }
 
 #[derive(Default)]
@@ -242,14 +252,19 @@ impl Reserve {
     pub(super) fn start() -> Option<Self> {
         let shared = Arc::new(Shared {
             ready: Mutex::new(Ready::default()),
+            batches: AtomicUsize::new(0),
             taken: Condvar::new(),
+            made: Condvar::new(),
         });
         let helper = shared.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("meshkit-store-reserve".into())
             .spawn(move || helper.run())
             .ok()?;
-        Some(Self { shared })
+        Some(Self {
+            shared,
+            thread: Some(thread),
+        })
     }
 
     /// A segment for the store's events.
@@ -272,8 +287,30 @@ impl Reserve {
     /// A batch of unshared event allocations, each to be overwritten with a stored event
     /// (empty if none is ready).
     pub(super) fn allocations(&self) -> Vec<Arc<Event>> {
-        self.take(|ready| ready.allocations.pop())
-            .unwrap_or_default()
+        if self.shared.batches.load(Ordering::Relaxed) == 0 {
+            return Vec::new();
+        }
+        self.take(|ready| {
+            let batch = ready.allocations.pop();
+            self.shared
+                .batches
+                .store(ready.allocations.len(), Ordering::Relaxed);
+            batch
+        })
+        .unwrap_or_default()
+    }
+
+    /// Waits until the helper has every kind of spare ready.
+    #[cfg(test)]
+    fn wait_until_full(&self) {
+        let mut ready = self.shared.lock();
+        while ready.missing().is_some() {
+            ready = self
+                .shared
+                .made
+                .wait(ready)
+                .unwrap_or_else(|p| p.into_inner());
+        }
     }
 
     fn take<T>(&self, pick: impl FnOnce(&mut Ready) -> Option<T>) -> Option<T> {
@@ -307,6 +344,9 @@ impl Shared {
                     let spare = kind.make();
                     ready = self.lock();
                     ready.store(spare);
+                    self.batches
+                        .store(ready.allocations.len(), Ordering::Relaxed);
+                    self.made.notify_all();
                 }
                 None => ready = self.taken.wait(ready).unwrap_or_else(|p| p.into_inner()),
             }
@@ -349,31 +389,23 @@ mod tests {
 
     #[test]
     fn the_reserve_hands_out_room_and_unshared_allocations_and_stops_when_dropped() {
-        let reserve = Reserve::start().expect("a thread");
+        let mut reserve = Reserve::start().expect("a thread");
+        reserve.wait_until_full();
         let segment = reserve.events();
         assert!(segment.is_empty() && segment.capacity() >= SEGMENT);
         assert!(reserve.ids().capacity() >= SEGMENT);
         assert!(reserve.positions().capacity() >= SEGMENT);
-        // Allocations may not be ready yet: wait for the helper (it runs on its own thread).
-        let mut allocations = Vec::new();
-        for _ in 0..5_000 {
-            allocations = reserve.allocations();
-            if !allocations.is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let mut allocations = reserve.allocations();
         assert_eq!(allocations.len(), BATCH);
         assert!(allocations.iter_mut().all(|a| Arc::get_mut(a).is_some()));
 
         let helper = Arc::downgrade(&reserve.shared);
+        let thread = reserve.thread.take().expect("started");
         drop(reserve);
-        for _ in 0..5_000 {
-            if helper.upgrade().is_none() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        panic!("the helper thread still holds the reserve");
+        thread.join().expect("the helper ends cleanly");
+        assert!(
+            helper.upgrade().is_none(),
+            "the helper let go of the reserve"
+        );
     }
 }

@@ -23,14 +23,14 @@ const LIVE_CAPACITY: usize = 4_096;
 ///
 /// The store grows in segments of 65 536 events rather than reallocating, so an append costs
 /// the same at ten thousand events and at ten million. Once it holds 16 384 events it starts
-/// a helper thread that prepares, ahead of the appends, the next segments and a batch of
+/// a helper thread that prepares, ahead of the appends, the next segments and batches of
 /// event allocations, writing every page once: where the first touch of memory is slow (a
-/// virtual machine whose host backs its memory lazily can take tens of microseconds per
+/// virtual machine whose host backs its memory lazily can take several microseconds per
 /// 4 KiB page) that cost leaves the appending task, as long as the helper keeps up (on the
 /// virtual machines meshkit is benchmarked on it prepares about 5.7 M event allocations a
-/// second; appends that outrun it allocate for themselves). The helper keeps
-/// about 5 MiB ready and is told to stop when the store's last clone and subscription are
-/// dropped; appends never wait for it (the one that starts it spawns the thread).
+/// second; appends that outrun it allocate for themselves). The helper keeps about 4.4 MiB
+/// ready and is told to stop when the store's last clone and subscription are dropped;
+/// appends never wait for it (the one that starts it spawns the thread).
 ///
 /// ```
 /// use meshkit::events::{Event, EventStore, ExpectedVersion, MemoryEventStore};

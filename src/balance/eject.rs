@@ -25,7 +25,7 @@ use tower::{BoxError, Service};
 /// probe, and its success re-admits the endpoint. Ejection never takes more than
 /// `max_ejection_percent` of the ready endpoints out (counted after the ejection it would
 /// cause), and when fewer than `panic_threshold` of them are healthy, the balancer uses all of
-/// them (a degraded service keeps serving).
+/// them, calling the ejected ones past their breakers (a degraded service keeps serving).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EjectionConfig {
@@ -241,8 +241,11 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     /// ready goes on with the call, readied as the call is polled (keeping whatever place its
     /// readiness holds), and the handle makes a new copy next time; a copy whose readiness
     /// failed is dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
-    /// the breaker admits the call at once; behind one that is not closed, the breaker is
-    /// copied too and decides as the call is polled.
+    /// the breaker admits the call at once. Behind an open one, in `panic` mode (the
+    /// balancer is using every endpoint, ejected or not), the call goes to the endpoint past
+    /// its breaker, which records nothing while open. Otherwise (half-open: a probe; open
+    /// outside panic mode: the snapshot has not caught up yet), the breaker is copied too and
+    /// decides as the call is polled.
     ///
     /// `classifier` is the handle's own copy of the ejection classifier, which an admitted
     /// call carries.
@@ -251,12 +254,14 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         endpoint: &Guarded<S>,
         copy: &mut Option<S>,
         classifier: &EjectionClassifier,
+        panic: bool,
         request: Req,
     ) -> Self {
         let (service, admitted) = match &endpoint.0 {
             Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
+                None if panic && breaker.is_open() => (breaker.get_ref(), None),
                 None => return Self::through_breaker(breaker, classifier, request),
             },
         };

@@ -46,8 +46,14 @@
 //! endpoint gets its own circuit breaker: failures eject it for a time that doubles with each
 //! ejection in a row, and the first call after that is a probe whose success re-admits it.
 //! Ejection never takes out more than `max_ejection_percent` of the ready endpoints, and below
-//! `panic_threshold` healthy endpoints the balancer uses all of them. Ejections, probes,
-//! re-admissions and panic mode emit `tracing` events.
+//! `panic_threshold` healthy endpoints the balancer uses all of them, calling the ejected ones
+//! past their breakers. Ejections, probes, re-admissions and panic mode emit `tracing` events.
+//!
+//! Ejection uses the breaker's state machine, but not its gate mode: the balancer's worker
+//! follows each breaker's transitions and takes an open endpoint out of the set calls are
+//! picked from (half-open puts it back for its probe), instead of the endpoint's `poll_ready`
+//! holding calls back. Panic mode has to send calls to ejected endpoints, which a gate would
+//! hold.
 //!
 //! ## Readiness and failing fast
 //!

@@ -30,6 +30,9 @@ pub(crate) struct Snapshot<S, T> {
     pub(crate) known: usize,
     /// Ready endpoints left out as outliers.
     pub(crate) ejected: usize,
+    /// Panic mode: ejected endpoints are in `services` too, and are called past their open
+    /// breakers.
+    pub(crate) panic: bool,
 }
 
 impl<S, T> Snapshot<S, T> {
@@ -40,6 +43,7 @@ impl<S, T> Snapshot<S, T> {
             prepared: None,
             known: 0,
             ejected: 0,
+            panic: false,
         }
     }
 }
@@ -486,6 +490,7 @@ where
             &view.services[index],
             &mut self.copies[index],
             &self.classifier,
+            view.panic,
             request,
         );
         if self.picker.tracks_load() || self.picker.tracks_latency() {

@@ -426,5 +426,6 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
         prepared,
         known: endpoints.len(),
         ejected,
+        panic,
     }
 }

@@ -174,6 +174,12 @@ impl<S, C: Clone> CircuitBreaker<S, C> {
         (passes(word) && state_of(word) == BreakerState::Closed).then_some(word)
     }
 
+    /// Whether the breaker is open (not half-open, forced open or disabled).
+    #[inline]
+    pub(crate) fn is_open(&self) -> bool {
+        state_of(self.mode.load(Ordering::Acquire)) == BreakerState::Open
+    }
+
     /// The future of a call [`admit_closed`](Self::admit_closed) admitted under `word`:
     /// records its outcome as `call`'s would, judged by `classifier` (the caller's copy of
     /// this breaker's classifier).

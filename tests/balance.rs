@@ -146,6 +146,66 @@ async fn endpoints_become_ready_without_traffic() {
     assert!(futures::poll!(std::future::poll_fn(|cx| balance.poll_ready(cx))).is_ready());
 }
 
+/// An endpoint whose `poll_ready` fails while `failing` is set.
+#[derive(Clone)]
+struct FlakyReadiness {
+    name: &'static str,
+    failing: Arc<AtomicBool>,
+}
+
+impl Service<u64> for FlakyReadiness {
+    type Response = &'static str;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<&'static str, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(if self.failing.load(Ordering::SeqCst) {
+            Err(BoxError::from("not ready"))
+        } else {
+            Ok(())
+        })
+    }
+
+    fn call(&mut self, _: u64) -> Self::Future {
+        std::future::ready(Ok(self.name))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_whose_readiness_failed_is_polled_again_not_dropped() {
+    // tower's balancer drops an endpoint for good after one readiness error.
+    let failing = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = changes();
+    tx.unbounded_send(insert("steady")).unwrap();
+    tx.unbounded_send(Ok(Change::Insert(
+        "flaky",
+        tower::util::BoxCloneSyncService::new(FlakyReadiness {
+            name: "flaky",
+            failing: Arc::clone(&failing),
+        }),
+    )))
+    .unwrap();
+    let mut balance = Balance::new(rx, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let counts = tally(&mut balance, 10).await;
+    assert_eq!(counts.get("flaky"), None, "not ready: no calls {counts:?}");
+
+    // It recovers, with no request in between: the worker polls it again and it takes its
+    // share.
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let counts = tally(&mut balance, 10).await;
+    assert_eq!(
+        counts.get("flaky"),
+        Some(&5),
+        "back in rotation: {counts:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn least_requests_prefers_the_idle_endpoint() {
     let (tx, rx) = changes();

@@ -130,16 +130,14 @@ fn share(event: Event, allocations: &mut Vec<Arc<Event>>, reserve: Option<&Reser
             *allocations = reserve.allocations();
         }
     }
-    match allocations.pop() {
-        Some(mut allocation) => match Arc::get_mut(&mut allocation) {
-            Some(place) => {
-                *place = event;
-                allocation
-            }
-            None => Arc::new(event),
-        },
-        None => Arc::new(event),
+    // Prepared allocations are never shared, so `get_mut` always finds the place.
+    if let Some(mut allocation) = allocations.pop() {
+        if let Some(place) = Arc::get_mut(&mut allocation) {
+            *place = event;
+            return allocation;
+        }
     }
+    Arc::new(event)
 }
 
 impl State {

@@ -220,8 +220,9 @@ pin_project! {
         // The handle's copy of the endpoint was ready: its call, nothing else.
         Direct { #[pin] call: S::Future },
         // The same, admitted by a closed ejection breaker, whose future records the outcome.
-        // Boxed, as the paths below: plain calls keep the size of the endpoint's own future.
-        AdmittedDirect { call: Pin<Box<crate::breaker::ResponseFuture<S::Future, EjectionClassifier>>> },
+        // In place: with ejection on, this is every call's path, and a box would cost each
+        // call an allocation.
+        AdmittedDirect { #[pin] call: crate::breaker::ResponseFuture<S::Future, EjectionClassifier> },
         // The handle's copy was not ready: it goes on with the call, readied as it is polled.
         Plain { call: Pin<Box<tower::util::Oneshot<S, Req>>> },
         Admitted { call: Pin<Box<crate::breaker::ResponseFuture<tower::util::Oneshot<S, Req>, EjectionClassifier>>> },
@@ -284,7 +285,7 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         let call = own.call(request);
         let inner = match admitted {
             Some((breaker, word)) => CallInner::AdmittedDirect {
-                call: Box::pin(breaker.admitted(call, word, classifier.clone())),
+                call: breaker.admitted(call, word, classifier.clone()),
             },
             None => CallInner::Direct { call },
         };
@@ -343,7 +344,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().inner.project() {
             CallInnerProjection::Direct { call } => call.poll(cx).map_err(Into::into),
-            CallInnerProjection::AdmittedDirect { call } => call.as_mut().poll(cx),
+            CallInnerProjection::AdmittedDirect { call } => call.poll(cx),
             CallInnerProjection::Plain { call } => call.as_mut().poll(cx).map_err(Into::into),
             CallInnerProjection::Admitted { call } => call.as_mut().poll(cx),
             CallInnerProjection::Breaker { service, future } => {

@@ -41,6 +41,7 @@
 
 mod client;
 mod config;
+mod deadlines;
 #[cfg(feature = "http")]
 mod http;
 mod lazy;

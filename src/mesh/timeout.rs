@@ -1,27 +1,41 @@
 //! [`Timeout`]: the whole call's time limit, with no timer for a call that is ready at once.
 
+use super::deadlines::{Deadlines, Registration};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::Sleep;
 use tower::timeout::error::Elapsed;
 use tower::{BoxError, Service};
 
 /// Fails a call with tower's [`Elapsed`] when it takes longer than `limit`, counted from its
-/// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, the
-/// timer is armed only when the call is not ready on its first poll: an in-process call that
-/// completes at once costs no clock read and no timer.
-#[derive(Clone, Debug)]
+/// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, a
+/// call that completes on its first poll costs no clock read and no timer, and a call that
+/// waits joins its clone's [`Deadlines`] instead of registering a timer of its own. Each
+/// clone has its own queue (a `MeshClient` clone is meant for one task).
+#[derive(Debug)]
 pub(crate) struct Timeout<S> {
     inner: S,
-    limit: Duration,
+    deadlines: Arc<Deadlines>,
 }
 
 impl<S> Timeout<S> {
     pub(crate) fn new(inner: S, limit: Duration) -> Self {
-        Self { inner, limit }
+        Self {
+            inner,
+            deadlines: Deadlines::new(limit),
+        }
+    }
+}
+
+impl<S: Clone> Clone for Timeout<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            deadlines: Deadlines::new(self.deadlines.limit()),
+        }
     }
 }
 
@@ -43,8 +57,8 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         ResponseFuture {
             inner: self.inner.call(request),
-            limit: self.limit,
-            sleep: None,
+            deadlines: Some(self.deadlines.clone()),
+            registration: None,
         }
     }
 }
@@ -54,10 +68,9 @@ pin_project! {
     pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        limit: Duration,
-        // Armed only for calls that wait; in place (the whole future is boxed above it).
-        #[pin]
-        sleep: Option<Sleep>,
+        // Taken when the call first waits.
+        deadlines: Option<Arc<Deadlines>>,
+        registration: Option<Registration>,
     }
 }
 
@@ -70,18 +83,20 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        loop {
-            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                return match sleep.poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
-                    Poll::Pending => Poll::Pending,
-                };
+        let registration = match this.registration {
+            Some(registration) => registration,
+            None => {
+                let deadlines = this.deadlines.take().expect("polled after completion");
+                this.registration.insert(deadlines.register(cx.waker()))
             }
-            this.sleep.set(Some(tokio::time::sleep(*this.limit)));
+        };
+        match registration.poll_expired(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -89,17 +104,24 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::time::{sleep, Instant};
     use tower::ServiceExt;
+
+    /// A call that answers `n` after `delay`, counted from its first poll.
+    fn slow(
+        delay: Duration,
+    ) -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone {
+        tower::service_fn(move |n: u32| async move {
+            sleep(delay).await;
+            Ok::<_, BoxError>(n)
+        })
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_past_its_limit_fails_with_elapsed() {
-        let slow = tower::service_fn(|_: ()| async {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            Ok::<_, BoxError>(())
-        });
-        let started = tokio::time::Instant::now();
-        let error = Timeout::new(slow, Duration::from_secs(1))
-            .oneshot(())
+        let started = Instant::now();
+        let error = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1))
+            .oneshot(0)
             .await
             .unwrap_err();
         assert!(error.is::<Elapsed>());
@@ -108,14 +130,127 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_call_within_its_limit_passes_through() {
-        let quick = tower::service_fn(|n: u32| async move {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            Ok::<_, BoxError>(n)
-        });
-        let answer = Timeout::new(quick, Duration::from_secs(1))
+        let answer = Timeout::new(slow(Duration::from_millis(500)), Duration::from_secs(1))
             .oneshot(7)
             .await
             .unwrap();
         assert_eq!(answer, 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn calls_that_start_apart_each_time_out_at_their_own_limit() {
+        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        let calls = [0u64, 300, 700, 1_000, 2_500].map(|offset| {
+            let call = timeout.call(0);
+            async move {
+                sleep(Duration::from_millis(offset)).await;
+                let started = Instant::now();
+                let error = call.await.unwrap_err();
+                assert!(error.is::<Elapsed>());
+                started.elapsed()
+            }
+        });
+        for waited in futures::future::join_all(calls).await {
+            assert_eq!(waited, Duration::from_secs(1));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quick_calls_do_not_time_out_the_ones_after_them() {
+        // Calls that finish leave the queue; a later slow call still gets its whole limit.
+        let mut timeout = Timeout::new(
+            tower::service_fn(|delay: u64| async move {
+                sleep(Duration::from_millis(delay)).await;
+                Ok::<_, BoxError>(delay)
+            }),
+            Duration::from_secs(1),
+        );
+        for delay in [10, 900, 10, 999] {
+            let answer = timeout.ready().await.unwrap().call(delay).await.unwrap();
+            assert_eq!(answer, delay);
+        }
+        assert_eq!(timeout.deadlines.len(), 0);
+        let started = Instant::now();
+        let error = timeout
+            .ready()
+            .await
+            .unwrap()
+            .call(5_000)
+            .await
+            .unwrap_err();
+        assert!(error.is::<Elapsed>());
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(timeout.deadlines.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_after_a_long_idle_time_still_times_out() {
+        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        for idle in [0, 10, 3_600] {
+            // Long enough for the timer to park between calls.
+            sleep(Duration::from_secs(idle)).await;
+            let started = Instant::now();
+            let error = timeout.ready().await.unwrap().call(0).await.unwrap_err();
+            assert!(error.is::<Elapsed>());
+            assert_eq!(started.elapsed(), Duration::from_secs(1));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_call_leaves_the_queue() {
+        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        let mut call = Box::pin(timeout.call(0));
+        assert!(futures::poll!(call.as_mut()).is_pending());
+        assert_eq!(timeout.deadlines.len(), 1);
+        drop(call);
+        assert_eq!(timeout.deadlines.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_task_ends_with_its_service() {
+        let tasks = || {
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks()
+        };
+        let before = tasks();
+        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        let _ = timeout.ready().await.unwrap().call(0).await;
+        assert_eq!(tasks(), before + 1);
+        // Parked after a long idle time, it is woken to end when the service goes.
+        sleep(Duration::from_secs(10)).await;
+        drop(timeout);
+        tokio::task::yield_now().await;
+        assert_eq!(tasks(), before);
+    }
+
+    #[test]
+    fn a_service_moved_to_another_runtime_keeps_timing_out() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        for _ in 0..2 {
+            // The first runtime's timer task ends with it; the second call starts another.
+            let error = runtime()
+                .block_on(async { timeout.ready().await.unwrap().call(0).await })
+                .unwrap_err();
+            assert!(error.is::<Elapsed>());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clones_keep_queues_of_their_own() {
+        let timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
+        let (mut a, mut b) = (timeout.clone(), timeout.clone());
+        let (call_a, call_b) = (a.call(0), b.call(0));
+        let (a_result, b_result) = tokio::join!(call_a, call_b);
+        assert!(a_result.unwrap_err().is::<Elapsed>());
+        assert!(b_result.unwrap_err().is::<Elapsed>());
+        assert!(!Arc::ptr_eq(&a.deadlines, &b.deadlines));
     }
 }

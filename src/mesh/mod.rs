@@ -41,7 +41,6 @@
 
 mod client;
 mod config;
-mod deadlines;
 #[cfg(feature = "http")]
 mod http;
 mod lazy;

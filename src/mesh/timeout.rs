@@ -1,41 +1,27 @@
 //! [`Timeout`]: the whole call's time limit, with no timer for a call that is ready at once.
 
-use super::deadlines::{Deadlines, Registration};
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::time::Sleep;
 use tower::timeout::error::Elapsed;
 use tower::{BoxError, Service};
 
 /// Fails a call with tower's [`Elapsed`] when it takes longer than `limit`, counted from its
-/// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, a
-/// call that completes on its first poll costs no clock read and no timer, and a call that
-/// waits joins its clone's [`Deadlines`] instead of registering a timer of its own. Each
-/// clone has its own queue (a `MeshClient` clone is meant for one task).
-#[derive(Debug)]
+/// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, the
+/// timer is armed only when the call is not ready on its first poll: an in-process call that
+/// completes at once costs no clock read and no timer.
+#[derive(Clone, Debug)]
 pub(crate) struct Timeout<S> {
     inner: S,
-    deadlines: Arc<Deadlines>,
+    limit: Duration,
 }
 
 impl<S> Timeout<S> {
     pub(crate) fn new(inner: S, limit: Duration) -> Self {
-        Self {
-            inner,
-            deadlines: Deadlines::new(limit),
-        }
-    }
-}
-
-impl<S: Clone> Clone for Timeout<S> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-            deadlines: Deadlines::new(self.deadlines.limit()),
-        }
+        Self { inner, limit }
     }
 }
 
@@ -57,8 +43,8 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         ResponseFuture {
             inner: self.inner.call(request),
-            deadlines: Some(self.deadlines.clone()),
-            registration: None,
+            limit: self.limit,
+            sleep: None,
         }
     }
 }
@@ -68,9 +54,10 @@ pin_project! {
     pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        // Taken when the call first waits.
-        deadlines: Option<Arc<Deadlines>>,
-        registration: Option<Registration>,
+        limit: Duration,
+        // Armed only for calls that wait; in place (the whole future is boxed above it).
+        #[pin]
+        sleep: Option<Sleep>,
     }
 }
 
@@ -83,20 +70,18 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        let registration = match this.registration {
-            Some(registration) => registration,
-            None => {
-                let deadlines = this.deadlines.take().expect("polled after completion");
-                this.registration.insert(deadlines.register(cx.waker()))
+        loop {
+            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
+                return match sleep.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-        };
-        match registration.poll_expired(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
-            Poll::Pending => Poll::Pending,
+            this.sleep.set(Some(tokio::time::sleep(*this.limit)));
         }
     }
 }
@@ -157,7 +142,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn quick_calls_do_not_time_out_the_ones_after_them() {
-        // Calls that finish leave the queue; a later slow call still gets its whole limit.
+        // A slow call after quick ones still gets its whole limit.
         let mut timeout = Timeout::new(
             tower::service_fn(|delay: u64| async move {
                 sleep(Duration::from_millis(delay)).await;
@@ -169,7 +154,6 @@ mod tests {
             let answer = timeout.ready().await.unwrap().call(delay).await.unwrap();
             assert_eq!(answer, delay);
         }
-        assert_eq!(timeout.deadlines.len(), 0);
         let started = Instant::now();
         let error = timeout
             .ready()
@@ -180,48 +164,18 @@ mod tests {
             .unwrap_err();
         assert!(error.is::<Elapsed>());
         assert_eq!(started.elapsed(), Duration::from_secs(1));
-        assert_eq!(timeout.deadlines.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_call_after_a_long_idle_time_still_times_out() {
         let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
         for idle in [0, 10, 3_600] {
-            // Long enough for the timer to park between calls.
             sleep(Duration::from_secs(idle)).await;
             let started = Instant::now();
             let error = timeout.ready().await.unwrap().call(0).await.unwrap_err();
             assert!(error.is::<Elapsed>());
             assert_eq!(started.elapsed(), Duration::from_secs(1));
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_dropped_call_leaves_the_queue() {
-        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
-        let mut call = Box::pin(timeout.call(0));
-        assert!(futures::poll!(call.as_mut()).is_pending());
-        assert_eq!(timeout.deadlines.len(), 1);
-        drop(call);
-        assert_eq!(timeout.deadlines.len(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_timer_task_ends_with_its_service() {
-        let tasks = || {
-            tokio::runtime::Handle::current()
-                .metrics()
-                .num_alive_tasks()
-        };
-        let before = tasks();
-        let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
-        let _ = timeout.ready().await.unwrap().call(0).await;
-        assert_eq!(tasks(), before + 1);
-        // Parked after a long idle time, it is woken to end when the service goes.
-        sleep(Duration::from_secs(10)).await;
-        drop(timeout);
-        tokio::task::yield_now().await;
-        assert_eq!(tasks(), before);
     }
 
     #[test]
@@ -235,22 +189,10 @@ mod tests {
         };
         let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
         for _ in 0..2 {
-            // The first runtime's timer task ends with it; the second call starts another.
             let error = runtime()
                 .block_on(async { timeout.ready().await.unwrap().call(0).await })
                 .unwrap_err();
             assert!(error.is::<Elapsed>());
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn clones_keep_queues_of_their_own() {
-        let timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
-        let (mut a, mut b) = (timeout.clone(), timeout.clone());
-        let (call_a, call_b) = (a.call(0), b.call(0));
-        let (a_result, b_result) = tokio::join!(call_a, call_b);
-        assert!(a_result.unwrap_err().is::<Elapsed>());
-        assert!(b_result.unwrap_err().is::<Elapsed>());
-        assert!(!Arc::ptr_eq(&a.deadlines, &b.deadlines));
     }
 }

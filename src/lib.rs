@@ -78,6 +78,7 @@ pub mod random;
 mod registry;
 pub mod retry;
 mod striped;
+mod timer;
 
 pub use config::ConfigError;
 pub use mesh::{Mesh, MeshClient, MeshConfig, MeshConfigError};

@@ -1,18 +1,20 @@
 //! [`Timeout`]: the whole call's time limit, with no timer for a call that is ready at once.
 
+use crate::timer::Timer;
 use pin_project_lite::pin_project;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::time::Sleep;
+use tokio::time::Instant;
 use tower::timeout::error::Elapsed;
 use tower::{BoxError, Service};
 
 /// Fails a call with tower's [`Elapsed`] when it takes longer than `limit`, counted from its
 /// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, the
 /// timer is armed only when the call is not ready on its first poll: an in-process call that
-/// completes at once costs no clock read and no timer.
+/// completes at once costs no clock read and no timer. A call that waits takes a pooled
+/// [`Timer`], re-armed rather than registered afresh with the runtime's timer wheel.
 #[derive(Clone, Debug)]
 pub(crate) struct Timeout<S> {
     inner: S,
@@ -44,7 +46,7 @@ where
         ResponseFuture {
             inner: self.inner.call(request),
             limit: self.limit,
-            sleep: None,
+            timer: None,
         }
     }
 }
@@ -55,9 +57,8 @@ pin_project! {
         #[pin]
         inner: F,
         limit: Duration,
-        // Armed only for calls that wait; in place (the whole future is boxed above it).
-        #[pin]
-        sleep: Option<Sleep>,
+        // Armed only for calls that wait.
+        timer: Option<Timer>,
     }
 }
 
@@ -70,18 +71,17 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        loop {
-            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                return match sleep.poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            this.sleep.set(Some(tokio::time::sleep(*this.limit)));
+        let limit = *this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Timer::at(Instant::now() + limit));
+        match timer.poll_elapsed(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

@@ -5,11 +5,12 @@
 //! polled, and a removal under that lock again when dropped before it fires: a call that
 //! waits on the network and then answers long before its time limit pays both, every time.
 //! A [`Timer`] returns its `Sleep` to a small per-thread pool when dropped, still registered.
-//! The next call on that thread takes it back and resets it to its own deadline; a deadline
-//! later than the registered one (the usual case: the same limit, counted from a later start)
-//! is one atomic update, and the wheel moves the entry when the old deadline comes. A pooled
-//! timer that reaches its deadline wakes the task that last waited on it, once: a spurious
-//! wake-up, which futures tolerate.
+//! The next call on that thread takes it back as it is when it is set to fire before the
+//! call's own deadline (the usual case: the same limit, counted from an earlier start), and
+//! only when it fires while the call still waits is it moved on to the call's deadline: a
+//! call that answers in time touches no timer state but its waker. A pooled timer that fires
+//! while no call waits wakes the task that last waited on it, once: a spurious wake-up, which
+//! futures tolerate.
 //!
 //! Pooled timers belong to the runtime that made them; a timer taken on another runtime's
 //! thread is dropped and replaced, so a service moved between runtimes keeps timing out.
@@ -37,7 +38,10 @@ thread_local! {
 
 /// A deadline for one waiting call, on a pooled tokio [`Sleep`]. Must be made inside a tokio
 /// runtime with time enabled (as `tokio::time::sleep_until`).
-pub(crate) struct Timer(Option<Armed>);
+pub(crate) struct Timer {
+    deadline: Instant,
+    armed: Option<Armed>,
+}
 
 impl Timer {
     /// A timer that fires at `deadline`.
@@ -56,7 +60,11 @@ impl Timer {
             })
             .ok()
             .flatten();
-        Self(Some(match pooled {
+        let armed = match pooled {
+            // A pooled timer set to fire before `deadline` is left as it is: when it fires,
+            // `poll_elapsed` moves it on to `deadline`. Most calls answer long before that,
+            // and pay nothing for it.
+            Some(armed) if armed.sleep.deadline() <= deadline => armed,
             Some(mut armed) => {
                 armed.sleep.as_mut().reset(deadline);
                 armed
@@ -65,22 +73,35 @@ impl Timer {
                 runtime,
                 sleep: Box::pin(sleep_until(deadline)),
             },
-        }))
+        };
+        Self {
+            deadline,
+            armed: Some(armed),
+        }
     }
 
     /// Whether the deadline has passed; registers `cx`'s waker if not.
     #[inline]
     pub(crate) fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        match &mut self.0 {
-            Some(armed) => armed.sleep.as_mut().poll(cx),
-            None => Poll::Ready(()),
+        let Some(armed) = &mut self.armed else {
+            return Poll::Ready(());
+        };
+        loop {
+            std::task::ready!(armed.sleep.as_mut().poll(cx));
+            if armed.sleep.deadline() >= self.deadline {
+                return Poll::Ready(());
+            }
+            // A pooled timer's earlier deadline: on to this call's own.
+            armed.sleep.as_mut().reset(self.deadline);
         }
     }
 }
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        let Some(armed) = self.0.take() else { return };
+        let Some(armed) = self.armed.take() else {
+            return;
+        };
         // During the thread's teardown the pool is gone: the timer is dropped with it.
         let _ = IDLE.try_with(|idle| {
             let mut idle = idle.borrow_mut();
@@ -158,7 +179,7 @@ mod tests {
         second.block_on(async {
             let start = Instant::now();
             let mut timer = Timer::at(start + Duration::from_secs(1));
-            let armed = timer.0.as_ref().unwrap();
+            let armed = timer.armed.as_ref().unwrap();
             assert_ne!(armed.runtime, first_id);
             std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
             assert_eq!(start.elapsed(), Duration::from_secs(1));

@@ -12,8 +12,14 @@
 //! while no call waits wakes the task that last waited on it, once: a spurious wake-up, which
 //! futures tolerate.
 //!
-//! Pooled timers belong to the runtime that made them; a timer taken on another runtime's
-//! thread is dropped and replaced, so a service moved between runtimes keeps timing out.
+//! Pooled timers belong to the runtime that made them. When a thread takes a timer while
+//! running another runtime, every pooled timer of other runtimes is dropped, so a service
+//! moved between runtimes keeps timing out; until then, up to [`POOL`] timers per thread keep
+//! their runtime's timer driver (and the waker of the task that last waited) alive.
+//!
+//! With tokio's paused clock (tests), a pooled timer is a pending timer like any other: a
+//! runtime that idles auto-advances to it, up to one time limit after the last call started,
+//! and the task that last waited is woken once.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -47,19 +53,27 @@ impl Timer {
     /// A timer that fires at `deadline`.
     pub(crate) fn at(deadline: Instant) -> Self {
         let runtime = Handle::current().id();
-        let pooled = IDLE
+        let (pooled, stale) = IDLE
             .try_with(|idle| {
                 let mut idle = idle.borrow_mut();
-                // Timers of another runtime (one this thread ran before) are of no use here.
-                while let Some(armed) = idle.pop() {
-                    if armed.runtime == runtime {
-                        return Some(armed);
+                match idle.last() {
+                    Some(armed) if armed.runtime == runtime => (idle.pop(), Vec::new()),
+                    None => (None, Vec::new()),
+                    // Timers of another runtime (one this thread ran before) are of no use
+                    // here: all of them go.
+                    Some(_) => {
+                        let (mine, stale) = std::mem::take(&mut *idle)
+                            .into_iter()
+                            .partition(|armed: &Armed| armed.runtime == runtime);
+                        *idle = mine;
+                        (idle.pop(), stale)
                     }
                 }
-                None
             })
-            .ok()
-            .flatten();
+            .unwrap_or_default();
+        // Dropped out of the pool's borrow: dropping a timer drops the waker it holds, which
+        // may drop a future that returns a timer of its own to the pool.
+        drop(stale);
         let armed = match pooled {
             // A pooled timer set to fire before `deadline` is left as it is: when it fires,
             // `poll_elapsed` moves it on to `deadline`. Most calls answer long before that,
@@ -102,11 +116,15 @@ impl Drop for Timer {
         let Some(armed) = self.armed.take() else {
             return;
         };
-        // During the thread's teardown the pool is gone: the timer is dropped with it.
-        let _ = IDLE.try_with(|idle| {
+        // During the thread's teardown the pool is gone: the timer is dropped with it. So is
+        // a timer the pool has no room for, once the pool's borrow has ended (see `at`).
+        let _unpooled = IDLE.try_with(|idle| {
             let mut idle = idle.borrow_mut();
             if idle.len() < POOL {
                 idle.push(armed);
+                None
+            } else {
+                Some(armed)
             }
         });
     }
@@ -115,31 +133,46 @@ impl Drop for Timer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
     fn idle_timers() -> usize {
         IDLE.with(|idle| idle.borrow().len())
     }
 
+    /// Polls `timer` once, so that its `Sleep` is registered with the timer wheel.
+    fn register(timer: &mut Timer) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        assert!(timer.poll_elapsed(&mut cx).is_pending());
+    }
+
+    async fn elapsed(timer: &mut Timer) {
+        std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_reused_timer_fires_at_its_new_deadline() {
+    async fn a_reused_timer_due_earlier_fires_at_the_new_deadline() {
         let start = Instant::now();
-        let first = Timer::at(start + Duration::from_secs(1));
+        let mut first = Timer::at(start + Duration::from_secs(1));
+        register(&mut first);
         drop(first);
         assert_eq!(idle_timers(), 1);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut second = Timer::at(Instant::now() + Duration::from_secs(1));
         assert_eq!(idle_timers(), 0, "the pooled timer is taken back");
-        std::future::poll_fn(|cx| second.poll_elapsed(cx)).await;
+        elapsed(&mut second).await;
         assert_eq!(start.elapsed(), Duration::from_millis(1_500));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_timer_reset_to_an_earlier_deadline_fires_then() {
+    async fn a_reused_timer_due_later_is_moved_to_the_earlier_deadline() {
         let start = Instant::now();
-        drop(Timer::at(start + Duration::from_secs(10)));
+        let mut first = Timer::at(start + Duration::from_secs(10));
+        register(&mut first);
+        drop(first);
         let mut timer = Timer::at(start + Duration::from_secs(1));
-        std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
+        assert_eq!(idle_timers(), 0, "the pooled timer is taken back");
+        elapsed(&mut timer).await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 
@@ -147,10 +180,12 @@ mod tests {
     async fn a_fired_timer_is_reused() {
         let start = Instant::now();
         let mut timer = Timer::at(start + Duration::from_secs(1));
-        std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
+        elapsed(&mut timer).await;
         drop(timer);
+        assert_eq!(idle_timers(), 1);
         let mut timer = Timer::at(Instant::now() + Duration::from_secs(2));
-        std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
+        assert_eq!(idle_timers(), 0, "the fired timer is taken back");
+        elapsed(&mut timer).await;
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 
@@ -162,27 +197,75 @@ mod tests {
         assert_eq!(idle_timers(), POOL);
     }
 
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    }
+
     #[test]
-    fn a_timer_pooled_by_another_runtime_is_not_reused() {
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
-        let first = runtime();
+    fn timers_pooled_by_another_runtime_are_dropped_not_reused() {
+        let first = paused_runtime();
         let first_id = first.handle().id();
-        first.block_on(async { drop(Timer::at(Instant::now() + Duration::from_secs(1))) });
+        first.block_on(async {
+            let _timers: Vec<_> = (0..3)
+                .map(|_| Timer::at(Instant::now() + Duration::from_secs(1)))
+                .collect();
+        });
+        assert_eq!(idle_timers(), 3);
         drop(first);
-        let second = runtime();
-        second.block_on(async {
+        paused_runtime().block_on(async {
             let start = Instant::now();
             let mut timer = Timer::at(start + Duration::from_secs(1));
-            let armed = timer.armed.as_ref().unwrap();
-            assert_ne!(armed.runtime, first_id);
-            std::future::poll_fn(|cx| timer.poll_elapsed(cx)).await;
+            assert_ne!(timer.armed.as_ref().unwrap().runtime, first_id);
+            assert_eq!(
+                idle_timers(),
+                0,
+                "every timer of the first runtime is dropped"
+            );
+            elapsed(&mut timer).await;
             assert_eq!(start.elapsed(), Duration::from_secs(1));
         });
+    }
+
+    /// A waker that owns a timer: dropping the last copy of the waker returns that timer to
+    /// the pool.
+    struct OwnsTimer {
+        _timer: Mutex<Timer>,
+    }
+
+    impl futures::task::ArcWake for OwnsTimer {
+        fn wake_by_ref(_: &Arc<Self>) {}
+    }
+
+    #[test]
+    fn dropping_a_stale_timer_may_return_another_to_the_pool() {
+        // Both runtimes stay alive: the first one's timer, still registered, holds a waker
+        // that owns a second timer. Dropping the stale timer on the second runtime drops that
+        // waker, which returns its timer to the pool while the pool is being cleaned.
+        let first = paused_runtime();
+        let second = paused_runtime();
+        {
+            let _entered = first.enter();
+            let deadline = Instant::now() + Duration::from_secs(1);
+            let owner = Arc::new(OwnsTimer {
+                _timer: Mutex::new(Timer::at(deadline)),
+            });
+            let waker = futures::task::waker(owner);
+            let mut timer = Timer::at(deadline);
+            let mut cx = Context::from_waker(&waker);
+            assert!(timer.poll_elapsed(&mut cx).is_pending());
+        }
+        assert_eq!(idle_timers(), 1);
+        second.block_on(async {
+            let _timer = Timer::at(Instant::now() + Duration::from_secs(1));
+        });
+        assert_eq!(
+            idle_timers(),
+            2,
+            "the second runtime's timer and the waker's one"
+        );
     }
 }

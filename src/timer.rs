@@ -140,10 +140,20 @@ mod tests {
         IDLE.with(|idle| idle.borrow().len())
     }
 
-    /// Polls `timer` once, so that its `Sleep` is registered with the timer wheel.
-    fn register(timer: &mut Timer) {
+    /// Leaves in the pool a timer registered with the timer wheel for `deadline`.
+    fn pool_registered(deadline: Instant) {
+        let mut timer = Timer::at(deadline);
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         assert!(timer.poll_elapsed(&mut cx).is_pending());
+        drop(timer);
+        assert_eq!(idle_timers(), 1);
+    }
+
+    /// A timer for `deadline` made from the one timer in the pool.
+    fn take_pooled(deadline: Instant) -> Timer {
+        let timer = Timer::at(deadline);
+        assert_eq!(idle_timers(), 0, "the pooled timer is taken back");
+        timer
     }
 
     async fn elapsed(timer: &mut Timer) {
@@ -153,26 +163,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reused_timer_due_earlier_fires_at_the_new_deadline() {
         let start = Instant::now();
-        let mut first = Timer::at(start + Duration::from_secs(1));
-        register(&mut first);
-        drop(first);
-        assert_eq!(idle_timers(), 1);
+        pool_registered(start + Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut second = Timer::at(Instant::now() + Duration::from_secs(1));
-        assert_eq!(idle_timers(), 0, "the pooled timer is taken back");
-        elapsed(&mut second).await;
+        elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(1))).await;
         assert_eq!(start.elapsed(), Duration::from_millis(1_500));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_reused_timer_due_later_is_moved_to_the_earlier_deadline() {
         let start = Instant::now();
-        let mut first = Timer::at(start + Duration::from_secs(10));
-        register(&mut first);
-        drop(first);
-        let mut timer = Timer::at(start + Duration::from_secs(1));
-        assert_eq!(idle_timers(), 0, "the pooled timer is taken back");
-        elapsed(&mut timer).await;
+        pool_registered(start + Duration::from_secs(10));
+        elapsed(&mut take_pooled(start + Duration::from_secs(1))).await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
     }
 
@@ -183,9 +184,7 @@ mod tests {
         elapsed(&mut timer).await;
         drop(timer);
         assert_eq!(idle_timers(), 1);
-        let mut timer = Timer::at(Instant::now() + Duration::from_secs(2));
-        assert_eq!(idle_timers(), 0, "the fired timer is taken back");
-        elapsed(&mut timer).await;
+        elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(2))).await;
         assert_eq!(start.elapsed(), Duration::from_secs(3));
     }
 

@@ -46,6 +46,7 @@ thread_local! {
 /// runtime with time enabled (as `tokio::time::sleep_until`).
 pub(crate) struct Timer {
     deadline: Instant,
+    /// Taken only by `drop`, to return it to the pool.
     armed: Option<Armed>,
 }
 
@@ -97,9 +98,7 @@ impl Timer {
     /// Whether the deadline has passed; registers `cx`'s waker if not.
     #[inline]
     pub(crate) fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(armed) = &mut self.armed else {
-            return Poll::Ready(());
-        };
+        let armed = self.armed.as_mut().expect("a timer is armed until dropped");
         loop {
             std::task::ready!(armed.sleep.as_mut().poll(cx));
             if armed.sleep.deadline() >= self.deadline {
@@ -131,7 +130,7 @@ impl Drop for Timer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -196,7 +195,8 @@ mod tests {
         assert_eq!(idle_timers(), POOL);
     }
 
-    fn paused_runtime() -> tokio::runtime::Runtime {
+    /// A current-thread runtime with tokio's clock paused (also for the timeout's tests).
+    pub(crate) fn paused_runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)

@@ -173,16 +173,9 @@ mod tests {
 
     #[test]
     fn a_service_moved_to_another_runtime_keeps_timing_out() {
-        let runtime = || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .unwrap()
-        };
         let mut timeout = Timeout::new(slow(Duration::from_secs(5)), Duration::from_secs(1));
         for _ in 0..2 {
-            let error = runtime()
+            let error = crate::timer::tests::paused_runtime()
                 .block_on(async { timeout.ready().await.unwrap().call(0).await })
                 .unwrap_err();
             assert!(error.is::<Elapsed>());

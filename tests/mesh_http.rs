@@ -187,3 +187,80 @@ async fn posts_are_retried_only_when_the_config_allows_every_method() {
         assert_eq!(calls.load(Ordering::SeqCst), sent);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_try_carries_the_host_of_the_instance_it_is_sent_to() {
+    // Instance A always answers 503, B 200: a call that tries A first is retried, and ends
+    // on B. Each instance records the `Host` it received.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u16, String)>::new()));
+    let instance = |port: Arc<std::sync::OnceLock<u16>>, status: StatusCode| {
+        let seen = seen.clone();
+        axum::Router::new().route(
+            "/users/{id}",
+            get(move |headers: axum::http::HeaderMap| async move {
+                let host = headers[http::header::HOST].to_str().unwrap().to_owned();
+                seen.lock().unwrap().push((*port.get().unwrap(), host));
+                status
+            }),
+        )
+    };
+    let (a, b) = (Arc::default(), Arc::default());
+    let port_a = serve(instance(Arc::clone(&a), StatusCode::SERVICE_UNAVAILABLE)).await;
+    let port_b = serve(instance(Arc::clone(&b), StatusCode::OK)).await;
+    a.set(port_a).unwrap();
+    b.set(port_b).unwrap();
+    let mesh = mesh_with(
+        r#"
+        [services.users]
+        balance = { picker = "round_robin" }
+        retry = { max_attempts = 4, backoff = { kind = "constant", base = "1ms", jitter = "none" } }
+        "#,
+        &[port_a, port_b],
+    )
+    .await;
+    let hyper_client: hyper_util::client::legacy::Client<
+        _,
+        ReplayBody<http_body_util::Empty<Bytes>>,
+    > = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut users = mesh.client("users", hyper_client).unwrap();
+    let get = || {
+        http::Request::get("http://users/users/1")
+            .body(ReplayBody::buffered(Bytes::new()))
+            .unwrap()
+    };
+    // Until one call was sent to A and then, retried, to B.
+    let mut moved = false;
+    for _ in 0..20 {
+        let before = seen.lock().unwrap().len();
+        let response = users.ready().await.unwrap().call(get()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let tries = seen.lock().unwrap()[before..].to_vec();
+        if tries.first().map(|t| t.0) == Some(port_a) && tries.last().map(|t| t.0) == Some(port_b) {
+            moved = true;
+            break;
+        }
+    }
+    assert!(
+        moved,
+        "no call was retried from A to B: {:?}",
+        seen.lock().unwrap()
+    );
+    for (port, host) in seen.lock().unwrap().iter() {
+        assert_eq!(host, &format!("127.0.0.1:{port}"));
+    }
+
+    // A `Host` the caller sets is sent as it is, to whichever instance.
+    seen.lock().unwrap().clear();
+    let mut request = get();
+    request
+        .headers_mut()
+        .insert(http::header::HOST, "users.internal".parse().unwrap());
+    users.ready().await.unwrap().call(request).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty());
+    assert!(
+        seen.iter().all(|(_, host)| host == "users.internal"),
+        "{seen:?}"
+    );
+}

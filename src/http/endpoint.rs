@@ -1,6 +1,7 @@
 //! [`Endpoint`]: sends each request to one instance, by rewriting its URI's authority.
 
 use crate::discovery::Instance;
+use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, InvalidUri, Scheme, Uri};
 use http::Request;
 use std::task::{Context, Poll};
@@ -13,6 +14,14 @@ pub trait Routable {
     /// Points the request at `authority` (host and port), keeping its scheme (`http` if it
     /// has none), path and query.
     fn route_to(&mut self, authority: &Authority);
+
+    /// Sets the `Host` header to `host` if the request has none. [`Endpoint`] calls it after
+    /// [`route_to`](Self::route_to) with the value an HTTP/1 client would derive from the
+    /// new authority, made once per endpoint instead of once per request. The default does
+    /// nothing: the client derives the header itself.
+    fn set_default_host(&mut self, host: &HeaderValue) {
+        let _ = host;
+    }
 }
 
 impl<B> Routable for Request<B> {
@@ -29,6 +38,13 @@ impl<B> Routable for Request<B> {
             *self.uri_mut() = uri;
         }
     }
+
+    #[inline]
+    fn set_default_host(&mut self, host: &HeaderValue) {
+        self.headers_mut()
+            .entry(HOST)
+            .or_insert_with(|| host.clone());
+    }
 }
 
 #[cfg(feature = "reqwest")]
@@ -39,11 +55,24 @@ impl Routable for reqwest::Request {
         let _ = url.set_host(Some(authority.host()));
         let _ = url.set_port(authority.port_u16());
     }
+
+    // `set_default_host` stays a no-op: reqwest follows redirects, keeping the request's
+    // headers, so a `Host` set here would go along to another host's redirect target.
 }
 
 /// One instance as a service: points every request at the instance's address, then calls
 /// the client it wraps (a `reqwest::Client`, a hyper-util client, any HTTP `Service`), in a
 /// `meshkit.endpoint` span naming the `instance`.
+///
+/// An `http::Request` without a `Host` header gets `host:port` of the instance: the value
+/// hyper-util's client would derive from the new URI for HTTP/1, made once per endpoint
+/// instead of formatted for each request. A `Host` the request carries is kept. On port 80
+/// or 443, where that value depends on the request's scheme, the header is left to the
+/// client; so it is for `reqwest::Request`, whose client follows redirects with the
+/// request's headers. Over HTTP/2 the header equals `:authority`, as RFC 9113 requires of a
+/// client that sends both. A redirect-following layer between the endpoint and the client
+/// must drop or replace `Host` on a redirect to another origin (as it must for a `Host` the
+/// caller sets).
 ///
 /// Used as the endpoint a balancer picks:
 /// `discover(&registry, "users", |instance| Endpoint::for_instance(client.clone(), instance))`.
@@ -63,16 +92,48 @@ impl Routable for reqwest::Request {
 /// assert_eq!(sent_to, "http://10.0.0.7:8080/profile?id=7");
 /// # }
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Endpoint<S> {
     inner: S,
     authority: Authority,
+    /// The `Host` for requests without one: `None` on the default ports (where it depends
+    /// on the request's scheme) and for an authority without a port.
+    host: Option<HeaderValue>,
+}
+
+impl<S: Clone> Clone for Endpoint<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            authority: self.authority.clone(),
+            // Each copy its own bytes: copies used on different cores then share no
+            // reference count that every request writes.
+            host: self.host.as_ref().map(own_copy),
+        }
+    }
+}
+
+/// The header value HTTP/1 clients derive from an authority with a non-default port.
+fn host_value(authority: &Authority) -> Option<HeaderValue> {
+    match authority.port_u16() {
+        None | Some(80 | 443) => None,
+        Some(port) => HeaderValue::try_from(format!("{}:{port}", authority.host())).ok(),
+    }
+}
+
+fn own_copy(value: &HeaderValue) -> HeaderValue {
+    // The bytes came from a valid value: they make one again.
+    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
 }
 
 impl<S> Endpoint<S> {
     /// Sends requests to `authority` through `inner`.
     pub fn new(inner: S, authority: Authority) -> Self {
-        Self { inner, authority }
+        Self {
+            inner,
+            host: host_value(&authority),
+            authority,
+        }
     }
 
     /// Sends requests to `instance`'s host and port through `inner`.
@@ -108,6 +169,9 @@ where
     #[inline(always)]
     fn call(&mut self, mut request: R) -> Self::Future {
         request.route_to(&self.authority);
+        if let Some(host) = &self.host {
+            request.set_default_host(host);
+        }
         let span = tracing::debug_span!("meshkit.endpoint", instance = %self.authority);
         self.inner.call(request).instrument(span)
     }
@@ -126,6 +190,58 @@ mod tests {
         let mut relative = Request::get("/health").body(()).unwrap();
         relative.route_to(&authority);
         assert_eq!(relative.uri(), "http://127.0.0.1:9000/health");
+    }
+
+    /// What `Endpoint::call` does to a request before the client sees it.
+    fn routed(endpoint: &str, request: Request<()>) -> Request<()> {
+        let mut endpoint = Endpoint::new(
+            tower::service_fn(|request: Request<()>| async move {
+                Ok::<_, std::convert::Infallible>(request)
+            }),
+            endpoint.parse().unwrap(),
+        );
+        let sent = endpoint.call(request);
+        futures::executor::block_on(sent).unwrap()
+    }
+
+    #[test]
+    fn a_request_without_host_gets_the_instance_host_and_port() {
+        let sent = routed(
+            "10.0.0.7:8080",
+            Request::get("http://users/a").body(()).unwrap(),
+        );
+        assert_eq!(sent.headers()[HOST], "10.0.0.7:8080");
+        let ipv6 = routed("[::1]:8080", Request::get("/a").body(()).unwrap());
+        assert_eq!(ipv6.headers()[HOST], "[::1]:8080");
+    }
+
+    #[test]
+    fn a_host_the_request_carries_is_kept() {
+        let request = Request::get("http://users/a")
+            .header(HOST, "users.example")
+            .body(())
+            .unwrap();
+        let sent = routed("10.0.0.7:8080", request);
+        assert_eq!(sent.headers().get_all(HOST).iter().count(), 1);
+        assert_eq!(sent.headers()[HOST], "users.example");
+    }
+
+    #[test]
+    fn on_default_ports_the_host_is_left_to_the_client() {
+        // hyper-util writes `10.0.0.7` for http on 80 but `10.0.0.7:80` for https: the
+        // scheme decides, so the endpoint does not.
+        for authority in ["10.0.0.7:80", "10.0.0.7:443", "10.0.0.7"] {
+            let sent = routed(authority, Request::get("http://users/a").body(()).unwrap());
+            assert!(sent.headers().get(HOST).is_none(), "{authority}");
+        }
+    }
+
+    #[test]
+    fn a_copy_of_an_endpoint_sets_the_same_host() {
+        let endpoint = Endpoint::new((), "10.0.0.7:8080".parse().unwrap());
+        let copy = endpoint.clone();
+        assert_eq!(copy.host, endpoint.host);
+        assert_eq!(copy.authority(), endpoint.authority());
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //! * `stack/http/raw_hyper` and `stack/http/meshkit_hyper` – requests per second over
 //!   loopback HTTP/1 to an axum server (its own runtime and thread), 16 in flight, with a
 //!   hyper-util client alone and as the leaf of `Mesh::client`; then `stack/http/alternating`
-//!   prints the median ratio of the two over rounds that alternate them.
+//!   prints the median ratio of the two over rounds that alternate them, and
+//!   `stack/http/alternating_host_set` the same with requests that carry their own `Host`
+//!   (the client then derives none, on either side: the mesh's own cost alone).
 //!
 //! Regenerate the table in BENCHMARKS.md with `cargo bench --bench stack`.
 
@@ -198,8 +200,15 @@ fn server() -> u16 {
     rx.recv().unwrap()
 }
 
-/// Sends `total` GETs, `in_flight` at a time, each on a clone of `client`.
-async fn load<S>(client: S, total: u64, in_flight: u64, base: &str) -> Duration
+/// Sends `total` GETs, `in_flight` at a time, each on a clone of `client`; each request
+/// carries `host` as its `Host` header when one is given.
+async fn load<S>(
+    client: S,
+    total: u64,
+    in_flight: u64,
+    base: &str,
+    host: Option<&http::HeaderValue>,
+) -> Duration
 where
     S: Service<http::Request<meshkit::http::ReplayBody<Empty<Bytes>>>> + Clone + Send + 'static,
     S::Future: Send,
@@ -209,11 +218,15 @@ where
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..in_flight {
-        let (mut client, base) = (client.clone(), base.to_owned());
+        let (mut client, base, host) = (client.clone(), base.to_owned(), host.cloned());
         tasks.spawn(async move {
             let mut n = worker;
             while n < total {
-                let request = http::Request::get(format!("{base}/users/{n}"))
+                let mut request = http::Request::get(format!("{base}/users/{n}"));
+                if let Some(host) = &host {
+                    request = request.header(http::header::HOST, host.clone());
+                }
+                let request = request
                     .body(meshkit::http::ReplayBody::buffered(Bytes::new()))
                     .unwrap();
                 client.ready().await.unwrap().call(request).await.unwrap();
@@ -224,6 +237,37 @@ where
     while tasks.join_next().await.is_some() {}
     started.elapsed()
 }
+
+/// Runs `raw` and `mesh` (each returns the time of one round of the same load) alternately,
+/// round after round, so that both see the same machine, and prints the median of the
+/// per-round throughput ratios. Short rounds keep the machine's drift within a pair small;
+/// which load goes first alternates, so neither always runs second.
+fn alternate(name: &str, raw: impl Fn() -> Duration, mesh: impl Fn() -> Duration) {
+    const ROUNDS: usize = 101;
+    let mut ratios: Vec<f64> = (0..ROUNDS)
+        .map(|round| {
+            let (raw_time, mesh_time) = if round % 2 == 0 {
+                let raw_time = raw();
+                (raw_time, mesh())
+            } else {
+                let mesh_time = mesh();
+                (raw(), mesh_time)
+            };
+            raw_time.as_secs_f64() / mesh_time.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "{name}: mesh / raw requests per second over {ROUNDS} rounds of {PER_ROUND}: \
+         median {:.3}, min {:.3}, max {:.3}",
+        ratios[ROUNDS / 2],
+        ratios[0],
+        ratios[ROUNDS - 1]
+    );
+}
+
+/// Requests per round of an alternating comparison.
+const PER_ROUND: u64 = 5_000;
 
 fn http(c: &mut Criterion) {
     let port = server();
@@ -238,40 +282,31 @@ fn http(c: &mut Criterion) {
     let raw = rt.block_on(async { hyper_client() });
     let base = format!("http://127.0.0.1:{port}");
     g.bench_function("raw_hyper", |b| {
-        b.iter_custom(|iters| rt.block_on(load(raw.clone(), iters, 16, &base)))
+        b.iter_custom(|iters| rt.block_on(load(raw.clone(), iters, 16, &base, None)))
     });
     let meshed = rt.block_on(async { mesh([port]).await.client("users", hyper_client()).unwrap() });
     g.bench_function("meshkit_hyper", |b| {
-        b.iter_custom(|iters| rt.block_on(load(meshed.clone(), iters, 16, "http://users")))
+        b.iter_custom(|iters| rt.block_on(load(meshed.clone(), iters, 16, "http://users", None)))
     });
     g.finish();
 
-    // The same two loads alternated, round after round, so that both see the same machine:
-    // the median of the per-round throughput ratios. Short rounds keep the machine's drift
-    // within a pair small; which load goes first alternates, so neither always runs second.
-    const ROUNDS: usize = 101;
-    const PER_ROUND: u64 = 5_000;
-    let raw_load = || rt.block_on(load(raw.clone(), PER_ROUND, 16, &base));
-    let mesh_load = || rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users"));
-    let mut ratios: Vec<f64> = (0..ROUNDS)
-        .map(|round| {
-            let (raw_time, mesh_time) = if round % 2 == 0 {
-                let raw_time = raw_load();
-                (raw_time, mesh_load())
-            } else {
-                let mesh_time = mesh_load();
-                (raw_load(), mesh_time)
-            };
-            raw_time.as_secs_f64() / mesh_time.as_secs_f64()
-        })
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    println!(
-        "stack/http/alternating: mesh / raw requests per second over {ROUNDS} rounds of \
-         {PER_ROUND}: median {:.3}, min {:.3}, max {:.3}",
-        ratios[ROUNDS / 2],
-        ratios[0],
-        ratios[ROUNDS - 1]
+    // The same two loads alternated: requests as a caller writes them, without `Host`
+    // (hyper-util derives it from the URI; the mesh's endpoint sets the instance's, made
+    // once); then with a `Host` the caller sets, so that the client does the same work on
+    // both sides and the difference is the mesh's own (which then includes copying a
+    // header map for replay).
+    let raw_load = |host| rt.block_on(load(raw.clone(), PER_ROUND, 16, &base, host));
+    let mesh_load = |host| rt.block_on(load(meshed.clone(), PER_ROUND, 16, "http://users", host));
+    alternate(
+        "stack/http/alternating",
+        || raw_load(None),
+        || mesh_load(None),
+    );
+    let host = http::HeaderValue::try_from(format!("127.0.0.1:{port}")).unwrap();
+    alternate(
+        "stack/http/alternating_host_set",
+        || raw_load(Some(&host)),
+        || mesh_load(Some(&host)),
     );
 }
 

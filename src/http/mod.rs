@@ -40,6 +40,8 @@
 //! [`Endpoint`] wraps a client (a `reqwest::Client` with the `reqwest` feature, a hyper-util
 //! client, any HTTP `Service`) for one discovered instance and rewrites each request's URI
 //! authority to that instance's address: the balancer picks the endpoint, the URI follows.
+//! An `http::Request` without a `Host` header gets the instance's `host:port`, the value
+//! hyper-util would derive from the new URI, made once per endpoint.
 //!
 //! ## Errors as responses
 //!

@@ -218,10 +218,12 @@ async fn each_try_carries_the_host_of_the_instance_it_is_sent_to() {
         &[port_a, port_b],
     )
     .await;
+    // A client that sets no `Host` itself: every one the instances see is the endpoint's.
     let hyper_client: hyper_util::client::legacy::Client<
         _,
         ReplayBody<http_body_util::Empty<Bytes>>,
     > = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .set_host(false)
         .build_http();
     let mut users = mesh.client("users", hyper_client).unwrap();
     let get = || {

@@ -3,7 +3,7 @@
 use crate::discovery::Instance;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, InvalidUri, Scheme, Uri};
-use http::Request;
+use http::{Request, Version};
 use std::task::{Context, Poll};
 use tower::Service;
 use tracing::instrument::{Instrument, Instrumented};
@@ -15,10 +15,10 @@ pub trait Routable {
     /// has none), path and query.
     fn route_to(&mut self, authority: &Authority);
 
-    /// Sets the `Host` header to `host` if the request has none. [`Endpoint`] calls it after
-    /// [`route_to`](Self::route_to) with the value an HTTP/1 client would derive from the
-    /// new authority, made once per endpoint instead of once per request. The default does
-    /// nothing: the client derives the header itself.
+    /// Sets the `Host` header to `host` if the request has none and will go over HTTP/1.
+    /// [`Endpoint`] calls it after [`route_to`](Self::route_to) with the value an HTTP/1
+    /// client would derive from the new authority, made once per endpoint instead of once
+    /// per request. The default does nothing: the client derives the header itself.
     fn set_default_host(&mut self, host: &HeaderValue) {
         let _ = host;
     }
@@ -39,11 +39,23 @@ impl<B> Routable for Request<B> {
         }
     }
 
+    /// Only for a plain `http` request of an HTTP/1 version: over HTTP/2 the authority
+    /// travels as `:authority`, and servers such as nginx and Google's refuse a request that
+    /// carries `Host` as well. An `https` request may be sent over HTTP/2 (the client and the
+    /// server negotiate it), so its `Host` is left to the client; a client that speaks
+    /// HTTP/2 over plain `http` by prior knowledge is told so by requests marked
+    /// `Version::HTTP_2` (as tonic's are).
     #[inline]
     fn set_default_host(&mut self, host: &HeaderValue) {
-        self.headers_mut()
-            .entry(HOST)
-            .or_insert_with(|| host.clone());
+        let http1 = matches!(
+            self.version(),
+            Version::HTTP_11 | Version::HTTP_10 | Version::HTTP_09
+        );
+        if http1 && self.uri().scheme_str() == Some("http") {
+            self.headers_mut()
+                .entry(HOST)
+                .or_insert_with(|| host.clone());
+        }
     }
 }
 
@@ -64,34 +76,17 @@ impl Routable for reqwest::Request {
 /// the client it wraps (a `reqwest::Client`, a hyper-util client, any HTTP `Service`), in a
 /// `meshkit.endpoint` span naming the `instance`.
 ///
-/// An `http::Request` without a `Host` header gets `host:port` of the instance: the value
-/// hyper-util's client would derive from the new URI for HTTP/1, made once per endpoint
-/// instead of formatted for each request. A `Host` the request carries is kept. On port 80
-/// or 443, where that value depends on the request's scheme, the header is left to the
-/// client; so it is for `reqwest::Request`, whose client follows redirects with the
-/// request's headers. Over HTTP/2 the header equals `:authority`, as RFC 9113 requires of a
-/// client that sends both. A redirect-following layer between the endpoint and the client
-/// must drop or replace `Host` on a redirect to another origin (as it must for a `Host` the
-/// caller sets).
+/// A plain `http` request of an HTTP/1 version (`http::Request`'s default) without a `Host`
+/// header gets `host:port` of the instance: the value hyper-util's client derives from the
+/// new URI when it sends the request over HTTP/1, made once per endpoint instead of
+/// formatted for each request. A `Host` the request carries is kept. The client is left to
+/// derive the header (or not) on port 80 or 443, where the value depends on the scheme;
+/// for `https`, which the client may send over HTTP/2; for requests marked
+/// `Version::HTTP_2`; and for `reqwest::Request`, whose client follows redirects with the
+/// request's headers. A redirect-following layer between the endpoint and the client must
+/// drop or replace `Host` on a redirect to another origin, as it must for a `Host` the
+/// caller sets.
 ///
-/// Used as the endpoint a balancer picks:
-/// `discover(&registry, "users", |instance| Endpoint::for_instance(client.clone(), instance))`.
-///
-/// ```
-/// use meshkit::http::{Endpoint, Routable};
-/// use tower::{service_fn, Service, ServiceExt};
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() {
-/// let client = service_fn(|request: http::Request<()>| async move {
-///     Ok::<_, std::convert::Infallible>(request.uri().to_string())
-/// });
-/// let mut endpoint = Endpoint::new(client, "10.0.0.7:8080".parse().unwrap());
-/// let request = http::Request::get("http://users/profile?id=7").body(()).unwrap();
-/// let sent_to = endpoint.ready().await.unwrap().call(request).await.unwrap();
-/// assert_eq!(sent_to, "http://10.0.0.7:8080/profile?id=7");
-/// # }
-/// ```
 #[derive(Debug)]
 pub struct Endpoint<S> {
     inner: S,
@@ -106,8 +101,9 @@ impl<S: Clone> Clone for Endpoint<S> {
         Self {
             inner: self.inner.clone(),
             authority: self.authority.clone(),
-            // Each copy its own bytes: copies used on different cores then share no
-            // reference count that every request writes.
+            // Each copy its own bytes: every request clones the value, and the reference
+            // count it writes is then this copy's, not one shared by the copies that
+            // other handles (on other cores) use.
             host: self.host.as_ref().map(own_copy),
         }
     }
@@ -227,6 +223,35 @@ mod tests {
     }
 
     #[test]
+    fn the_host_leaves_out_userinfo_as_hyper_util_does() {
+        let sent = routed("ada@10.0.0.7:8080", Request::get("/a").body(()).unwrap());
+        assert_eq!(sent.headers()[HOST], "10.0.0.7:8080");
+    }
+
+    #[test]
+    fn requests_that_may_go_over_http2_are_left_to_the_client() {
+        let https = routed(
+            "10.0.0.7:8443",
+            Request::get("https://users/a").body(()).unwrap(),
+        );
+        assert!(https.headers().get(HOST).is_none());
+        let http2 = Request::get("http://users/a")
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
+        let http2 = routed("10.0.0.7:8080", http2);
+        assert!(http2.headers().get(HOST).is_none());
+        let http10 = Request::get("http://users/a")
+            .version(Version::HTTP_10)
+            .body(())
+            .unwrap();
+        assert_eq!(
+            routed("10.0.0.7:8080", http10).headers()[HOST],
+            "10.0.0.7:8080"
+        );
+    }
+
+    #[test]
     fn on_default_ports_the_host_is_left_to_the_client() {
         // hyper-util writes `10.0.0.7` for http on 80 but `10.0.0.7:80` for https: the
         // scheme decides, so the endpoint does not.
@@ -240,8 +265,14 @@ mod tests {
     fn a_copy_of_an_endpoint_sets_the_same_host() {
         let endpoint = Endpoint::new((), "10.0.0.7:8080".parse().unwrap());
         let copy = endpoint.clone();
-        assert_eq!(copy.host, endpoint.host);
-        assert_eq!(copy.authority(), endpoint.authority());
+        let (theirs, ours) = (endpoint.host.unwrap(), copy.host.unwrap());
+        assert_eq!(ours, theirs);
+        assert_ne!(
+            ours.as_bytes().as_ptr(),
+            theirs.as_bytes().as_ptr(),
+            "a copy has bytes of its own"
+        );
+        assert_eq!(copy.authority, endpoint.authority);
     }
 
     #[test]

@@ -40,8 +40,9 @@
 //! [`Endpoint`] wraps a client (a `reqwest::Client` with the `reqwest` feature, a hyper-util
 //! client, any HTTP `Service`) for one discovered instance and rewrites each request's URI
 //! authority to that instance's address: the balancer picks the endpoint, the URI follows.
-//! An `http::Request` without a `Host` header gets the instance's `host:port`, the value
-//! hyper-util would derive from the new URI, made once per endpoint.
+//! A plain `http` HTTP/1 request without a `Host` header gets the instance's `host:port`
+//! (on ports other than 80 and 443), the value hyper-util would derive from the new URI for
+//! HTTP/1, made once per endpoint instead of per request.
 //!
 //! ## Errors as responses
 //!

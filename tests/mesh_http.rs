@@ -266,3 +266,44 @@ async fn each_try_carries_the_host_of_the_instance_it_is_sent_to() {
         "{seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_set_host_off_the_host_is_left_to_the_client() {
+    let hosts = Arc::new(std::sync::Mutex::new(Vec::<Option<String>>::new()));
+    let app = axum::Router::new().route(
+        "/users/{id}",
+        get({
+            let hosts = hosts.clone();
+            move |headers: axum::http::HeaderMap| async move {
+                let host = headers.get(http::header::HOST);
+                hosts
+                    .lock()
+                    .unwrap()
+                    .push(host.map(|h| h.to_str().unwrap().to_owned()));
+                StatusCode::OK
+            }
+        }),
+    );
+    let port = serve(app).await;
+    let client = |set_host: bool| {
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .set_host(set_host)
+            .build_http::<ReplayBody<http_body_util::Empty<Bytes>>>()
+    };
+    let get = || {
+        http::Request::get("http://users/users/1")
+            .body(ReplayBody::buffered(Bytes::new()))
+            .unwrap()
+    };
+    let off = mesh_with("[services.users.http]\nset_host = false\n", &[port]).await;
+    // The client sets none either: the request goes without one.
+    let mut users = off.client("users", client(false)).unwrap();
+    users.ready().await.unwrap().call(get()).await.unwrap();
+    // The client's own.
+    let mut users = off.client("users", client(true)).unwrap();
+    users.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(
+        *hosts.lock().unwrap(),
+        [None, Some(format!("127.0.0.1:{port}"))]
+    );
+}

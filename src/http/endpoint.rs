@@ -132,6 +132,19 @@ impl<S> Endpoint<S> {
         }
     }
 
+    /// Whether requests get the instance's `Host` as described above (on by default). Off,
+    /// the endpoint leaves every request's `Host` to the client: for a client that speaks
+    /// HTTP/2 over plain `http` by prior knowledge and sends requests not marked
+    /// `Version::HTTP_2`.
+    pub fn default_host(mut self, on: bool) -> Self {
+        self.host = if on {
+            host_value(&self.authority)
+        } else {
+            None
+        };
+        self
+    }
+
     /// Sends requests to `instance`'s host and port through `inner`.
     ///
     /// # Errors
@@ -190,14 +203,25 @@ mod tests {
 
     /// What `Endpoint::call` does to a request before the client sees it.
     fn routed(endpoint: &str, request: Request<()>) -> Request<()> {
-        let mut endpoint = Endpoint::new(
-            tower::service_fn(|request: Request<()>| async move {
-                Ok::<_, std::convert::Infallible>(request)
-            }),
-            endpoint.parse().unwrap(),
-        );
-        let sent = endpoint.call(request);
-        futures::executor::block_on(sent).unwrap()
+        send(&mut echo(endpoint), request)
+    }
+
+    /// An endpoint at `authority` over a client that answers with the request it got.
+    fn echo(
+        authority: &str,
+    ) -> Endpoint<impl Service<Request<()>, Response = Request<()>, Error = std::convert::Infallible>>
+    {
+        let client = tower::service_fn(|request: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(request)
+        });
+        Endpoint::new(client, authority.parse().unwrap())
+    }
+
+    fn send<S>(endpoint: &mut Endpoint<S>, request: Request<()>) -> Request<()>
+    where
+        S: Service<Request<()>, Response = Request<()>, Error = std::convert::Infallible>,
+    {
+        futures::executor::block_on(endpoint.call(request)).unwrap()
     }
 
     #[test]
@@ -259,6 +283,17 @@ mod tests {
             let sent = routed(authority, Request::get("http://users/a").body(()).unwrap());
             assert!(sent.headers().get(HOST).is_none(), "{authority}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_can_leave_every_host_to_the_client() {
+        let mut endpoint = echo("10.0.0.7:8080").default_host(false);
+        let sent = send(
+            &mut endpoint,
+            Request::get("http://users/a").body(()).unwrap(),
+        );
+        assert!(sent.headers().get(HOST).is_none());
+        assert_eq!(sent.uri(), "http://10.0.0.7:8080/a");
     }
 
     #[test]

@@ -68,7 +68,8 @@ pub struct ServiceConfig {
     pub http: HttpConfig,
 }
 
-/// What an HTTP client of the mesh may send again (read when the client is built).
+/// What an HTTP client of the mesh may send again, and how it addresses instances (read when
+/// the client is built).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
@@ -79,6 +80,12 @@ pub struct HttpConfig {
     /// Retry every method, not only idempotent ones (for servers that deduplicate, with an
     /// idempotency key say). Default `false`.
     pub retry_all_methods: bool,
+    /// Give a plain-`http` HTTP/1 request without a `Host` header the picked instance's
+    /// `host:port`, made once per instance (see [`Endpoint`](crate::http::Endpoint)) instead
+    /// of derived by the client for each request. Turn it off for a leaf that speaks HTTP/2
+    /// over plain `http` by prior knowledge and sends requests not marked
+    /// `Version::HTTP_2`. Default `true`.
+    pub set_host: bool,
 }
 
 impl Default for HttpConfig {
@@ -86,6 +93,7 @@ impl Default for HttpConfig {
         Self {
             body_limit: 64 * 1024,
             retry_all_methods: false,
+            set_host: true,
         }
     }
 }

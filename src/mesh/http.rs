@@ -14,7 +14,7 @@ impl Mesh {
     /// The client stack for the HTTP service `service`, sending requests through `leaf` (a
     /// `reqwest::Client` with the `reqwest` feature, a hyper-util client, any HTTP service):
     /// each request goes to the instance the balancer picks ([`Endpoint`] rewrites its
-    /// authority); [`HttpClassifier`] decides failures and retries, [`HttpReplay`] lets only
+    /// authority and, unless `http.set_host` is off, sets its `Host`); [`HttpClassifier`] decides failures and retries, [`HttpReplay`] lets only
     /// idempotent requests with bodies held whole be sent again.
     ///
     /// # Errors
@@ -32,7 +32,8 @@ impl Mesh {
         Req: Routable + Send + 'static,
         HttpReplay: Replay<Req>,
     {
-        let replay = if self.config().service(service).http.retry_all_methods {
+        let settings = self.config().service(service).http.clone();
+        let replay = if settings.retry_all_methods {
             HttpReplay::all_methods()
         } else {
             HttpReplay::default()
@@ -42,6 +43,7 @@ impl Mesh {
             move |instance: &Instance| {
                 Endpoint::for_instance(leaf.clone(), instance)
                     .expect("a registered instance's host and port make a valid authority")
+                    .default_host(settings.set_host)
             },
             HttpClassifier::default(),
             replay,

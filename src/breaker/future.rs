@@ -94,23 +94,28 @@ impl<F, C> ResponseFuture<F, C> {
         count_rejections: bool,
     ) -> Self {
         let breaker = shared.id;
-        let kind = match slow_at(shared) {
-            None => Kind::Closed {
-                future,
-                breaker,
-                admitted,
+        // One constructor per kind, each moving `future` once: a `kind` chosen by a `match`
+        // and then moved into `Self` costs a copy of the inner future per step.
+        match slow_at(shared) {
+            None => Self {
+                kind: Kind::Closed {
+                    future,
+                    breaker,
+                    admitted,
+                },
+                classifier,
+                count_rejections,
             },
-            Some(slow_at) => Kind::ClosedTimed {
-                future,
-                breaker,
-                admitted,
-                slow_at,
+            Some(slow_at) => Self {
+                kind: Kind::ClosedTimed {
+                    future,
+                    breaker,
+                    admitted,
+                    slow_at,
+                },
+                classifier,
+                count_rejections,
             },
-        };
-        Self {
-            kind,
-            classifier,
-            count_rejections,
         }
     }
 

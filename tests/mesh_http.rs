@@ -45,6 +45,25 @@ fn get_user() -> reqwest::Request {
     )
 }
 
+/// A hyper-util client for bodiless requests; `set_host`: whether it derives `Host` itself.
+fn hyper_client(
+    set_host: bool,
+) -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    ReplayBody<http_body_util::Empty<Bytes>>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .set_host(set_host)
+        .build_http()
+}
+
+/// `GET http://users/users/1`, without `Host`.
+fn get_user_http() -> http::Request<ReplayBody<http_body_util::Empty<Bytes>>> {
+    http::Request::get("http://users/users/1")
+        .body(ReplayBody::buffered(Bytes::new()))
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_breaker_opens_on_a_failing_instance_and_closes_after_it_heals() {
     let healthy = Arc::new(AtomicBool::new(false));
@@ -219,23 +238,18 @@ async fn each_try_carries_the_host_of_the_instance_it_is_sent_to() {
     )
     .await;
     // A client that sets no `Host` itself: every one the instances see is the endpoint's.
-    let hyper_client: hyper_util::client::legacy::Client<
-        _,
-        ReplayBody<http_body_util::Empty<Bytes>>,
-    > = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .set_host(false)
-        .build_http();
-    let mut users = mesh.client("users", hyper_client).unwrap();
-    let get = || {
-        http::Request::get("http://users/users/1")
-            .body(ReplayBody::buffered(Bytes::new()))
-            .unwrap()
-    };
+    let mut users = mesh.client("users", hyper_client(false)).unwrap();
     // Until one call was sent to A and then, retried, to B.
     let mut moved = false;
     for _ in 0..20 {
         let before = seen.lock().unwrap().len();
-        let response = users.ready().await.unwrap().call(get()).await.unwrap();
+        let response = users
+            .ready()
+            .await
+            .unwrap()
+            .call(get_user_http())
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let tries = seen.lock().unwrap()[before..].to_vec();
         if tries.first().map(|t| t.0) == Some(port_a) && tries.last().map(|t| t.0) == Some(port_b) {
@@ -254,7 +268,7 @@ async fn each_try_carries_the_host_of_the_instance_it_is_sent_to() {
 
     // A `Host` the caller sets is sent as it is, to whichever instance.
     seen.lock().unwrap().clear();
-    let mut request = get();
+    let mut request = get_user_http();
     request
         .headers_mut()
         .insert(http::header::HOST, "users.internal".parse().unwrap());
@@ -285,23 +299,18 @@ async fn with_set_host_off_the_host_is_left_to_the_client() {
         }),
     );
     let port = serve(app).await;
-    let client = |set_host: bool| {
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .set_host(set_host)
-            .build_http::<ReplayBody<http_body_util::Empty<Bytes>>>()
-    };
-    let get = || {
-        http::Request::get("http://users/users/1")
-            .body(ReplayBody::buffered(Bytes::new()))
-            .unwrap()
-    };
     let off = mesh_with("[services.users.http]\nset_host = false\n", &[port]).await;
-    // The client sets none either: the request goes without one.
-    let mut users = off.client("users", client(false)).unwrap();
-    users.ready().await.unwrap().call(get()).await.unwrap();
-    // The client's own.
-    let mut users = off.client("users", client(true)).unwrap();
-    users.ready().await.unwrap().call(get()).await.unwrap();
+    // The client sets none either: the request goes without one. Then the client's own.
+    for set_host in [false, true] {
+        let mut users = off.client("users", hyper_client(set_host)).unwrap();
+        users
+            .ready()
+            .await
+            .unwrap()
+            .call(get_user_http())
+            .await
+            .unwrap();
+    }
     assert_eq!(
         *hosts.lock().unwrap(),
         [None, Some(format!("127.0.0.1:{port}"))]

@@ -87,6 +87,25 @@ impl Routable for reqwest::Request {
 /// drop or replace `Host` on a redirect to another origin, as it must for a `Host` the
 /// caller sets.
 ///
+/// Used as the endpoint a balancer picks:
+/// `discover(&registry, "users", |instance| Endpoint::for_instance(client.clone(), instance))`.
+///
+/// ```
+/// use meshkit::http::Endpoint;
+/// use tower::{service_fn, Service, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let client = service_fn(|request: http::Request<()>| async move {
+///     Ok::<_, std::convert::Infallible>(request)
+/// });
+/// let mut endpoint = Endpoint::new(client, "10.0.0.7:8080".parse().unwrap());
+/// let request = http::Request::get("http://users/profile?id=7").body(()).unwrap();
+/// let sent = endpoint.ready().await.unwrap().call(request).await.unwrap();
+/// assert_eq!(sent.uri(), "http://10.0.0.7:8080/profile?id=7");
+/// assert_eq!(sent.headers()[http::header::HOST], "10.0.0.7:8080");
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct Endpoint<S> {
     inner: S,

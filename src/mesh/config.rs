@@ -59,9 +59,10 @@ pub struct ServiceConfig {
     /// The whole call's time limit, tries and waits included, in `[1ms, 1h]`; `null` for none.
     /// Default `"10s"`. Counted from the call's first poll on (waiting in `poll_ready` before
     /// it is not counted), a call past it fails with tower's `Elapsed`, which
-    /// `http::error_status` and `ErrorResponseLayer` turn into a 504. `retry.deadline` bounds the retry layer alone:
-    /// it stops sending tries and, where the error type can carry it, cuts the running try
-    /// with `TimedOut`; with both set, the shorter one ends the call first.
+    /// `http::error_status` and `ErrorResponseLayer` turn into a 504. `retry.deadline` bounds
+    /// the retry layer alone: it stops sending tries and, where the error type can carry it,
+    /// cuts the running try with `TimedOut`; with both set, the shorter one ends the call
+    /// first.
     #[serde(with = "crate::duration::option")]
     pub timeout: Option<Duration>,
     /// What HTTP clients may send again.

@@ -14,8 +14,9 @@ impl Mesh {
     /// The client stack for the HTTP service `service`, sending requests through `leaf` (a
     /// `reqwest::Client` with the `reqwest` feature, a hyper-util client, any HTTP service):
     /// each request goes to the instance the balancer picks ([`Endpoint`] rewrites its
-    /// authority and, unless `http.set_host` is off, sets its `Host`); [`HttpClassifier`] decides failures and retries, [`HttpReplay`] lets only
-    /// idempotent requests with bodies held whole be sent again.
+    /// authority and, unless `http.set_host` is off, sets its `Host`); [`HttpClassifier`]
+    /// decides failures and retries, [`HttpReplay`] lets only idempotent requests with bodies
+    /// held whole be sent again.
     ///
     /// # Errors
     /// The service's policies are invalid (they were checked when set: not expected).
@@ -32,8 +33,10 @@ impl Mesh {
         Req: Routable + Send + 'static,
         HttpReplay: Replay<Req>,
     {
-        let settings = self.config().service(service).http.clone();
-        let replay = if settings.retry_all_methods {
+        let config = self.config();
+        let http = &config.service(service).http;
+        let (retry_all_methods, set_host) = (http.retry_all_methods, http.set_host);
+        let replay = if retry_all_methods {
             HttpReplay::all_methods()
         } else {
             HttpReplay::default()
@@ -43,7 +46,7 @@ impl Mesh {
             move |instance: &Instance| {
                 Endpoint::for_instance(leaf.clone(), instance)
                     .expect("a registered instance's host and port make a valid authority")
-                    .default_host(settings.set_host)
+                    .default_host(set_host)
             },
             HttpClassifier::default(),
             replay,

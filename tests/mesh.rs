@@ -1,5 +1,6 @@
 //! The mesh runtime: configuration files, environment overrides, reloading and shutdown.
 
+use meshkit::breaker::{BreakerState, CircuitOpen};
 use meshkit::classify::DefaultClassifier;
 use meshkit::discovery::Instance;
 use meshkit::mesh::{MeshClosed, MeshConfigError};
@@ -261,6 +262,114 @@ async fn a_watch_channel_reloads_the_policies() {
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(client.ready().await.unwrap().call(1).await.is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// `mesh`'s config with `edit` applied to the "users" section, reloaded.
+fn reload_users(mesh: &Mesh, edit: impl FnOnce(&mut meshkit::mesh::ServiceConfig)) {
+    let mut config = mesh.config();
+    edit(config.services.get_mut("users").unwrap());
+    mesh.reload(config).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_another_services_policies_leaves_this_ones_breaker_alone() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    client.breaker().force_open();
+    let mut config = mesh.config();
+    let mut orders = config.service("orders").clone();
+    orders.retry.max_attempts = 4;
+    config.services.insert("orders".into(), orders);
+    mesh.reload(config).unwrap();
+
+    let error = client.ready().await.unwrap().call(1).await.unwrap_err();
+    assert!(meshkit::error::is::<CircuitOpen>(&*error), "{error}");
+    assert_eq!(client.breaker().state(), BreakerState::ForcedOpen);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the open breaker still refuses"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_retry_settings_keeps_the_breaker_and_the_budget() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    reload_users(&mesh, |users| users.retry.max_attempts = 3);
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 3);
+    assert_eq!(client.retry_budget().snapshot().withdrawals, 2);
+    let failures = client.breaker().metrics().failures;
+    assert!(failures > 0);
+
+    reload_users(&mesh, |users| users.retry.max_attempts = 2);
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 2, "the new attempts apply");
+    assert_eq!(
+        client.retry_budget().snapshot().withdrawals,
+        3,
+        "the budget (same terms) kept its count"
+    );
+    assert!(
+        client.breaker().metrics().failures > failures,
+        "the breaker kept its count"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_breaker_thresholds_gives_a_breaker_under_the_new_ones() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, mut client) = mesh_with_failing_users(calls.clone()).await;
+    for _ in 0..10 {
+        assert!(client.ready().await.unwrap().call(1).await.is_err());
+    }
+    assert_eq!(
+        client.breaker().state(),
+        BreakerState::Closed,
+        "below minimum_calls = 100"
+    );
+
+    reload_users(&mesh, |users| users.breaker.minimum_calls = 5);
+    for _ in 0..5 {
+        assert!(client.ready().await.unwrap().call(1).await.is_err());
+    }
+    assert_eq!(client.breaker().state(), BreakerState::Open);
+    calls.store(0, Ordering::SeqCst);
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "the new breaker refuses");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reloading_the_timeout_applies_to_the_next_calls() {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml("[services.users]\ntimeout = \"10s\"").unwrap())
+        .build()
+        .unwrap();
+    mesh.register(Instance::builder("users", "127.0.0.1", 9).build().unwrap())
+        .await
+        .unwrap()
+        .forget();
+    let mut client = mesh
+        .client_with(
+            "users",
+            |_: &Instance| {
+                tower::service_fn(|n: u32| async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    Ok::<u32, BoxError>(n)
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    assert_eq!(client.ready().await.unwrap().call(7).await.unwrap(), 7);
+
+    reload_users(&mesh, |users| users.timeout = Some(Duration::from_secs(1)));
+    let started = tokio::time::Instant::now();
+    let error = client.ready().await.unwrap().call(7).await.unwrap_err();
+    assert!(error.is::<tower::timeout::error::Elapsed>(), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
 }
 
 #[tokio::test(start_paused = true)]

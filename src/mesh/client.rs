@@ -21,9 +21,10 @@ use tracing::instrument::{Instrument, Instrumented};
 /// A service's stack above its balancer, type-erased.
 pub(crate) type Stack<Req, Res> = BoxCloneSyncService<Req, Res, BoxError>;
 
-/// Builds the layers for one version of the service's policies.
+/// Builds the layers for one version of the service's policies; `None` when the service's
+/// own policies are those of the last version built (another service's changed).
 pub(crate) type BuildPolicy<Req, Res> =
-    Box<dyn Fn(&MeshConfig) -> Result<Policy<Req, Res>, ConfigError> + Send + Sync>;
+    Box<dyn Fn(&MeshConfig) -> Result<Option<Policy<Req, Res>>, ConfigError> + Send + Sync>;
 
 /// One version of a service's policies: a breaker and a retry budget shared by every clone,
 /// and what stacks them over a clone of the balancer.
@@ -56,9 +57,12 @@ struct Shared<Req, Res> {
 /// share no written cache line), and its first call makes its own copy of the stack below
 /// the retry layer (a balancer handle with its own loads). Cloning per request works, at
 /// that cost on each request. When the mesh's policies are reloaded
-/// ([`Mesh::reload`](super::Mesh::reload)), the next `poll_ready` of each clone switches to a
-/// stack built from the new values; the balancer and its endpoints stay, the breaker and the
-/// retry budget start afresh under the new thresholds. After
+/// ([`Mesh::reload`](super::Mesh::reload)) with new `breaker`, `retry` or `timeout` settings
+/// for this service, the next `poll_ready` of each clone switches to a stack built from the
+/// new values. The balancer and its endpoints stay. A breaker whose settings changed starts
+/// afresh (closed) under the new thresholds; an unchanged one keeps its state and counts.
+/// The retry budget is kept unless its own terms changed. A reload that changes only other
+/// services' settings changes nothing here. After
 /// [`Mesh::shutdown`](super::Mesh::shutdown) calls fail with [`MeshClosed`].
 pub struct MeshClient<Req, Res> {
     shared: Arc<Shared<Req, Res>>,
@@ -83,7 +87,7 @@ where
         classify: ClassifyResult<Res>,
     ) -> Result<Self, ConfigError> {
         let current = config.borrow_and_update().clone();
-        let policy = Arc::new(build(&current.1)?);
+        let policy = Arc::new(build(&current.1)?.expect("the first build makes a policy"));
         let stack = (policy.stack)();
         Ok(Self {
             lifecycle: lifecycle.hold(),
@@ -128,15 +132,18 @@ where
             .unwrap_or_else(|p| p.into_inner());
         if current.0 < newest.0 {
             match (self.shared.build)(&newest.1) {
-                Ok(policy) => *current = (newest.0, Arc::new(policy)),
+                Ok(Some(policy)) => *current = (newest.0, Arc::new(policy)),
+                // This service's policies did not change: its stacks, breaker and budget
+                // stay, and no clone rebuilds anything.
+                Ok(None) => current.0 = newest.0,
                 // The mesh validates a config before publishing it: not expected.
                 Err(error) => {
                     tracing::error!(service = %self.shared.service, %error, "reloaded policies refused; keeping the previous ones");
                 }
             }
         }
-        if current.0 != self.version {
-            self.version = current.0;
+        self.version = current.0;
+        if !Arc::ptr_eq(&current.1, &self.policy) {
             self.policy = current.1.clone();
             self.stack = (self.policy.stack)();
             tracing::info!(service = %self.shared.service, version = current.0, "client policies reloaded");

@@ -50,11 +50,13 @@ pub struct MeshConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Picker, fail-fast and outlier ejection.
+    /// Picker, fail-fast and outlier ejection (read when the client is built: a reload
+    /// applies them to clients built afterwards).
     pub balance: BalanceConfig,
-    /// The breaker over the balanced endpoints.
+    /// The breaker over the balanced endpoints (reloads: a change gives the service a new
+    /// breaker).
     pub breaker: BreakerConfig,
-    /// Retries over the breaker.
+    /// Retries over the breaker (reloads; the budget is kept unless its terms change).
     pub retry: RetryConfig,
     /// The whole call's time limit, tries and waits included, in `[1ms, 1h]`; `null` for none.
     /// Default `"10s"`. Counted from the call's first poll on (waiting in `poll_ready` before

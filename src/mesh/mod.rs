@@ -36,8 +36,11 @@
 //! ## Reloading
 //!
 //! [`Mesh::reload`] (or a `watch` channel given to [`Mesh::reload_from`]) replaces the
-//! policies at run time. A new config is checked first; clients switch at their next
-//! `poll_ready`. Endpoints and their balancer stay; breakers and retry budgets start afresh.
+//! policies at run time. A new config is checked first; a service's clients switch at their
+//! next `poll_ready` when its `breaker`, `retry` or `timeout` settings changed. Endpoints and
+//! their balancer stay. A breaker starts afresh only when its own settings changed, a retry
+//! budget only when its terms did; the `balance` and `http` sections apply to clients built
+//! after the reload.
 
 mod client;
 mod config;

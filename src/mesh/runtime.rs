@@ -4,9 +4,9 @@
 use super::client::{BuildPolicy, MeshClient, Policy, Stack};
 use super::lazy::LazyClone;
 use super::timeout::Timeout;
-use super::{MeshConfig, MeshConfigError};
+use super::{MeshConfig, MeshConfigError, ServiceConfig};
 use crate::balance::{Balance, ConfiguredPicker};
-use crate::breaker::CircuitBreakerLayer;
+use crate::breaker::{BreakerConfig, CircuitBreakerLayer};
 use crate::classify::{Classify, ClassifyRetry};
 use crate::discovery::{
     discover, weights, zones, Instance, InstanceId, MemoryRegistry, Registration, Registry,
@@ -15,7 +15,7 @@ use crate::discovery::{
 use crate::events::system::{self, SystemEvent};
 use crate::events::EventBus;
 use crate::padded::Hold;
-use crate::retry::{Replay, RetryLayer};
+use crate::retry::{Replay, RetryConfig, RetryLayer};
 use crate::striped::StripedCounter;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,13 +135,30 @@ impl Mesh {
         Ok(registration)
     }
 
-    /// Replaces the policies: checked first, then every client switches to stacks built
-    /// from them at its next `poll_ready` (no restart, no lost endpoint).
+    /// Replaces the policies: checked first, then each client whose service's `breaker`,
+    /// `retry` or `timeout` settings changed switches to them at its next `poll_ready` (no
+    /// restart, no lost endpoint). A client keeps each layer whose settings did not change:
+    /// its breaker (state and counts), or its retry budget when only the budget's terms are
+    /// unchanged. Clients of services whose settings did not change keep everything.
+    ///
+    /// The `balance` and `http` sections are read when a client is built: a reload that
+    /// changes them applies to clients built afterwards, and says so in a `warn` event.
     ///
     /// # Errors
     /// The new configuration is invalid; the old one stays.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshConfigError> {
         config.validate()?;
+        let previous = self.inner.config.borrow().clone();
+        let names = previous.1.services.keys().chain(config.services.keys());
+        for name in names.collect::<std::collections::BTreeSet<_>>() {
+            let (before, after) = (previous.1.service(name), config.service(name));
+            if before.balance != after.balance || before.http != after.http {
+                tracing::warn!(
+                    service = %name,
+                    "reloaded balance or http settings apply to clients built from now on"
+                );
+            }
+        }
         self.inner.config.send_modify(|current| {
             *current = Arc::new((current.0 + 1, config));
         });
@@ -243,19 +260,50 @@ impl Mesh {
         let balance: Balance<S, Req, ConfiguredPicker> = balance.build();
         let outcome_classifier = classifier.clone();
         let name = service.to_string();
+        // The layers of the last policies built, with the settings they were built from: a
+        // reload keeps each layer whose settings did not change (a breaker its state, a retry
+        // layer its budget), and the whole policy when none did.
+        let last: Mutex<Option<Built<C, K>>> = Mutex::new(None);
         let build: BuildPolicy<Req, S::Response> = Box::new(move |config: &MeshConfig| {
             let settings = config.service(&name);
-            let breaker = CircuitBreakerLayer::new(settings.breaker.clone())
-                .map_err(|e| e.at("breaker"))?
-                .name(name.clone())
-                .classify(classifier.clone());
-            let retry = RetryLayer::new(settings.retry.clone())
-                .map_err(|e| e.at("retry"))?
-                .name(name.clone())
-                .classify(classifier.clone())
-                .replay(replay.clone());
+            let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+            if last.as_ref().is_some_and(|last| last.builds(settings)) {
+                return Ok(None);
+            }
+            let breaker = match last.as_ref() {
+                Some(last) if last.breaker_settings == settings.breaker => last.breaker.clone(),
+                _ => CircuitBreakerLayer::new(settings.breaker.clone())
+                    .map_err(|e| e.at("breaker"))?
+                    .name(name.clone())
+                    .classify(classifier.clone()),
+            };
+            let retry = match last.as_ref() {
+                Some(last) if last.retry_settings == settings.retry => last.retry.clone(),
+                _ => {
+                    let retry = RetryLayer::new(settings.retry.clone())
+                        .map_err(|e| e.at("retry"))?
+                        .name(name.clone())
+                        .classify(classifier.clone())
+                        .replay(replay.clone());
+                    match last.as_ref() {
+                        // Attempts or backoff changed, the budget's terms did not: it keeps
+                        // what it has counted.
+                        Some(last) if last.retry_settings.budget == settings.retry.budget => {
+                            retry.with_budget(last.retry.budget().clone())
+                        }
+                        _ => retry,
+                    }
+                }
+            };
             let (handle, budget) = (breaker.handle(), retry.budget().clone());
             let timeout = settings.timeout;
+            *last = Some(Built {
+                breaker_settings: settings.breaker.clone(),
+                breaker: breaker.clone(),
+                retry_settings: settings.retry.clone(),
+                retry: retry.clone(),
+                timeout,
+            });
             let balance = balance.clone();
             let stack = move || -> Stack<Req, S::Response> {
                 let retried = retry.layer(LazyClone::new(breaker.layer(balance.clone())));
@@ -268,11 +316,11 @@ impl Mesh {
                     ),
                 }
             };
-            Ok(Policy {
+            Ok(Some(Policy {
                 stack: Box::new(stack),
                 breaker: handle,
                 budget,
-            })
+            }))
         });
         #[cfg(feature = "metrics")]
         crate::metrics::record_system_events();
@@ -287,6 +335,24 @@ impl Mesh {
             classify,
         )
         .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}"))))
+    }
+}
+
+/// The layers of a client's last policies and the settings they were built from.
+struct Built<C, K> {
+    breaker_settings: BreakerConfig,
+    breaker: CircuitBreakerLayer<C>,
+    retry_settings: RetryConfig,
+    retry: RetryLayer<C, K>,
+    timeout: Option<Duration>,
+}
+
+impl<C, K> Built<C, K> {
+    /// Whether `settings` would build these same policies.
+    fn builds(&self, settings: &ServiceConfig) -> bool {
+        self.breaker_settings == settings.breaker
+            && self.retry_settings == settings.retry
+            && self.timeout == settings.timeout
     }
 }
 

@@ -41,11 +41,12 @@ impl HttpResponse for reqwest::Response {
 /// * Breakers: a 5xx response and an error (connection refused, reset, timed out) are
 ///   failures; every other response, 4xx included, is a success (the client erred, the
 ///   server is fine).
-/// * Retries: 429, 503 and other retryable statuses (by default 408 and every 5xx) are tried
-///   again, waiting at least the response's `Retry-After` when it has one; errors are tried
-///   again; other responses are returned as they are. Whether a *request* may be repeated at
-///   all (its method, its body) is the replay side's decision: see
-///   [`HttpReplay`](super::HttpReplay).
+/// * Retries: 429 and every 5xx (503 included) are tried again by default, waiting at least
+///   the response's `Retry-After` when it has one; errors are tried again; other responses,
+///   every other 4xx included, are returned as they are. [`retrying`](Self::retrying)
+///   chooses another set (adding 408, say, for servers that time idle requests out).
+///   Whether a *request* may be repeated at all (its method, its body) is the replay side's
+///   decision: see [`HttpReplay`](super::HttpReplay).
 ///
 /// ```
 /// use meshkit::classify::{Classify, ClassifyRetry, Outcome, RetryDecision};
@@ -80,10 +81,9 @@ const fn insert(set: &mut StatusSet, code: u16) {
     set[code as usize / 64] |= 1 << (code % 64);
 }
 
-/// 408, 429 and every 5xx.
+/// 429 and every 5xx.
 static DEFAULT_SET: StatusSet = {
     let mut set = [0u64; 16];
-    insert(&mut set, 408);
     insert(&mut set, 429);
     let mut code = 500;
     while code < 600 {
@@ -110,7 +110,7 @@ fn intern(set: StatusSet) -> &'static StatusSet {
 }
 
 impl Default for HttpClassifier {
-    /// Retries 408, 429 and every 5xx.
+    /// Retries 429 and every 5xx.
     fn default() -> Self {
         Self {
             retryable: &DEFAULT_SET,
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(decide(503, None), RetryDecision::Retry);
         assert_eq!(decide(503, Some("garbage")), RetryDecision::Retry);
         assert_eq!(decide(502, None), RetryDecision::Retry);
-        assert_eq!(decide(408, None), RetryDecision::Retry);
+        assert_eq!(decide(408, None), RetryDecision::Stop);
         assert_eq!(decide(404, Some("7")), RetryDecision::Stop);
         assert_eq!(decide(200, None), RetryDecision::Stop);
         let refused: Result<http::Response<()>, ()> = Err(());
@@ -226,14 +226,16 @@ mod tests {
         assert!(classifier.retries(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!classifier.retries(StatusCode::INTERNAL_SERVER_ERROR));
         assert!(!classifier.retries(StatusCode::TOO_MANY_REQUESTS));
+        let with_408 = HttpClassifier::retrying([StatusCode::REQUEST_TIMEOUT]);
+        assert!(with_408.retries(StatusCode::REQUEST_TIMEOUT));
     }
 
     #[test]
-    fn the_default_set_is_408_429_and_every_5xx() {
+    fn the_default_set_is_429_and_every_5xx() {
         let classifier = HttpClassifier::default();
         for code in 100..=999u16 {
             let status = StatusCode::from_u16(code).unwrap();
-            let expected = code == 408 || code == 429 || (500..600).contains(&code);
+            let expected = code == 429 || (500..600).contains(&code);
             assert_eq!(classifier.retries(status), expected, "{code}");
         }
     }

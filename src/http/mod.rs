@@ -26,8 +26,8 @@
 //! ## What an HTTP result means
 //!
 //! [`HttpClassifier`] tells breakers that 5xx responses and transport errors are failures and
-//! other responses (4xx included) successes, and tells retry layers to try 408, 429 and 5xx
-//! again, no sooner than their [`retry_after`] hint.
+//! other responses (4xx included) successes, and tells retry layers to try 429 and 5xx again
+//! (no other 4xx), no sooner than their [`retry_after`] hint.
 //!
 //! ## What may be sent again
 //!

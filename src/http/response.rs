@@ -132,14 +132,29 @@ mod with_axum {
         type Service = ErrorResponse<S>;
 
         fn layer(&self, inner: S) -> ErrorResponse<S> {
-            ErrorResponse { inner }
+            ErrorResponse {
+                inner,
+                not_ready: None,
+            }
         }
     }
 
-    /// The service [`ErrorResponseLayer`] builds: never fails, answers errors.
-    #[derive(Clone, Debug)]
+    /// The service [`ErrorResponseLayer`] builds: never fails, answers errors. An error the
+    /// inner service reports from `poll_ready` answers the next request, which the inner
+    /// service never sees (tower's contract: no `call` after a failed `poll_ready`).
+    #[derive(Debug)]
     pub struct ErrorResponse<S> {
         inner: S,
+        not_ready: Option<BoxError>,
+    }
+
+    impl<S: Clone> Clone for ErrorResponse<S> {
+        fn clone(&self) -> Self {
+            Self {
+                inner: self.inner.clone(),
+                not_ready: None,
+            }
+        }
     }
 
     impl<S, Req> Service<Req> for ErrorResponse<S>
@@ -154,15 +169,25 @@ mod with_axum {
         type Future = BoxFuture<'static, Result<Response, Infallible>>;
 
         fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-            // A readiness error cannot be answered without a request; be ready and let the
-            // call report it.
+            if self.not_ready.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            // A readiness error cannot be answered without a request: kept for the next one.
             match self.inner.poll_ready(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(_) => Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                Poll::Ready(Err(error)) => {
+                    self.not_ready = Some(error.into());
+                    Poll::Ready(Ok(()))
+                }
             }
         }
 
         fn call(&mut self, request: Req) -> Self::Future {
+            if let Some(error) = self.not_ready.take() {
+                let response = respond(&*error);
+                return Box::pin(std::future::ready(Ok(response)));
+            }
             let call = self.inner.call(request);
             Box::pin(async move {
                 Ok(match call.await {
@@ -178,6 +203,51 @@ mod with_axum {
 mod tests {
     use super::*;
     use crate::breaker::BreakerState;
+
+    #[cfg(feature = "axum")]
+    #[tokio::test]
+    async fn a_readiness_error_answers_the_next_request_without_calling_the_service() {
+        use crate::limit::OverloadReason;
+        use tower::{Layer, Service, ServiceExt};
+
+        /// Fails `poll_ready` once with `Overloaded`, then is ready; `call` panics unless the
+        /// `poll_ready` before it succeeded.
+        #[derive(Default)]
+        struct FailsReadinessOnce {
+            failed: bool,
+            ready: bool,
+        }
+
+        impl Service<()> for FailsReadinessOnce {
+            type Response = &'static str;
+            type Error = tower::BoxError;
+            type Future = std::future::Ready<Result<&'static str, tower::BoxError>>;
+
+            fn poll_ready(
+                &mut self,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), tower::BoxError>> {
+                if std::mem::replace(&mut self.failed, true) {
+                    self.ready = true;
+                    std::task::Poll::Ready(Ok(()))
+                } else {
+                    let overloaded = Overloaded::new(OverloadReason::LoadShed);
+                    std::task::Poll::Ready(Err(overloaded.into()))
+                }
+            }
+
+            fn call(&mut self, (): ()) -> Self::Future {
+                assert!(std::mem::take(&mut self.ready), "called while not ready");
+                std::future::ready(Ok("ok"))
+            }
+        }
+
+        let mut service = ErrorResponseLayer::new().layer(FailsReadinessOnce::default());
+        let refused = service.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let served = service.ready().await.unwrap().call(()).await.unwrap();
+        assert_eq!(served.status(), StatusCode::OK);
+    }
 
     #[test]
     fn retry_after_rounds_up_to_whole_seconds() {

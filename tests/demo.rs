@@ -41,8 +41,12 @@ async fn the_demo_fleet_survives_a_flaky_a_slow_and_a_stopped_instance() {
     assert!(report.events.get("EndpointEjected").copied().unwrap_or(0) >= 1);
     assert_eq!(report.events.get("InstanceRegistered"), Some(&3));
     assert!(
-        report.events.get("HealthChanged").copied().unwrap_or(0) >= 4,
-        "three instances turned passing, and the stopped one critical: {report}"
+        report.events.get("HealthChanged").copied().unwrap_or(0) >= 5,
+        "three instances turned passing, the stopped one critical, then passing: {report}"
+    );
+    assert!(
+        report.served_after_restart > 0,
+        "the restarted instance serves again: {report}"
     );
     assert!(report.elapsed < Duration::from_secs(30));
 }

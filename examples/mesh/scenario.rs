@@ -4,7 +4,9 @@
 //! healthy, one failing every other request with a 500, one slow. They register with HTTP
 //! health checks; a `reqwest` client stack built by a `Mesh` from an embedded TOML config
 //! drives concurrent requests; a third of the way through the healthy instance is stopped
-//! (its port closes), and two thirds of the way it starts again on the same port.
+//! (its port closes), and two thirds of the way, once its health check has seen it gone, it
+//! starts again on the same port; the last third of the requests is sent once it passes its
+//! health check again.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -206,22 +208,31 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
     );
 
     let client = mesh.client("users", reqwest::Client::new())?;
+    let (kill_at, restart_at) = (scenario.requests / 3, 2 * scenario.requests / 3);
+    // The last third of the requests waits until users-1 is back and passing, so that every
+    // run shows the recovery, however fast the requests go.
+    let (resume, resumed) = tokio::sync::watch::channel(false);
     let next = Arc::new(AtomicUsize::new(0));
     let successes = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..scenario.concurrency {
-        let (mut client, next, successes, failures) = (
+        let (mut client, next, successes, failures, mut resumed) = (
             client.clone(),
             next.clone(),
             successes.clone(),
             failures.clone(),
+            resumed.clone(),
         );
         workers.spawn(async move {
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= scenario.requests {
                     return;
+                }
+                if n >= restart_at {
+                    // Only an error if the driver is gone, and then the run is over anyway.
+                    let _ = resumed.wait_for(|resumed| *resumed).await;
                 }
                 let request = reqwest::Request::new(
                     reqwest::Method::GET,
@@ -247,8 +258,8 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
     }
 
     // The driver: progress, the outage and the recovery.
-    let (kill_at, restart_at) = (scenario.requests / 3, 2 * scenario.requests / 3);
     let (mut killed, mut restarted, mut served_before_restart) = (false, false, 0);
+    let mut waiting_since = None;
     let mut last_progress = 0;
     while !workers.is_empty() {
         tokio::select! {
@@ -280,6 +291,19 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
                     instances[0].port
                 ),
             );
+        }
+        if restarted && !*resume.borrow() {
+            let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
+            if is_passing(&mesh, instances[0].port) {
+                let _ = resume.send(true);
+                say(scenario, format!("{sent:>6} sent: users-1 passing again"));
+            } else if waited > Duration::from_secs(10) {
+                let _ = resume.send(true);
+                say(
+                    scenario,
+                    format!("{sent:>6} sent: users-1 not passing after 10 s; going on without it"),
+                );
+            }
         }
         if sent >= last_progress + scenario.requests / 10 {
             last_progress = sent;
@@ -388,11 +412,20 @@ fn describe(error: &BoxError) -> String {
 
 /// Whether the registry marks the instance on `port` critical.
 fn is_critical(mesh: &Mesh, port: u16) -> bool {
+    health_is(mesh, port, Health::Critical)
+}
+
+/// Whether the registry marks the instance on `port` passing.
+fn is_passing(mesh: &Mesh, port: u16) -> bool {
+    health_is(mesh, port, Health::Passing)
+}
+
+fn health_is(mesh: &Mesh, port: u16, health: Health) -> bool {
     mesh.registry()
         .snapshot("users")
         .instances()
         .iter()
-        .any(|i| i.port == port && i.health == Health::Critical)
+        .any(|i| i.port == port && i.health == health)
 }
 
 async fn wait_until_passing(mesh: &Mesh, count: usize) -> Result<(), BoxError> {

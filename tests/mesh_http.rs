@@ -164,6 +164,63 @@ async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reqwest_bodies_over_the_body_limit_are_sent_once() {
+    // Every other request gets a 503: a retried request succeeds on its second try.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/users/{id}",
+        put({
+            let calls = calls.clone();
+            move |body: Bytes| async move {
+                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
+                } else {
+                    (StatusCode::OK, body)
+                }
+            }
+        }),
+    );
+    let port = serve(app).await;
+    let mesh = mesh_with(
+        "[services.users.http]\nbody_limit = 1024\n\
+         [services.users.retry]\nmax_attempts = 2\n\
+         backoff = { kind = \"constant\", base = \"1ms\", jitter = \"none\" }",
+        &[port],
+    )
+    .await;
+    let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+    let put_user = |body: Vec<u8>| {
+        let mut request = reqwest::Request::new(
+            reqwest::Method::PUT,
+            "http://users/users/1".parse().unwrap(),
+        );
+        *request.body_mut() = Some(body.into());
+        request
+    };
+
+    let response = users
+        .ready()
+        .await
+        .unwrap()
+        .call(put_user(vec![b'a'; 1024]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "retried");
+    assert_eq!(response.bytes().await.unwrap().len(), 1024);
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 2, "sent twice");
+
+    let response = users
+        .ready()
+        .await
+        .unwrap()
+        .call(put_user(vec![b'a'; 1025]))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "over the limit: sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_config_allows_every_method() {
     let calls = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new().route(

@@ -61,6 +61,14 @@ impl<B: Body> ReplayBody<B> {
         matches!(self.kind, Kind::Buffered { .. })
     }
 
+    /// The length of a body held whole; `None` for one that streams.
+    pub(crate) fn buffered_len(&self) -> Option<u64> {
+        match &self.kind {
+            Kind::Buffered { data, .. } => Some(data.len() as u64),
+            Kind::Streaming { .. } => None,
+        }
+    }
+
     /// A fresh copy to send again, if it is held whole.
     pub fn try_clone(&self) -> Option<Self> {
         match &self.kind {

@@ -20,36 +20,52 @@ pub fn is_idempotent(method: &Method) -> bool {
 pub trait ReplayableBody: Sized {
     /// A copy to send again, or `None` if this body can be sent only once.
     fn try_clone_body(&self) -> Option<Self>;
+
+    /// The body's length in bytes, when it is known without reading it (checked against
+    /// [`HttpReplay::body_limit`]). The default: unknown, never over a limit.
+    fn known_len(&self) -> Option<u64> {
+        None
+    }
 }
 
 impl<B: Body> ReplayableBody for ReplayBody<B> {
     fn try_clone_body(&self) -> Option<Self> {
         self.try_clone()
     }
+
+    fn known_len(&self) -> Option<u64> {
+        self.buffered_len()
+    }
 }
 
 macro_rules! cloned_bodies {
-    ($($body:ty),*) => {$(
+    ($($body:ty => $len:expr),* $(,)?) => {$(
         impl ReplayableBody for $body {
             fn try_clone_body(&self) -> Option<Self> {
                 Some(self.clone())
+            }
+
+            fn known_len(&self) -> Option<u64> {
+                let len: fn(&Self) -> Option<u64> = $len;
+                len(self)
             }
         }
     )*};
 }
 
 cloned_bodies!(
-    (),
-    String,
-    Vec<u8>,
-    Bytes,
-    http_body_util::Full<Bytes>,
-    http_body_util::Empty<Bytes>
+    () => |_| Some(0),
+    String => |body| Some(body.len() as u64),
+    Vec<u8> => |body| Some(body.len() as u64),
+    Bytes => |body| Some(body.len() as u64),
+    http_body_util::Full<Bytes> => |body| body.size_hint().exact(),
+    http_body_util::Empty<Bytes> => |_| Some(0),
 );
 
 /// Replays HTTP requests for retries and hedges: by default only idempotent methods (see
 /// [`is_idempotent`]) and only bodies held whole (see
-/// [`BufferBodyLayer`](super::BufferBodyLayer)); any other request is sent once.
+/// [`BufferBodyLayer`](super::BufferBodyLayer)), of any size unless a
+/// [`body_limit`](Self::body_limit) is set; any other request is sent once.
 ///
 /// ```
 /// use meshkit::retry::Replay;
@@ -64,23 +80,52 @@ cloned_bodies!(
 #[derive(Clone, Copy, Debug, Default)]
 pub struct HttpReplay {
     all_methods: bool,
+    body_limit: Option<u64>,
 }
 
 impl HttpReplay {
     /// Replays requests of every method, idempotent or not (when the server deduplicates,
     /// with an idempotency key say).
     pub const fn all_methods() -> Self {
-        Self { all_methods: true }
+        Self {
+            all_methods: true,
+            body_limit: None,
+        }
+    }
+
+    /// Sends a request whose body is longer than `bytes` once: its copy would hold that much
+    /// memory for every try in flight. [`Mesh::client`](crate::Mesh::client) sets the
+    /// service's `http.body_limit`.
+    ///
+    /// ```
+    /// use meshkit::retry::Replay;
+    /// use meshkit::http::HttpReplay;
+    ///
+    /// let replay = HttpReplay::default().body_limit(4);
+    /// let small = http::Request::put("http://users/1").body("1234".to_string()).unwrap();
+    /// let large = http::Request::put("http://users/1").body("12345".to_string()).unwrap();
+    /// assert!(replay.replay(&small).is_some());
+    /// assert!(replay.replay(&large).is_none());
+    /// ```
+    pub const fn body_limit(mut self, bytes: u64) -> Self {
+        self.body_limit = Some(bytes);
+        self
     }
 
     fn allows(&self, method: &Method) -> bool {
         self.all_methods || is_idempotent(method)
     }
+
+    /// Whether a body of `len` bytes (`None`: unknown) is over the limit.
+    #[inline]
+    fn too_long(&self, len: Option<u64>) -> bool {
+        matches!((self.body_limit, len), (Some(limit), Some(len)) if len > limit)
+    }
 }
 
 impl<B: ReplayableBody> Replay<Request<B>> for HttpReplay {
     fn replay(&self, request: &Request<B>) -> Option<Request<B>> {
-        if !self.allows(request.method()) {
+        if !self.allows(request.method()) || self.too_long(request.body().known_len()) {
             return None;
         }
         let mut copy = Request::new(request.body().try_clone_body()?);
@@ -100,9 +145,13 @@ impl<B: ReplayableBody> Replay<Request<B>> for HttpReplay {
 
 #[cfg(feature = "reqwest")]
 impl Replay<reqwest::Request> for HttpReplay {
-    /// Streaming reqwest bodies cannot be cloned: those requests are sent once.
+    /// Streaming reqwest bodies cannot be cloned: those requests are sent once, as are
+    /// bodies over the limit.
     fn replay(&self, request: &reqwest::Request) -> Option<reqwest::Request> {
-        if !self.allows(request.method()) {
+        let len = request
+            .body()
+            .map_or(Some(0), |body| body.as_bytes().map(|b| b.len() as u64));
+        if !self.allows(request.method()) || self.too_long(len) {
             return None;
         }
         request.try_clone()
@@ -112,6 +161,45 @@ impl Replay<reqwest::Request> for HttpReplay {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bodies_over_the_limit_are_not_replayed() {
+        fn put<B>(body: B) -> Request<B> {
+            Request::put("http://users/1").body(body).unwrap()
+        }
+        let replay = HttpReplay::default().body_limit(3);
+        assert!(replay.replay(&put(Bytes::from_static(b"abc"))).is_some());
+        assert!(replay.replay(&put(Bytes::from_static(b"abcd"))).is_none());
+        let buffered =
+            |data: &'static [u8]| put(ReplayBody::<http_body_util::Empty<Bytes>>::buffered(data));
+        assert!(replay.replay(&buffered(b"abc")).is_some());
+        assert!(replay.replay(&buffered(b"abcd")).is_none());
+        let full = put(http_body_util::Full::new(Bytes::from_static(b"abcd")));
+        assert!(replay.replay(&full).is_none());
+        assert!(
+            HttpReplay::default().replay(&full).is_some(),
+            "no limit unless one is set"
+        );
+        assert!(HttpReplay::all_methods()
+            .body_limit(3)
+            .replay(&put(Bytes::from_static(b"abcd")))
+            .is_none());
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[test]
+    fn reqwest_bodies_over_the_limit_are_not_replayed() {
+        let replay = HttpReplay::default().body_limit(3);
+        let put = |body: &'static [u8]| {
+            let mut request = reqwest::Request::new(Method::PUT, "http://users/1".parse().unwrap());
+            *request.body_mut() = Some(body.into());
+            request
+        };
+        assert!(replay.replay(&put(b"abc")).is_some());
+        assert!(replay.replay(&put(b"abcd")).is_none());
+        let get = reqwest::Request::new(Method::GET, "http://users/1".parse().unwrap());
+        assert!(replay.replay(&get).is_some(), "no body");
+    }
 
     #[test]
     fn only_idempotent_methods_are_replayed_by_default() {

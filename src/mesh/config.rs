@@ -76,9 +76,11 @@ pub struct ServiceConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Request bodies up to this many bytes are kept in memory so that a retry can send them
-    /// again ([`Mesh::buffered_client`](super::Mesh::buffered_client)); larger ones are sent
-    /// once. In `[0, 67108864]` (64 MiB). Default `65536`.
+    /// Request bodies up to this many bytes may be sent again by a retry; larger ones are
+    /// sent once. [`Mesh::buffered_client`](super::Mesh::buffered_client) reads streamed
+    /// bodies into memory up to this size; a body already in memory (a `reqwest` body of
+    /// bytes, a `String`, `Bytes`, `Full`) is not copied for a retry when it is larger. In
+    /// `[0, 67108864]` (64 MiB). Default `65536`.
     pub body_limit: usize,
     /// Retry every method, not only idempotent ones (for servers that deduplicate, with an
     /// idempotency key say). Default `false`.

@@ -16,7 +16,7 @@ impl Mesh {
     /// each request goes to the instance the balancer picks ([`Endpoint`] rewrites its
     /// authority and, unless `http.set_host` is off, sets its `Host`); [`HttpClassifier`]
     /// decides failures and retries, [`HttpReplay`] lets only idempotent requests with bodies
-    /// held whole be sent again.
+    /// held whole, and no longer than the service's `http.body_limit`, be sent again.
     ///
     /// # Errors
     /// The service's policies are invalid (they were checked when set: not expected).
@@ -40,7 +40,8 @@ impl Mesh {
             HttpReplay::all_methods()
         } else {
             HttpReplay::default()
-        };
+        }
+        .body_limit(http.body_limit as u64);
         self.client_with(
             service,
             move |instance: &Instance| {

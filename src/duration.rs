@@ -48,31 +48,61 @@ impl de::Visitor<'_> for HumanDuration {
     }
 }
 
-/// The same format for `Option<Duration>`: a missing field or `null` is `None`.
+/// The same format for `Option<Duration>`: `null`, or the string `"none"` (which TOML, with
+/// no `null`, needs to say "no limit"), is `None`.
 ///
-/// Pair it with `#[serde(default)]` so that an absent field deserializes to `None`.
+/// Pair it with `#[serde(default)]` so that an absent field deserializes to its default.
 pub mod option {
     use super::*;
-    use serde::Deserialize;
 
-    /// Serializes `Some(duration)` as a humantime string and `None` as `null`.
+    /// Serializes `Some(duration)` as a humantime string and `None` as `"none"` (a format
+    /// without `null`, such as TOML, would otherwise leave the key out, and reading it back
+    /// would give the field's default instead of `None`).
     pub fn serialize<S: Serializer>(
         value: &Option<Duration>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         match value {
             Some(duration) => super::serialize(duration, serializer),
-            None => serializer.serialize_none(),
+            None => serializer.serialize_str("none"),
         }
     }
 
-    /// Deserializes `null` as `None` and a humantime string as `Some(duration)`.
+    /// Deserializes `null` and `"none"` as `None`, a humantime string as `Some(duration)`.
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<Duration>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrapper(#[serde(with = "super")] Duration);
-        Ok(Option::<Wrapper>::deserialize(deserializer)?.map(|Wrapper(d)| d))
+        deserializer.deserialize_option(MaybeDuration)
+    }
+
+    struct MaybeDuration;
+
+    impl<'de> de::Visitor<'de> for MaybeDuration {
+        type Value = Option<Duration>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as \"250ms\" or \"30s\", or \"none\"")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Self::Value, D::Error> {
+            inner.deserialize_str(self)
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            if text.trim() == "none" {
+                Ok(None)
+            } else {
+                HumanDuration.visit_str(text).map(Some)
+            }
+        }
     }
 }
 
@@ -102,6 +132,17 @@ mod tests {
         assert_eq!(sample.limit, None);
         let text = serde_json::to_string(&sample).unwrap();
         assert_eq!(serde_json::from_str::<Sample>(&text).unwrap(), sample);
+    }
+
+    #[test]
+    fn none_is_written_and_read_as_a_string() {
+        let sample: Sample = serde_json::from_str(r#"{"wait":"1s","limit":"none"}"#).unwrap();
+        assert_eq!(sample.limit, None);
+        let null: Sample = serde_json::from_str(r#"{"wait":"1s","limit":null}"#).unwrap();
+        assert_eq!(null.limit, None);
+        let text = toml::to_string(&sample).unwrap();
+        assert!(text.contains("limit = \"none\""), "{text}");
+        assert_eq!(toml::from_str::<Sample>(&text).unwrap(), sample);
     }
 
     #[test]

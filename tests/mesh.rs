@@ -163,6 +163,58 @@ fn environment_variables_override_the_file() {
 }
 
 #[test]
+fn serde_deserialize_lays_services_over_defaults_and_checks_values() {
+    // As a section of an application's own config, in any serde format.
+    #[derive(serde::Deserialize)]
+    struct App {
+        mesh: MeshConfig,
+    }
+    let app: App = toml::from_str(
+        "[mesh.defaults.retry]\nmax_attempts = 5\n[mesh.services.users]\ntimeout = \"2s\"",
+    )
+    .unwrap();
+    let users = app.mesh.service("users");
+    assert_eq!(users.retry.max_attempts, 5, "from the defaults");
+    assert_eq!(users.timeout, Some(Duration::from_secs(2)));
+
+    let error = serde_json::from_str::<MeshConfig>(
+        r#"{"services": {"users": {"breaker": {"failure_rate": 1.5}}}}"#,
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("services.users.breaker.failure_rate: must be in (0, 1], got 1.5"),
+        "{error}"
+    );
+    let error = serde_json::from_str::<MeshConfig>(
+        r#"{"services": {"users": {"retry": {"max_attemps": 2}}}}"#,
+    )
+    .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .starts_with("services.users.retry.max_attemps: unknown field"),
+        "{error}"
+    );
+}
+
+#[test]
+fn no_timeout_is_written_none_and_survives_a_round_trip() {
+    let config = MeshConfig::from_toml("[services.users]\ntimeout = \"none\"").unwrap();
+    assert_eq!(config.service("users").timeout, None);
+    let json = serde_json::from_str::<MeshConfig>(r#"{"services": {"users": {"timeout": null}}}"#)
+        .unwrap();
+    assert_eq!(json.service("users").timeout, None);
+    let written = toml::to_string(&config).unwrap();
+    assert_eq!(
+        MeshConfig::from_toml(&written).unwrap(),
+        config,
+        "{written}"
+    );
+}
+
+#[test]
 fn a_config_file_is_read_from_disk() {
     let path = std::env::temp_dir().join(format!("meshkit-{}.toml", std::process::id()));
     std::fs::write(&path, "[services.users.retry]\nmax_attempts = 7\n").unwrap();

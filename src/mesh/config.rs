@@ -33,8 +33,14 @@ use std::time::Duration;
 /// replaces the default's whole); a service with no table uses `defaults`. Every key
 /// is checked: an unknown one is an error naming its path, as is a value out of range
 /// (`services.users.breaker.failure_rate: must be in (0, 1], got 1.5`).
+///
+/// [`from_toml`](Self::from_toml), [`from_toml_with_env`](Self::from_toml_with_env) and
+/// [`load`](Self::load) give the error as a [`MeshConfigError`]. The `Deserialize`
+/// implementation does the same layering and checks from any serde format (a section of a
+/// larger application config, JSON, YAML), with the error's text as a custom error of that
+/// format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, remote = "Self")]
 pub struct MeshConfig {
     /// The policies of a service with no table of its own, and under every service's table.
     pub defaults: ServiceConfig,
@@ -58,7 +64,8 @@ pub struct ServiceConfig {
     pub breaker: BreakerConfig,
     /// Retries over the breaker (reloads; the budget is kept unless its terms change).
     pub retry: RetryConfig,
-    /// The whole call's time limit, tries and waits included, in `[1ms, 1h]`; `null` for none.
+    /// The whole call's time limit, tries and waits included, in `[1ms, 1h]`; `"none"` (or
+    /// `null` in formats that have it) for none.
     /// Default `"10s"`. Counted from the call's first poll on (waiting in `poll_ready` before
     /// it is not counted), a call past it fails with tower's `Elapsed`, which
     /// `http::error_status` and `ErrorResponseLayer` turn into a 504. `retry.deadline` bounds
@@ -215,12 +222,25 @@ impl MeshConfig {
                 set_path(&mut root, path, value.as_ref())?;
             }
         }
-        lay_services_over_defaults(&mut root);
-        let config: MeshConfig = serde_path_to_error::deserialize(toml::Value::Table(root))
-            .map_err(|e| MeshConfigError::Parse {
-                path: e.path().to_string(),
-                message: e.inner().message().to_string(),
-            })?;
+        let root =
+            serde_json::to_value(root).map_err(|e| MeshConfigError::Syntax(e.to_string()))?;
+        Self::from_value(root)
+    }
+
+    /// Lays the services over the defaults, reads the fields (naming the path of a bad one),
+    /// then checks the values.
+    fn from_value(mut root: serde_json::Value) -> Result<Self, MeshConfigError> {
+        if let serde_json::Value::Object(root) = &mut root {
+            lay_services_over_defaults(root);
+        }
+        let mut track = serde_path_to_error::Track::new();
+        let fields = serde_path_to_error::Deserializer::new(root, &mut track);
+        // The fields as they are, derived (`remote = "Self"`): this type's own `Deserialize`
+        // is this function.
+        let config = MeshConfig::deserialize(fields).map_err(|e| MeshConfigError::Parse {
+            path: track.path().to_string(),
+            message: e.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -334,14 +354,16 @@ fn env_value(value: &str) -> toml::Value {
         .unwrap_or_else(|| toml::Value::String(value.to_string()))
 }
 
+type Table = serde_json::Map<String, serde_json::Value>;
+
 /// Lays each service's table over a copy of `defaults`, key by key.
-fn lay_services_over_defaults(root: &mut toml::Table) {
-    let Some(toml::Value::Table(defaults)) = root.get("defaults").cloned() else {
+fn lay_services_over_defaults(root: &mut Table) {
+    let Some(serde_json::Value::Object(defaults)) = root.get("defaults").cloned() else {
         return;
     };
-    if let Some(toml::Value::Table(services)) = root.get_mut("services") {
+    if let Some(serde_json::Value::Object(services)) = root.get_mut("services") {
         for (_, service) in services.iter_mut() {
-            if let toml::Value::Table(own) = service {
+            if let serde_json::Value::Object(own) = service {
                 let mut merged = defaults.clone();
                 merge(&mut merged, std::mem::take(own));
                 *own = merged;
@@ -353,10 +375,10 @@ fn lay_services_over_defaults(root: &mut toml::Table) {
 /// Merges `over` into `base`: tables key by key, anything else replaced. A table with a
 /// `kind` names one variant of a choice (a breaker window, a backoff), whose fields belong to
 /// that variant alone: it replaces the base's whole.
-fn merge(base: &mut toml::Table, over: toml::Table) {
+fn merge(base: &mut Table, over: Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(inner)), toml::Value::Table(value))
+            (Some(serde_json::Value::Object(inner)), serde_json::Value::Object(value))
                 if !value.contains_key("kind") =>
             {
                 merge(inner, value)
@@ -365,5 +387,21 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
                 base.insert(key, value);
             }
         }
+    }
+}
+
+impl Serialize for MeshConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The derived fields (`remote = "Self"`).
+        MeshConfig::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for MeshConfig {
+    /// Lays each service's table over `defaults` and checks every value, as
+    /// [`from_toml`](Self::from_toml) does.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let root = serde_json::Value::deserialize(deserializer)?;
+        Self::from_value(root).map_err(serde::de::Error::custom)
     }
 }

@@ -78,8 +78,8 @@ fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_ret
             .filter(|s| s.starts_with("meshkit.endpoint"))
             .collect::<Vec<_>>(),
         [
-            "meshkit.endpoint instance=10.0.0.7:8080",
-            "meshkit.endpoint instance=10.0.0.7:8080"
+            "meshkit.endpoint service=users instance=10.0.0.7:8080",
+            "meshkit.endpoint service=users instance=10.0.0.7:8080"
         ],
         "one per try"
     );

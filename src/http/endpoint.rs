@@ -1,9 +1,11 @@
-//! [`Endpoint`]: sends each request to one instance, by rewriting its URI's authority.
+//! [`Endpoint`]: sends each request to one instance, by rewriting its URI's authority (and
+//! scheme, when the instance names one).
 
 use crate::discovery::Instance;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, InvalidUri, Scheme, Uri};
 use http::{Request, Version};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::Service;
 use tracing::instrument::{Instrument, Instrumented};
@@ -11,9 +13,9 @@ use tracing::instrument::{Instrument, Instrumented};
 /// A request whose destination can be rewritten: `http::Request<B>`, and `reqwest::Request`
 /// with the `reqwest` feature.
 pub trait Routable {
-    /// Points the request at `authority` (host and port), keeping its scheme (`http` if it
-    /// has none), path and query.
-    fn route_to(&mut self, authority: &Authority);
+    /// Points the request at `authority` (host and port) and at `scheme` when one is given
+    /// (else it keeps its own, `http` if it has none), keeping its path and query.
+    fn route_to(&mut self, scheme: Option<&Scheme>, authority: &Authority);
 
     /// Sets the `Host` header to `host` if the request has none and will go over HTTP/1.
     /// [`Endpoint`] calls it after [`route_to`](Self::route_to) with the value an HTTP/1
@@ -25,10 +27,13 @@ pub trait Routable {
 }
 
 impl<B> Routable for Request<B> {
-    fn route_to(&mut self, authority: &Authority) {
+    fn route_to(&mut self, scheme: Option<&Scheme>, authority: &Authority) {
         // Taken apart, not copied: the scheme and path move into the new URI.
         let mut parts = std::mem::take(self.uri_mut()).into_parts();
-        parts.scheme.get_or_insert(Scheme::HTTP);
+        match scheme {
+            Some(scheme) => parts.scheme = Some(scheme.clone()),
+            None => _ = parts.scheme.get_or_insert(Scheme::HTTP),
+        }
         parts.authority = Some(authority.clone());
         parts
             .path_and_query
@@ -61,8 +66,13 @@ impl<B> Routable for Request<B> {
 
 #[cfg(feature = "reqwest")]
 impl Routable for reqwest::Request {
-    fn route_to(&mut self, authority: &Authority) {
+    fn route_to(&mut self, scheme: Option<&Scheme>, authority: &Authority) {
         let url = self.url_mut();
+        if let Some(scheme) = scheme {
+            // `http` and `https` replace each other; a URL refuses other changes, which
+            // leave the request's scheme as it is.
+            let _ = url.set_scheme(scheme.as_str());
+        }
         // Both come from a valid authority, which a URL accepts.
         let _ = url.set_host(Some(authority.host()));
         let _ = url.set_port(authority.port_u16());
@@ -74,7 +84,9 @@ impl Routable for reqwest::Request {
 
 /// One instance as a service: points every request at the instance's address, then calls
 /// the client it wraps (a `reqwest::Client`, a hyper-util client, any HTTP `Service`), in a
-/// `meshkit.endpoint` span naming the `instance`.
+/// `meshkit.endpoint` span naming the `instance` (and its `service`, when made with
+/// [`for_instance`](Self::for_instance)). An instance whose metadata names a `scheme`
+/// (`https`) gets its requests with that scheme.
 ///
 /// A plain `http` request of an HTTP/1 version (`http::Request`'s default) without a `Host`
 /// header gets `host:port` of the instance: the value hyper-util's client derives from the
@@ -109,7 +121,11 @@ impl Routable for reqwest::Request {
 #[derive(Debug)]
 pub struct Endpoint<S> {
     inner: S,
+    /// The instance's scheme, when it names one (metadata `scheme`).
+    scheme: Option<Scheme>,
     authority: Authority,
+    /// The instance's service, for the span.
+    service: Option<Arc<str>>,
     /// The `Host` for requests without one: `None` on the default ports (where it depends
     /// on the request's scheme) and for an authority without a port.
     host: Option<HeaderValue>,
@@ -119,7 +135,9 @@ impl<S: Clone> Clone for Endpoint<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
+            scheme: self.scheme.clone(),
             authority: self.authority.clone(),
+            service: self.service.clone(),
             // Each copy its own bytes: every request clones the value, and the reference
             // count it writes is then this copy's, not one shared by the copies that
             // other handles (on other cores) use.
@@ -146,9 +164,18 @@ impl<S> Endpoint<S> {
     pub fn new(inner: S, authority: Authority) -> Self {
         Self {
             inner,
+            scheme: None,
             host: host_value(&authority),
             authority,
+            service: None,
         }
+    }
+
+    /// Sends every request with `scheme` (`https` for an instance that serves TLS) instead of
+    /// the request's own. An `https` request is left to derive its own `Host`.
+    pub fn scheme(mut self, scheme: Scheme) -> Self {
+        self.scheme = Some(scheme);
+        self
     }
 
     /// Whether requests get the instance's `Host` as described above (on by default). Off,
@@ -164,12 +191,18 @@ impl<S> Endpoint<S> {
         self
     }
 
-    /// Sends requests to `instance`'s host and port through `inner`.
+    /// Sends requests to `instance`'s host and port through `inner`, with the scheme its
+    /// metadata names under `scheme` (`"https"`, say) if it names one.
     ///
     /// # Errors
-    /// The instance's host does not make a valid authority.
+    /// The instance's host does not make a valid authority, or its `scheme` a valid scheme.
     pub fn for_instance(inner: S, instance: &Instance) -> Result<Self, InvalidUri> {
-        Ok(Self::new(inner, instance.authority().parse()?))
+        let mut endpoint = Self::new(inner, instance.authority().parse()?);
+        if let Some(scheme) = instance.metadata.get("scheme") {
+            endpoint = endpoint.scheme(scheme.parse()?);
+        }
+        endpoint.service = Some(instance.service.as_str().into());
+        Ok(endpoint)
     }
 
     /// Where requests go.
@@ -196,21 +229,25 @@ where
 
     #[inline(always)]
     fn call(&mut self, mut request: R) -> Self::Future {
-        request.route_to(&self.authority);
+        request.route_to(self.scheme.as_ref(), &self.authority);
         if let Some(host) = &self.host {
             request.set_default_host(host);
         }
         self.inner
             .call(request)
-            .instrument(endpoint_span(&self.authority))
+            .instrument(endpoint_span(self.service.as_deref(), &self.authority))
     }
 }
 
 /// The `meshkit.endpoint` span of one try. Out of line: a disabled span is a couple of loads,
 /// but its expansion is long, and the call path is hot.
 #[inline(never)]
-fn endpoint_span(authority: &Authority) -> tracing::Span {
-    tracing::debug_span!("meshkit.endpoint", instance = %authority)
+fn endpoint_span(service: Option<&str>, authority: &Authority) -> tracing::Span {
+    tracing::debug_span!(
+        "meshkit.endpoint",
+        service = service.map(tracing::field::display),
+        instance = %authority,
+    )
 }
 
 #[cfg(test)]
@@ -221,10 +258,10 @@ mod tests {
     fn routing_keeps_scheme_path_and_query() {
         let authority: Authority = "127.0.0.1:9000".parse().unwrap();
         let mut request = Request::get("https://users/a/b?c=d").body(()).unwrap();
-        request.route_to(&authority);
+        request.route_to(None, &authority);
         assert_eq!(request.uri(), "https://127.0.0.1:9000/a/b?c=d");
         let mut relative = Request::get("/health").body(()).unwrap();
-        relative.route_to(&authority);
+        relative.route_to(None, &authority);
         assert_eq!(relative.uri(), "http://127.0.0.1:9000/health");
     }
 
@@ -335,6 +372,43 @@ mod tests {
             "a copy has bytes of its own"
         );
         assert_eq!(copy.authority, endpoint.authority);
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_names_its_scheme_gets_requests_with_it() {
+        let instance = Instance::builder("users", "10.0.0.7", 8443)
+            .metadata("scheme", "https")
+            .build()
+            .unwrap();
+        let echo = tower::service_fn(|request: Request<()>| async move {
+            Ok::<_, std::convert::Infallible>(request)
+        });
+        let mut endpoint = Endpoint::for_instance(echo, &instance).unwrap();
+        let sent = tower::ServiceExt::oneshot(
+            &mut endpoint,
+            Request::get("http://users/a?b=1").body(()).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(sent.uri(), "https://10.0.0.7:8443/a?b=1");
+        assert!(sent.headers().get(HOST).is_none(), "left to the client");
+
+        let bad = Instance::builder("users", "10.0.0.7", 8443)
+            .metadata("scheme", "not a scheme")
+            .build()
+            .unwrap();
+        assert!(Endpoint::for_instance((), &bad).is_err());
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[test]
+    fn reqwest_requests_take_the_instances_scheme() {
+        let mut request =
+            reqwest::Request::new(reqwest::Method::GET, "http://users/a?b=1".parse().unwrap());
+        request.route_to(Some(&Scheme::HTTPS), &"10.0.0.7:8443".parse().unwrap());
+        assert_eq!(request.url().as_str(), "https://10.0.0.7:8443/a?b=1");
+        request.route_to(None, &"10.0.0.8:8080".parse().unwrap());
+        assert_eq!(request.url().as_str(), "https://10.0.0.8:8080/a?b=1");
     }
 
     #[test]

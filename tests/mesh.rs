@@ -160,6 +160,21 @@ fn environment_variables_override_the_file() {
     let unknown = MeshConfig::from_toml_with_env("", [("MESHKIT_SERVICES__USERS__RETRIES", "2")])
         .unwrap_err();
     assert_eq!(unknown.path(), Some("services.users.retries"), "{unknown}");
+
+    // A variable's name cannot hold `-` or `.`: `_` stands for them in a service's name.
+    let config = MeshConfig::from_toml_with_env(
+        "[services.user-api]\n[services.\"billing.v2\"]",
+        [
+            ("MESHKIT_SERVICES__USER_API__RETRY__MAX_ATTEMPTS", "4"),
+            ("MESHKIT_SERVICES__BILLING_V2__TIMEOUT", "3s"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.service("user-api").retry.max_attempts, 4);
+    assert_eq!(
+        config.service("billing.v2").timeout,
+        Some(Duration::from_secs(3))
+    );
 }
 
 #[test]

@@ -193,7 +193,8 @@ impl MeshConfig {
     /// Reads a config from TOML text with overrides from environment variables, then checks
     /// it. Variables named `MESHKIT_` followed by a path whose parts are joined by `__` set
     /// that key (`MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS=5` sets
-    /// `services.users.retry.max_attempts`; names are lowercased). A value is read as TOML
+    /// `services.users.retry.max_attempts`; names are lowercased, and a service of the file
+    /// whose name has `-` or `.` is named with `_`: `USER_API` for `user-api`). A value is read as TOML
     /// when it is one (`5`, `true`, `0.5`, `["a"]`) and as a string otherwise (`2s`).
     /// Other variables are ignored.
     ///
@@ -322,6 +323,10 @@ fn set_path(root: &mut toml::Table, path: &str, value: &str) -> Result<(), MeshC
             message: "an empty key in the variable's name".into(),
         });
     }
+    let mut keys = keys;
+    if keys.len() > 1 && keys[0] == "services" {
+        keys[1] = service_key(root, &keys[1]);
+    }
     let (last, parents) = keys.split_last().expect("split yields at least one key");
     let mut table = root;
     for (depth, key) in parents.iter().enumerate() {
@@ -343,6 +348,17 @@ fn set_path(root: &mut toml::Table, path: &str, value: &str) -> Result<(), MeshC
     }
     table.insert(last.clone(), env_value(value));
     Ok(())
+}
+
+/// The service a variable's name part means: a service of the file whose name is `part`
+/// once `-` and `.` are written `_` (a variable's name cannot hold them:
+/// `MESHKIT_SERVICES__USER_API__TIMEOUT` sets `services.user-api.timeout`), else `part`.
+fn service_key(root: &toml::Table, part: &str) -> String {
+    let spelled = |name: &str| name.replace(['-', '.'], "_");
+    root.get("services")
+        .and_then(toml::Value::as_table)
+        .and_then(|services| services.keys().find(|name| spelled(name) == part).cloned())
+        .unwrap_or_else(|| part.to_string())
 }
 
 /// An environment value as TOML when it parses as a TOML value, else as a string.

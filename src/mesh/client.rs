@@ -49,7 +49,8 @@ struct Shared<Req, Res> {
 ///
 /// Each call runs in a `meshkit.request` span (`service`, `breaker` state); each retry in a
 /// `meshkit.retry` span (`service`, `attempt`, from 2); HTTP endpoints open a
-/// `meshkit.endpoint` span (`service`, `instance`) per try, under the retry's span when there is one.
+/// `meshkit.endpoint` span (`service`, `instance`) per try, under the retry's span when
+/// there is one.
 ///
 /// `Clone` (every clone shares the balancer, the breaker and the retry budget) and
 /// `Send + Sync`: keep one in your application state. A clone is meant to live as long as

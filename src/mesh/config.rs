@@ -194,9 +194,9 @@ impl MeshConfig {
     /// it. Variables named `MESHKIT_` followed by a path whose parts are joined by `__` set
     /// that key (`MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS=5` sets
     /// `services.users.retry.max_attempts`; names are lowercased, and a service of the file
-    /// whose name has `-` or `.` is named with `_`: `USER_API` for `user-api`). A value is read as TOML
-    /// when it is one (`5`, `true`, `0.5`, `["a"]`) and as a string otherwise (`2s`).
-    /// Other variables are ignored.
+    /// whose name has `-` or `.` is named with `_`: `USER_API` for `user-api`). A value is
+    /// read as TOML when it is one (`5`, `true`, `0.5`, `["a"]`) and as a string otherwise
+    /// (`2s`). Other variables are ignored.
     ///
     /// ```
     /// use meshkit::MeshConfig;

@@ -1,4 +1,4 @@
-//! The spans a `MeshClient` call opens.
+//! The spans a `MeshClient` call opens, and what a reload says.
 
 use meshkit::discovery::Instance;
 use meshkit::{Mesh, MeshConfig};
@@ -9,20 +9,24 @@ use tracing::field::{Field, Visit};
 use tracing::span;
 use tracing::{Event, Metadata, Subscriber};
 
-/// Records each span's name and fields as `name field=value ...`.
-struct Spans(Arc<Mutex<Vec<String>>>);
+/// Records each span's name and fields as `name field=value ...`, and each event's level
+/// and fields as `LEVEL field=value ...` in the second list.
+#[derive(Default)]
+struct Spans(Arc<Mutex<Vec<String>>>, Arc<Mutex<Vec<String>>>);
+
+struct Fields(String);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
+        let _ = write!(self.0, " {}={:?}", field.name(), value);
+    }
+}
 
 impl Subscriber for Spans {
     fn enabled(&self, _: &Metadata<'_>) -> bool {
         true
     }
     fn new_span(&self, attributes: &span::Attributes<'_>) -> span::Id {
-        struct Fields(String);
-        impl Visit for Fields {
-            fn record_debug(&mut self, field: &Field, value: &dyn Debug) {
-                let _ = write!(self.0, " {}={:?}", field.name(), value);
-            }
-        }
         let mut fields = Fields(attributes.metadata().name().to_string());
         attributes.record(&mut fields);
         let mut spans = self.0.lock().unwrap();
@@ -31,7 +35,11 @@ impl Subscriber for Spans {
     }
     fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
     fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
-    fn event(&self, _: &Event<'_>) {}
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields(event.metadata().level().to_string());
+        event.record(&mut fields);
+        self.1.lock().unwrap().push(fields.0);
+    }
     fn enter(&self, _: &span::Id) {}
     fn exit(&self, _: &span::Id) {}
 }
@@ -44,7 +52,7 @@ fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_ret
         .start_paused(true)
         .build()
         .unwrap();
-    tracing::subscriber::with_default(Spans(spans.clone()), || {
+    tracing::subscriber::with_default(Spans(spans.clone(), Arc::default()), || {
         runtime.block_on(async {
             let config = MeshConfig::from_toml(
                 "[services.users.retry]\nmax_attempts = 2\nbackoff = { kind = \"constant\", base = \"1ms\", jitter = \"none\" }",
@@ -96,4 +104,33 @@ fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_ret
         .position(|s| s.starts_with("meshkit.retry"))
         .unwrap();
     assert!(spans[retry + 1].starts_with("meshkit.endpoint"));
+}
+
+#[test]
+fn a_reload_of_balance_settings_says_they_apply_to_clients_built_afterwards() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    tracing::subscriber::with_default(Spans(Arc::default(), events.clone()), || {
+        let mesh = Mesh::builder()
+            .config(MeshConfig::from_toml("[services.users]\ntimeout = \"2s\"").unwrap())
+            .build()
+            .unwrap();
+        let mut config = mesh.config();
+        config.services.get_mut("users").unwrap().timeout = None;
+        mesh.reload(config).unwrap();
+        let warned = |events: &[String]| events.iter().any(|e| e.starts_with("WARN"));
+        assert!(
+            !warned(&events.lock().unwrap()),
+            "a timeout reloads in place"
+        );
+
+        let mut config = mesh.config();
+        config.services.get_mut("users").unwrap().http.body_limit = 1;
+        mesh.reload(config).unwrap();
+        let events = events.lock().unwrap();
+        assert!(warned(&events), "{events:?}");
+        assert!(
+            events.iter().any(|e| e.contains("service=users")),
+            "{events:?}"
+        );
+    });
 }

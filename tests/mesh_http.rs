@@ -1,16 +1,17 @@
 //! `Mesh::client` end to end: real axum instances, a reqwest or hyper-util leaf.
 
+mod support;
+
 use axum::http::StatusCode;
 use axum::routing::{get, put};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use meshkit::breaker::{BreakerState, CircuitOpen};
-use meshkit::discovery::Instance;
 use meshkit::http::ReplayBody;
-use meshkit::{Mesh, MeshConfig};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use support::mesh_with;
 use tower::{Service, ServiceExt};
 
 async fn serve(app: axum::Router) -> u16 {
@@ -18,24 +19,6 @@ async fn serve(app: axum::Router) -> u16 {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     port
-}
-
-async fn mesh_with(config: &str, ports: &[u16]) -> Mesh {
-    let mesh = Mesh::builder()
-        .config(MeshConfig::from_toml(config).unwrap())
-        .build()
-        .unwrap();
-    for port in ports {
-        mesh.register(
-            Instance::builder("users", "127.0.0.1", *port)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-    }
-    mesh
 }
 
 fn get_user() -> reqwest::Request {

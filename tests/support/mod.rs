@@ -212,3 +212,23 @@ pub async fn next_health(watch: &mut meshkit::discovery::Watch, want: meshkit::d
         }
     }
 }
+
+/// A mesh configured by `config` (TOML) with an instance of "users" on 127.0.0.1 at each of
+/// `ports`.
+pub async fn mesh_with(config: &str, ports: &[u16]) -> meshkit::Mesh {
+    let mesh = meshkit::Mesh::builder()
+        .config(meshkit::MeshConfig::from_toml(config).unwrap())
+        .build()
+        .unwrap();
+    for port in ports {
+        mesh.register(
+            meshkit::discovery::Instance::builder("users", "127.0.0.1", *port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    mesh
+}

@@ -126,10 +126,22 @@ fn a_reload_of_balance_settings_says_they_apply_to_clients_built_afterwards() {
         let mut config = mesh.config();
         config.services.get_mut("users").unwrap().http.body_limit = 1;
         mesh.reload(config).unwrap();
+        {
+            let events = events.lock().unwrap();
+            assert!(warned(&events), "{events:?}");
+            assert!(
+                events.iter().any(|e| e.contains("service=users")),
+                "{events:?}"
+            );
+        }
+
+        // Services without a table of their own use the defaults.
+        let mut config = mesh.config();
+        config.defaults.balance.failfast_after = std::time::Duration::from_secs(5);
+        mesh.reload(config).unwrap();
         let events = events.lock().unwrap();
-        assert!(warned(&events), "{events:?}");
         assert!(
-            events.iter().any(|e| e.contains("service=users")),
+            events.iter().any(|e| e.contains("service=\"(defaults)\"")),
             "{events:?}"
         );
     });

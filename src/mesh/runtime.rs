@@ -149,12 +149,21 @@ impl Mesh {
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshConfigError> {
         config.validate()?;
         let previous = self.inner.config.borrow().clone();
+        /// The sections a client reads when it is built.
+        fn sections<'a>(
+            config: &'a MeshConfig,
+            name: Option<&str>,
+        ) -> (&'a crate::balance::BalanceConfig, &'a super::HttpConfig) {
+            let service = name.map_or(&config.defaults, |name| config.service(name));
+            (&service.balance, &service.http)
+        }
+        // `None`: the defaults, which services without a table of their own use.
         let names = previous.1.services.keys().chain(config.services.keys());
+        let names = names.map(|name| Some(name.as_str())).chain([None]);
         for name in names.collect::<std::collections::BTreeSet<_>>() {
-            let (before, after) = (previous.1.service(name), config.service(name));
-            if before.balance != after.balance || before.http != after.http {
+            if sections(&previous.1, name) != sections(&config, name) {
                 tracing::warn!(
-                    service = %name,
+                    service = name.unwrap_or("(defaults)"),
                     "reloaded balance or http settings apply to clients built from now on"
                 );
             }

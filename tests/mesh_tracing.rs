@@ -141,7 +141,7 @@ fn a_reload_of_balance_settings_says_they_apply_to_clients_built_afterwards() {
         mesh.reload(config).unwrap();
         let events = events.lock().unwrap();
         assert!(
-            events.iter().any(|e| e.contains("service=\"(defaults)\"")),
+            events.iter().any(|e| e.contains("service=(defaults)")),
             "{events:?}"
         );
     });

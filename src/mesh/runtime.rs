@@ -163,7 +163,7 @@ impl Mesh {
         for name in names.collect::<std::collections::BTreeSet<_>>() {
             if sections(&previous.1, name) != sections(&config, name) {
                 tracing::warn!(
-                    service = name.unwrap_or("(defaults)"),
+                    service = %name.unwrap_or("(defaults)"),
                     "reloaded balance or http settings apply to clients built from now on"
                 );
             }

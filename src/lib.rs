@@ -79,6 +79,7 @@ mod registry;
 pub mod retry;
 mod striped;
 mod timer;
+mod tried;
 
 pub use config::ConfigError;
 pub use mesh::{Mesh, MeshClient, MeshConfig, MeshConfigError};

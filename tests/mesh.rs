@@ -331,6 +331,72 @@ async fn a_watch_channel_reloads_the_policies() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_retry_goes_to_another_instance_than_the_try_that_failed() {
+    let mesh = Mesh::builder()
+        .config(
+            MeshConfig::from_toml(
+                r#"
+                [services.users]
+                balance = { picker = "random" }
+                [services.users.retry]
+                max_attempts = 2
+                budget = "unlimited"
+                backoff = { kind = "constant", base = "1ms", jitter = "none" }
+                "#,
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    for port in [1, 2, 3] {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    // Instance 1 refuses every call; 2 and 3 answer with their port.
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut client = mesh
+        .client_with(
+            "users",
+            {
+                let calls = calls.clone();
+                move |instance: &Instance| {
+                    let (port, calls) = (instance.port, calls.clone());
+                    tower::service_fn(move |_: u32| {
+                        calls.lock().unwrap().push(port);
+                        async move {
+                            match port {
+                                1 => Err::<u16, BoxError>("refused".into()),
+                                port => Ok(port),
+                            }
+                        }
+                    })
+                }
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    for _ in 0..200 {
+        let port = client.ready().await.unwrap().call(0).await.unwrap();
+        assert_ne!(port, 1);
+    }
+    let calls = calls.lock().unwrap();
+    let first_tries_refused = calls.iter().filter(|&&port| port == 1).count();
+    assert!(first_tries_refused > 20, "the picker chose instance 1 too");
+    assert_eq!(
+        calls.len(),
+        200 + first_tries_refused,
+        "each refused try was retried once, elsewhere"
+    );
+}
+
 /// `mesh`'s config with `edit` applied to the "users" section, reloaded.
 fn reload_users(mesh: &Mesh, edit: impl FnOnce(&mut meshkit::mesh::ServiceConfig)) {
     let mut config = mesh.config();

@@ -25,6 +25,8 @@ use tower::{BoxError, Service};
 pub(crate) struct Snapshot<S, T> {
     pub(crate) services: Vec<Guarded<S>>,
     pub(crate) weights: Arc<[u32]>,
+    /// A stable hash of each endpoint's discovery key, in `services`' order.
+    pub(crate) keys: Box<[u64]>,
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
     pub(crate) known: usize,
@@ -40,6 +42,7 @@ impl<S, T> Snapshot<S, T> {
         Self {
             services: Vec::new(),
             weights: Arc::from([]),
+            keys: Box::new([]),
             prepared: None,
             known: 0,
             ejected: 0,
@@ -483,9 +486,16 @@ where
             let error = NoEndpoints::new(self.shared.name.clone(), view.known, 0, view.ejected);
             return ResponseFuture::failed(error);
         };
-        let index = self
+        let mut index = self
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
+        let balancer = Arc::as_ptr(&self.shared) as *const () as usize;
+        let key_of = |index: usize| crate::tried::key(balancer, view.keys[index]);
+        // A retry goes elsewhere than the tries before it, when there is elsewhere.
+        if let Some(other) = crate::tried::steer(index, view.services.len(), key_of) {
+            index = other;
+        }
+        let tried = key_of(index);
         let call = GuardedCall::new(
             &view.services[index],
             &mut self.copies[index],
@@ -496,9 +506,9 @@ where
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());
-            ResponseFuture::tracked(call, self.loads.clone(), index, sent)
+            ResponseFuture::tracked(call, tried, self.loads.clone(), index, sent)
         } else {
-            ResponseFuture::plain(call)
+            ResponseFuture::plain(call, tried)
         }
     }
 }
@@ -543,6 +553,8 @@ pin_project! {
         failed: Option<Box<NoEndpoints>>,
         // Load bookkeeping for pickers that read it: finished on completion or drop.
         tracked: Option<Tracked>,
+        // The endpoint's key, handed to a retry layer above on completion (`crate::tried`).
+        tried: u64,
     }
 }
 
@@ -581,18 +593,26 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             call: None,
             failed: Some(Box::new(error)),
             tracked: None,
+            tried: 0,
         }
     }
 
-    fn plain(call: GuardedCall<S, Req>) -> Self {
+    fn plain(call: GuardedCall<S, Req>, tried: u64) -> Self {
         Self {
             call: Some(call),
+            tried,
             failed: None,
             tracked: None,
         }
     }
 
-    fn tracked(call: GuardedCall<S, Req>, loads: Loads, index: usize, sent: Option<u64>) -> Self {
+    fn tracked(
+        call: GuardedCall<S, Req>,
+        tried: u64,
+        loads: Loads,
+        index: usize,
+        sent: Option<u64>,
+    ) -> Self {
         Self {
             call: Some(call),
             failed: None,
@@ -602,6 +622,7 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
                 sent,
                 polled: false,
             }),
+            tried,
         }
     }
 }
@@ -628,6 +649,7 @@ where
             .as_mut()
             .is_some_and(|tracked| !std::mem::replace(&mut tracked.polled, true));
         let result = std::task::ready!(call.poll(cx));
+        crate::tried::record(*this.tried);
         if let Some(Tracked {
             loads,
             index,

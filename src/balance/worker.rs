@@ -418,11 +418,12 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
         }
     }
     let weights: Arc<[u32]> = ready.iter().map(|e| e.weight).collect();
-    let keys: Vec<u64> = ready.iter().map(|e| e.hash).collect();
+    let keys: Box<[u64]> = ready.iter().map(|e| e.hash).collect();
     let prepared = (!ready.is_empty()).then(|| picker.prepare(&weights, &keys));
     Snapshot {
         services: ready.iter().map(|e| e.service.clone()).collect(),
         weights,
+        keys,
         prepared,
         known: endpoints.len(),
         ejected,

@@ -100,6 +100,9 @@ struct Slow<T> {
     deadline: Option<Duration>,
     deadline_at: Option<Instant>,
     previous_delay: Option<Duration>,
+    /// The endpoints of the tries that failed, as a balancer under this layer reported them
+    /// ([`crate::tried`]): the next try goes elsewhere when it can.
+    tried: Vec<u64>,
 }
 
 impl<T> Slow<T> {
@@ -117,6 +120,7 @@ impl<T> Slow<T> {
             deadline: timeouts.deadline,
             deadline_at: None,
             previous_delay: None,
+            tried: Vec::new(),
         });
         if timeouts.per_try.is_some() || timeouts.deadline.is_some() {
             let now = Instant::now();
@@ -297,6 +301,13 @@ where
         .0
         .as_mut()
         .expect("schedule keeps a retry's state");
+    // The try finished in this poll, on this thread: a balancer under this layer has just
+    // recorded its endpoint.
+    if let Some(endpoint) = crate::tried::last() {
+        if !slow.tried.contains(&endpoint) {
+            slow.tried.push(endpoint);
+        }
+    }
     slow.last = Some(result);
     slow.timer = (!delay.is_zero()).then(|| Box::pin(sleep(delay)));
     slow.phase = Phase::Waiting;
@@ -402,7 +413,10 @@ where
                     service = %slow.shared.name,
                     attempt = slow.attempt
                 );
-                this.call.set(Some(span.in_scope(|| service.call(request))));
+                let avoid = &slow.tried;
+                let call =
+                    span.in_scope(|| crate::tried::avoiding(avoid, || service.call(request)));
+                this.call.set(Some(call));
                 slow.timer = None;
                 if slow.per_try_timeout.is_some() || slow.deadline_at.is_some() {
                     slow.arm_try(Instant::now());

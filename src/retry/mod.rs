@@ -43,6 +43,12 @@
 //! Each retry sends a copy of the request made by a [`Replay`] (by default, `Clone`). A
 //! request it cannot copy, or that [`RetryLayer::retryable`] rejects, is sent once.
 //!
+//! Over a meshkit [`Balance`](crate::balance::Balance) (directly, or under other layers such
+//! as a breaker), a retry goes to another endpoint than the tries of the call that failed,
+//! while the balancer has one that is ready: the picker's choice is moved to the next
+//! endpoint not tried yet (as Envoy's `previous_hosts` predicate does). With a single
+//! endpoint, retries go to it.
+//!
 //! ## The budget
 //!
 //! A readiness error of the inner service before a retry ends the call with that error, as

@@ -5,23 +5,25 @@
 //! share no type, so the hand-off goes through this thread's slots, and only within one
 //! synchronous stretch:
 //!
-//! * A balancer's call, when it completes, [`record`]s its endpoint (a key that also names
-//!   the balancer). The retry layer's future polls the futures under it, so when it sees a
-//!   try finish, the balancer's future finished in the same poll, on this thread: the
-//!   retry reads the slot ([`last`]) before anything else can run here.
+//! * A balancer's call, when its future is dropped, [`record`]s its endpoint (a key that also
+//!   names the balancer). The retry layer's future drops the try it polls as soon as the try
+//!   finishes or its timeout fires, and decides about a retry right after, in the same poll,
+//!   on this thread: it takes the slot ([`last`]) before anything else can run here.
 //! * The retry sends the next try inside [`avoiding`], with the endpoints of the failed tries;
-//!   the balancer's `call` runs inside that closure, on this thread, and steers its pick away
-//!   from them ([`steer`]) when it has another endpoint.
+//!   the balancer's `call` runs inside that closure, on this thread, sees it is
+//!   [`steering`], and picks again while its pick is one the retry [`avoids`] (and it has
+//!   another endpoint).
 //!
 //! A key read from the slot is a hint: if a layer between the two answered without calling
-//! the balancer (an open breaker), the slot holds the endpoint of an earlier call on this
-//! thread, and the retry steers away from that endpoint for nothing. Calls that are not
-//! retries pay one store when they complete and one load when they pick.
+//! the balancer (an open breaker, a call that never reached an endpoint), the slot may hold
+//! the endpoint of an earlier call on this thread, and the retry steers away from that
+//! endpoint for nothing. Calls that are not retries pay one store when their balancer
+//! future is dropped and one load when they pick.
 
 use std::cell::{Cell, RefCell};
 
 thread_local! {
-    /// The endpoint of the last balanced call that completed on this thread.
+    /// The endpoint of the last balanced call that ended on this thread.
     static LAST: Cell<Option<u64>> = const { Cell::new(None) };
     /// Whether a retry is being sent (then `AVOID` holds its failed tries' endpoints).
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
@@ -35,15 +37,15 @@ pub(crate) fn key(balancer: usize, endpoint: u64) -> u64 {
     endpoint ^ (balancer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
-/// Notes that a call to the endpoint `key` completed.
+/// Notes that a call to the endpoint `key` ended (completed or cut short).
 #[inline]
 pub(crate) fn record(key: u64) {
     let _ = LAST.try_with(|last| last.set(Some(key)));
 }
 
-/// The endpoint of the last balanced call that completed on this thread.
+/// Takes the endpoint of the last balanced call that ended on this thread.
 pub(crate) fn last() -> Option<u64> {
-    LAST.try_with(Cell::get).ok().flatten()
+    LAST.try_with(Cell::take).ok().flatten()
 }
 
 /// Runs `send` (which sends a retry through a balancer, synchronously) with `avoid` as the
@@ -66,32 +68,17 @@ pub(crate) fn avoiding<R>(avoid: &[u64], send: impl FnOnce() -> R) -> R {
     send()
 }
 
-/// The index to call instead of `picked` among endpoints whose keys `key_of` gives (by
-/// index, `count` of them): `None` (keep `picked`) unless a retry is being sent that avoids
-/// `picked` and another endpoint is not avoided; then the first such after `picked`.
+/// Whether a retry is being sent on this thread (then [`avoids`] says where not to).
 #[inline]
-pub(crate) fn steer(picked: usize, count: usize, key_of: impl Fn(usize) -> u64) -> Option<usize> {
-    if !ACTIVE.try_with(Cell::get).unwrap_or(false) {
-        return None;
-    }
-    steer_retry(picked, count, key_of)
+pub(crate) fn steering() -> bool {
+    ACTIVE.try_with(Cell::get).unwrap_or(false)
 }
 
-#[cold]
-#[inline(never)]
-fn steer_retry(picked: usize, count: usize, key_of: impl Fn(usize) -> u64) -> Option<usize> {
+/// Whether the retry being sent avoids the endpoint `key`.
+pub(crate) fn avoids(key: u64) -> bool {
     AVOID
-        .try_with(|avoid| {
-            let avoid = avoid.borrow();
-            if !avoid.contains(&key_of(picked)) {
-                return None;
-            }
-            (1..count)
-                .map(|step| (picked + step) % count)
-                .find(|&index| !avoid.contains(&key_of(index)))
-        })
-        .ok()
-        .flatten()
+        .try_with(|avoid| avoid.borrow().contains(&key))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -99,25 +86,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pick_is_steered_only_while_a_retry_avoids_it() {
-        let keys = [10, 11, 12];
-        let key_of = |index: usize| keys[index];
-        assert_eq!(steer(0, 3, key_of), None, "no retry");
-        avoiding(&[10], || {
-            assert_eq!(steer(0, 3, key_of), Some(1));
-            assert_eq!(steer(2, 3, key_of), None, "not avoided");
+    fn endpoints_are_avoided_only_while_a_retry_is_sent() {
+        assert!(!steering());
+        avoiding(&[10, 11], || {
+            assert!(steering());
+            assert!(avoids(10) && avoids(11) && !avoids(12));
         });
-        avoiding(&[10, 11], || assert_eq!(steer(0, 3, key_of), Some(2)));
-        avoiding(&[10, 11, 12], || {
-            assert_eq!(steer(1, 3, key_of), None, "nowhere else to go")
-        });
-        assert_eq!(steer(0, 3, key_of), None, "the slots are cleared after");
+        assert!(!steering() && !avoids(10), "the slots are cleared after");
+        avoiding(&[], || assert!(!steering(), "nothing to avoid"));
     }
 
     #[test]
     fn the_last_completed_call_is_read_back() {
         record(key(1, 5));
         assert_eq!(last(), Some(key(1, 5)));
+        assert_eq!(last(), None, "taken");
         assert_ne!(key(1, 5), key(2, 5), "another balancer's endpoint");
     }
 }

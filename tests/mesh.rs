@@ -171,6 +171,17 @@ fn environment_variables_override_the_file() {
     )
     .unwrap();
     assert_eq!(config.service("user-api").retry.max_attempts, 4);
+    let both = MeshConfig::from_toml_with_env(
+        "[services.user-api]\n[services.user_api]",
+        [("MESHKIT_SERVICES__USER_API__RETRY__MAX_ATTEMPTS", "4")],
+    )
+    .unwrap();
+    assert_eq!(
+        both.service("user_api").retry.max_attempts,
+        4,
+        "the exact name first"
+    );
+    assert_eq!(both.service("user-api").retry.max_attempts, 3);
     assert_eq!(
         config.service("billing.v2").timeout,
         Some(Duration::from_secs(3))
@@ -394,6 +405,73 @@ async fn a_retry_goes_to_another_instance_than_the_try_that_failed() {
         calls.len(),
         200 + first_tries_refused,
         "each refused try was retried once, elsewhere"
+    );
+    // Calls go one at a time: a retry is the call right after a refused try. Retries spread
+    // over the other instances as the picker spreads calls.
+    let retried_to = |port| calls.windows(2).filter(|w| w == &[1, port]).count();
+    for port in [2, 3] {
+        assert!(
+            retried_to(port) * 4 >= first_tries_refused,
+            "{} of {first_tries_refused} retries to instance {port}",
+            retried_to(port)
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_a_try_timed_out_goes_to_another_instance() {
+    let mesh = Mesh::builder()
+        .config(
+            MeshConfig::from_toml(
+                r#"
+                [services.users]
+                balance = { picker = "random" }
+                [services.users.retry]
+                max_attempts = 2
+                per_try_timeout = "100ms"
+                budget = "unlimited"
+                backoff = { kind = "constant", base = "1ms", jitter = "none" }
+                "#,
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    for port in [1, 2, 3] {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    // Instance 1 never answers; 2 and 3 answer with their port.
+    let mut client = mesh
+        .client_with(
+            "users",
+            |instance: &Instance| {
+                let port = instance.port;
+                tower::service_fn(move |_: u32| async move {
+                    if port == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<u16, BoxError>(port)
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    for _ in 0..100 {
+        let port = client.ready().await.unwrap().call(0).await.unwrap();
+        assert_ne!(port, 1);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "some first tries went to instance 1 and timed out"
     );
 }
 

@@ -292,16 +292,17 @@ pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
                 ),
             );
         }
-        if restarted && !*resume.borrow() {
+        // The last third waits from here, for 10 s at most whatever the health checks say.
+        if sent >= restart_at && !*resume.borrow() {
             let waited = waiting_since.get_or_insert_with(Instant::now).elapsed();
-            if is_passing(&mesh, instances[0].port) {
+            if restarted && is_passing(&mesh, instances[0].port) {
                 let _ = resume.send(true);
                 say(scenario, format!("{sent:>6} sent: users-1 passing again"));
             } else if waited > Duration::from_secs(10) {
                 let _ = resume.send(true);
                 say(
                     scenario,
-                    format!("{sent:>6} sent: users-1 not passing after 10 s; going on without it"),
+                    format!("{sent:>6} sent: users-1 not back after 10 s; going on without it"),
                 );
             }
         }

@@ -490,12 +490,17 @@ where
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
         let balancer = Arc::as_ptr(&self.shared) as *const () as usize;
-        let key_of = |index: usize| crate::tried::key(balancer, view.keys[index]);
-        // A retry goes elsewhere than the tries before it, when there is elsewhere.
-        if let Some(other) = crate::tried::steer(index, view.services.len(), key_of) {
-            index = other;
+        if crate::tried::steering() {
+            // A retry goes elsewhere than the tries before it, when there is elsewhere.
+            index = steer(
+                index,
+                balancer,
+                &view.keys,
+                |state| self.picker.pick(&request, &self.loads, prepared, state),
+                &mut self.state,
+            );
         }
-        let tried = key_of(index);
+        let tried = crate::tried::key(balancer, view.keys[index]);
         let call = GuardedCall::new(
             &view.services[index],
             &mut self.copies[index],
@@ -511,6 +516,33 @@ where
             ResponseFuture::plain(call, tried)
         }
     }
+}
+
+/// For a retry that avoids some endpoints (`crate::tried`): `picked`, or what the picker
+/// picks again while its pick is avoided (three times at most, so that retries spread as
+/// the picker spreads calls), or else the first endpoint after it not avoided. `picked` if
+/// every endpoint is avoided.
+#[cold]
+#[inline(never)]
+fn steer<T>(
+    picked: usize,
+    balancer: usize,
+    keys: &[u64],
+    mut pick: impl FnMut(&mut T) -> usize,
+    state: &mut T,
+) -> usize {
+    let avoided = |index: usize| crate::tried::avoids(crate::tried::key(balancer, keys[index]));
+    let mut index = picked;
+    for _ in 0..3 {
+        if !avoided(index) {
+            return index;
+        }
+        index = pick(state);
+    }
+    (0..keys.len())
+        .map(|step| (index + step) % keys.len())
+        .find(|&index| !avoided(index))
+        .unwrap_or(picked)
 }
 
 impl<S: Clone, Req, P: Picker<Req>> Clone for Balance<S, Req, P> {
@@ -553,8 +585,20 @@ pin_project! {
         failed: Option<Box<NoEndpoints>>,
         // Load bookkeeping for pickers that read it: finished on completion or drop.
         tracked: Option<Tracked>,
-        // The endpoint's key, handed to a retry layer above on completion (`crate::tried`).
+        // The endpoint's key (0 for none), handed to a retry layer above when this future
+        // is dropped (`crate::tried`): after it completed, or cut short by a try timeout.
         tried: u64,
+    }
+
+    impl<S, Req> PinnedDrop for ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            if this.tried != 0 {
+                crate::tried::record(this.tried);
+            }
+        }
     }
 }
 
@@ -649,7 +693,6 @@ where
             .as_mut()
             .is_some_and(|tracked| !std::mem::replace(&mut tracked.polled, true));
         let result = std::task::ready!(call.poll(cx));
-        crate::tried::record(*this.tried);
         if let Some(Tracked {
             loads,
             index,

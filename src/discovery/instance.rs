@@ -327,6 +327,16 @@ impl Instance {
                 format!("{} entries", self.metadata.len()),
             ));
         }
+        if let Some(scheme) = self.metadata.get("scheme") {
+            // What an HTTP endpoint sends the instance's requests with.
+            if scheme != "http" && scheme != "https" {
+                return Err(ConfigError::new(
+                    "metadata.scheme",
+                    "\"http\" or \"https\"",
+                    format!("{scheme:?}"),
+                ));
+            }
+        }
         int_in_range("weight", self.weight, 1, 10_000)?;
         if let Some(after) = self.deregister_after {
             duration_in_range("deregister_after", after, Duration::from_secs(1), ONE_DAY)?;
@@ -400,7 +410,8 @@ impl InstanceBuilder {
         self
     }
 
-    /// Adds a metadata entry.
+    /// Adds a metadata entry. The key `scheme` (`"http"` or `"https"`, checked when built)
+    /// tells HTTP endpoints which scheme to send the instance's requests with.
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.instance.metadata.insert(key.into(), value.into());
         self

@@ -44,7 +44,8 @@ impl HttpResponse for reqwest::Response {
 /// * Retries: 429 and every 5xx (503 included) are tried again by default, waiting at least
 ///   the response's `Retry-After` when it has one; errors are tried again; other responses,
 ///   every other 4xx included, are returned as they are. [`retrying`](Self::retrying)
-///   chooses another set (adding 408, say, for servers that time idle requests out).
+///   replaces that set (with one that also has 408, say, for servers that time idle
+///   requests out).
 ///   Whether a *request* may be repeated at all (its method, its body) is the replay side's
 ///   decision: see [`HttpReplay`](super::HttpReplay).
 ///
@@ -119,7 +120,9 @@ impl Default for HttpClassifier {
 }
 
 impl HttpClassifier {
-    /// Retries exactly `statuses` (and errors), in place of the default set. Each distinct
+    /// Retries exactly `statuses` (and errors), in place of the default set: to add 408 to
+    /// it, `retrying([408, 429].into_iter().chain(500..600).filter_map(|code|
+    /// StatusCode::from_u16(code).ok()))`. Each distinct
     /// set is kept once for the life of the process and shared by every classifier built
     /// with it, so that copying a classifier (every call does) copies a pointer.
     pub fn retrying(statuses: impl IntoIterator<Item = StatusCode>) -> Self {
@@ -226,8 +229,16 @@ mod tests {
         assert!(classifier.retries(StatusCode::SERVICE_UNAVAILABLE));
         assert!(!classifier.retries(StatusCode::INTERNAL_SERVER_ERROR));
         assert!(!classifier.retries(StatusCode::TOO_MANY_REQUESTS));
-        let with_408 = HttpClassifier::retrying([StatusCode::REQUEST_TIMEOUT]);
+        let with_408 = HttpClassifier::retrying(
+            [408, 429]
+                .into_iter()
+                .chain(500..600)
+                .filter_map(|code| StatusCode::from_u16(code).ok()),
+        );
         assert!(with_408.retries(StatusCode::REQUEST_TIMEOUT));
+        assert!(with_408.retries(StatusCode::TOO_MANY_REQUESTS));
+        assert!(with_408.retries(StatusCode::BAD_GATEWAY));
+        assert!(!with_408.retries(StatusCode::NOT_FOUND));
     }
 
     #[test]

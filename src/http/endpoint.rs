@@ -394,10 +394,14 @@ mod tests {
         assert!(sent.headers().get(HOST).is_none(), "left to the client");
 
         let bad = Instance::builder("users", "10.0.0.7", 8443)
-            .metadata("scheme", "not a scheme")
+            .metadata("scheme", "ftp")
             .build()
-            .unwrap();
-        assert!(Endpoint::for_instance((), &bad).is_err());
+            .unwrap_err();
+        assert_eq!(
+            bad.field(),
+            "metadata.scheme",
+            "refused when the instance is built"
+        );
     }
 
     #[cfg(feature = "reqwest")]

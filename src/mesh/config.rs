@@ -36,9 +36,9 @@ use std::time::Duration;
 ///
 /// [`from_toml`](Self::from_toml), [`from_toml_with_env`](Self::from_toml_with_env) and
 /// [`load`](Self::load) give the error as a [`MeshConfigError`]. The `Deserialize`
-/// implementation does the same layering and checks from any serde format (a section of a
-/// larger application config, JSON, YAML), with the error's text as a custom error of that
-/// format.
+/// implementation does the same layering and checks from any self-describing serde format (a
+/// section of a larger application config, JSON, YAML), with the error's text as a custom
+/// error of that format.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, remote = "Self")]
 pub struct MeshConfig {
@@ -355,10 +355,15 @@ fn set_path(root: &mut toml::Table, path: &str, value: &str) -> Result<(), MeshC
 /// `MESHKIT_SERVICES__USER_API__TIMEOUT` sets `services.user-api.timeout`), else `part`.
 fn service_key(root: &toml::Table, part: &str) -> String {
     let spelled = |name: &str| name.replace(['-', '.'], "_");
-    root.get("services")
-        .and_then(toml::Value::as_table)
-        .and_then(|services| services.keys().find(|name| spelled(name) == part).cloned())
-        .unwrap_or_else(|| part.to_string())
+    let services = root.get("services").and_then(toml::Value::as_table);
+    match services {
+        Some(services) if !services.contains_key(part) => services
+            .keys()
+            .find(|name| spelled(name) == part)
+            .cloned()
+            .unwrap_or_else(|| part.to_string()),
+        _ => part.to_string(),
+    }
 }
 
 /// An environment value as TOML when it parses as a TOML value, else as a string.

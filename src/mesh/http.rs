@@ -46,7 +46,7 @@ impl Mesh {
             service,
             move |instance: &Instance| {
                 Endpoint::for_instance(leaf.clone(), instance)
-                    .expect("a registered instance's host and port make a valid authority")
+                    .expect("a registered instance's host, port and scheme are valid (checked when built)")
                     .default_host(set_host)
             },
             HttpClassifier::default(),

@@ -42,6 +42,10 @@ fn out_of_range_values_are_named_by_their_path_and_range() {
         "{}",
         error_of("[services.users]\ntimeout = \"0s\"")
     );
+    assert_eq!(
+        error_of("[services.users.http]\nretry_statuses = [503, 1000]"),
+        "services.users.http.retry_statuses[1]: must be in [100, 999], got 1000"
+    );
 }
 
 #[test]

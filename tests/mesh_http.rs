@@ -204,6 +204,45 @@ async fn reqwest_bodies_over_the_body_limit_are_sent_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retried_statuses_come_from_the_config() {
+    // Every other request gets a 408: retried only when the config lists it.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/users/{id}",
+        get({
+            let calls = calls.clone();
+            move || async move {
+                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    StatusCode::REQUEST_TIMEOUT
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let port = serve(app).await;
+    for (statuses, status, sent) in [
+        ("", StatusCode::REQUEST_TIMEOUT, 1),
+        ("retry_statuses = [408, 503]", StatusCode::OK, 2),
+    ] {
+        calls.store(0, Ordering::SeqCst);
+        let mesh = mesh_with(
+            &format!(
+                "[services.users.http]\n{statuses}\n\
+                 [services.users.retry]\nmax_attempts = 2\n\
+                 backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}"
+            ),
+            &[port],
+        )
+        .await;
+        let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+        let response = users.ready().await.unwrap().call(get_user()).await.unwrap();
+        assert_eq!(response.status(), status, "{statuses:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), sent);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_config_allows_every_method() {
     let calls = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new().route(

@@ -98,6 +98,11 @@ pub struct HttpConfig {
     /// over plain `http` by prior knowledge and sends requests not marked
     /// `Version::HTTP_2`. Default `true`.
     pub set_host: bool,
+    /// The response statuses a retry sends the request again for (each in `[100, 999]`), in
+    /// place of the default: 429 and every 5xx (see
+    /// [`HttpClassifier`](crate::http::HttpClassifier)). `[408, 429, 502, 503, 504]`, say.
+    /// Breakers still count every 5xx, and only 5xx, as failures.
+    pub retry_statuses: Option<Vec<u16>>,
 }
 
 impl Default for HttpConfig {
@@ -106,6 +111,7 @@ impl Default for HttpConfig {
             body_limit: 64 * 1024,
             retry_all_methods: false,
             set_host: true,
+            retry_statuses: None,
         }
     }
 }
@@ -142,6 +148,10 @@ impl ServiceConfig {
         self.breaker.validate().map_err(|e| e.at("breaker"))?;
         self.retry.validate().map_err(|e| e.at("retry"))?;
         crate::config::int_in_range("http.body_limit", self.http.body_limit, 0, 64 << 20)?;
+        for (index, status) in self.http.retry_statuses.iter().flatten().enumerate() {
+            let field = format!("http.retry_statuses[{index}]");
+            crate::config::int_in_range(&field, *status, 100, 999)?;
+        }
         if let Some(timeout) = self.timeout {
             duration_in_range(
                 "timeout",

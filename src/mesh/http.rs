@@ -15,8 +15,9 @@ impl Mesh {
     /// `reqwest::Client` with the `reqwest` feature, a hyper-util client, any HTTP service):
     /// each request goes to the instance the balancer picks ([`Endpoint`] rewrites its
     /// authority and, unless `http.set_host` is off, sets its `Host`); [`HttpClassifier`]
-    /// decides failures and retries, [`HttpReplay`] lets only idempotent requests with bodies
-    /// held whole, and no longer than the service's `http.body_limit`, be sent again.
+    /// decides failures and retries (retrying the statuses of `http.retry_statuses` when
+    /// set); [`HttpReplay`] lets only idempotent requests with bodies held whole, and no
+    /// longer than the service's `http.body_limit`, be sent again.
     ///
     /// # Errors
     /// The service's policies are invalid (they were checked when set: not expected).
@@ -36,6 +37,15 @@ impl Mesh {
         let config = self.config();
         let http = &config.service(service).http;
         let (retry_all_methods, set_host) = (http.retry_all_methods, http.set_host);
+        let classifier = match &http.retry_statuses {
+            // Checked to lie in [100, 999] when the config was.
+            Some(statuses) => HttpClassifier::retrying(
+                statuses
+                    .iter()
+                    .filter_map(|status| http::StatusCode::from_u16(*status).ok()),
+            ),
+            None => HttpClassifier::default(),
+        };
         let replay = if retry_all_methods {
             HttpReplay::all_methods()
         } else {
@@ -49,7 +59,7 @@ impl Mesh {
                     .expect("a registered instance's host, port and scheme are valid (checked when built)")
                     .default_host(set_host)
             },
-            HttpClassifier::default(),
+            classifier,
             replay,
         )
     }

@@ -434,6 +434,84 @@ async fn a_panicking_handler_does_not_stop_the_others() {
     assert_eq!((stats.handler_panics, stats.handler_errors), (10, 10));
 }
 
+#[tokio::test]
+async fn a_handler_that_panics_before_its_future_is_counted_and_goes_on() {
+    let bus: EventBus = EventBus::new(64);
+    let handled = Arc::new(AtomicU64::new(0));
+    bus.handle("panics early on odd events", {
+        let handled = handled.clone();
+        move |event: Arc<Event>| {
+            assert!(event.data["n"].as_u64().unwrap() % 2 == 0, "odd event");
+            let handled = handled.clone();
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<(), tower::BoxError>(())
+            }
+        }
+    });
+    for n in 0..10 {
+        bus.publish(event("E", "a", n)).unwrap();
+    }
+    bus.shutdown().await;
+    assert_eq!(handled.load(Ordering::SeqCst), 5, "the even events");
+    assert_eq!(bus.stats().handler_panics, 5);
+}
+
+#[tokio::test]
+async fn dropping_every_bus_handle_closes_subscribers_even_with_handlers_running() {
+    let bus: EventBus = EventBus::new(64);
+    let mut subscription = bus.subscribe();
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let done = std::sync::Mutex::new(Some(done));
+    bus.handle("holds nothing", move |_event: Arc<Event>| {
+        let _ = done.lock().unwrap().take().map(|done| done.send(()));
+        async { Ok::<(), tower::BoxError>(()) }
+    });
+    bus.publish(event("E", "a", 1)).unwrap();
+    finished.await.unwrap();
+    drop(bus);
+    assert_eq!(subscription.recv().await.unwrap().data, json!({ "n": 1 }));
+    assert!(matches!(subscription.recv().await, Err(RecvError::Closed)));
+}
+
+#[tokio::test]
+async fn a_cancelled_recv_after_a_stream_poll_keeps_the_subscription() {
+    let bus: EventBus = EventBus::new(64);
+    let mut subscription = bus.subscribe();
+    // A stream poll starts a receive and leaves it pending...
+    assert!(futures::poll!(subscription.next()).is_pending());
+    // ...a `recv` that takes it over is cancelled...
+    let cancelled = tokio::time::timeout(Duration::from_millis(10), subscription.recv()).await;
+    assert!(cancelled.is_err());
+    // ...and the subscription still receives.
+    bus.publish(event("E", "a", 7)).unwrap();
+    assert_eq!(subscription.recv().await.unwrap().data, json!({ "n": 7 }));
+}
+
+#[tokio::test]
+async fn an_empty_append_still_checks_the_expected_version() {
+    let store = MemoryEventStore::new();
+    store
+        .append("a", ExpectedVersion::Any, vec![event("E", "a", 1)])
+        .await
+        .unwrap();
+    let error = store
+        .append("a", ExpectedVersion::NoStream, vec![])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, AppendError::Conflict { actual: 1, .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        store
+            .append("a", ExpectedVersion::Exact(1), vec![])
+            .await
+            .unwrap(),
+        1
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_stops_intake_and_drains_handlers() {
     let bus: EventBus = EventBus::new(64);

@@ -124,9 +124,17 @@ struct Inner<T> {
     /// The highest store position published (see [`EventBus::publish_stored`]).
     position: AtomicU64,
     handlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    handler_errors: AtomicU64,
-    handler_panics: AtomicU64,
-    handler_lagged: AtomicU64,
+    /// Shared with the handlers' tasks, which hold nothing else of the bus: when the last
+    /// bus handle is dropped, the sender goes, and the handlers' subscriptions close.
+    counts: Arc<HandlerCounts>,
+}
+
+/// What handlers count (see [`BusStats`]).
+#[derive(Default)]
+struct HandlerCounts {
+    errors: AtomicU64,
+    panics: AtomicU64,
+    lagged: AtomicU64,
 }
 
 impl<T> Clone for EventBus<T> {
@@ -147,9 +155,7 @@ impl<T: Send + Sync + 'static> EventBus<T> {
                 closed: AtomicBool::new(false),
                 position: AtomicU64::new(0),
                 handlers: Mutex::new(Vec::new()),
-                handler_errors: AtomicU64::new(0),
-                handler_panics: AtomicU64::new(0),
-                handler_lagged: AtomicU64::new(0),
+                counts: Arc::default(),
             }),
         }
     }
@@ -246,29 +252,33 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     pub fn handle(&self, name: impl Into<String>, handler: impl EventHandler<T>) {
         let name = name.into();
         let mut subscription = self.subscribe();
-        let inner = self.inner.clone();
+        let counts = self.inner.counts.clone();
         let task = tokio::spawn(async move {
             loop {
                 let event = match subscription.recv().await {
                     Ok(event) => event,
                     Err(RecvError::Lagged(missed)) => {
-                        inner.handler_lagged.fetch_add(missed, Ordering::Relaxed);
+                        counts.lagged.fetch_add(missed, Ordering::Relaxed);
                         tracing::warn!(handler = %name, missed, "event handler fell behind");
                         continue;
                     }
                     Err(RecvError::Closed) => return,
                 };
-                let outcome = AssertUnwindSafe(handler.handle(event.clone()))
-                    .catch_unwind()
-                    .await;
+                // A panic while making the future counts as one while running it.
+                let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    handler.handle(event.clone())
+                })) {
+                    Ok(call) => AssertUnwindSafe(call).catch_unwind().await,
+                    Err(panic) => Err(panic),
+                };
                 match outcome {
                     Ok(Ok(())) => {}
                     Ok(Err(error)) => {
-                        inner.handler_errors.fetch_add(1, Ordering::Relaxed);
+                        counts.errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(handler = %name, event = %event.id, event_type = %event.event_type, %error, "event handler failed");
                     }
                     Err(_) => {
-                        inner.handler_panics.fetch_add(1, Ordering::Relaxed);
+                        counts.panics.fetch_add(1, Ordering::Relaxed);
                         tracing::error!(handler = %name, event = %event.id, event_type = %event.event_type, "event handler panicked");
                     }
                 }
@@ -283,7 +293,9 @@ impl<T: Send + Sync + 'static> EventBus<T> {
 
     /// Stops intake (`publish` fails from now on), lets every handler finish the events
     /// already published, and waits for them. Subscribers get what was published, then
-    /// [`RecvError::Closed`].
+    /// [`RecvError::Closed`]. A `publish` that runs at the same moment as `shutdown`, on
+    /// another thread, may return `Ok` for an event that goes out after the close and is
+    /// not delivered: stop the publishers first.
     pub async fn shutdown(&self) {
         if !self.inner.closed.swap(true, Ordering::SeqCst) {
             let _ = self.inner.sender.send(Message::Shutdown);
@@ -303,9 +315,9 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     /// Counts since creation.
     pub fn stats(&self) -> BusStats {
         BusStats {
-            handler_errors: self.inner.handler_errors.load(Ordering::Relaxed),
-            handler_panics: self.inner.handler_panics.load(Ordering::Relaxed),
-            handler_lagged: self.inner.handler_lagged.load(Ordering::Relaxed),
+            handler_errors: self.inner.counts.errors.load(Ordering::Relaxed),
+            handler_panics: self.inner.counts.panics.load(Ordering::Relaxed),
+            handler_lagged: self.inner.counts.lagged.load(Ordering::Relaxed),
         }
     }
 }
@@ -399,9 +411,11 @@ impl<T: Send + Sync + 'static> Subscription<T> {
     /// [`RecvError::Lagged`] once after falling behind; [`RecvError::Closed`] after shutdown.
     #[inline]
     pub async fn recv(&mut self) -> Result<Arc<Event<T>>, RecvError> {
-        if let Some(pending) = self.pending.take() {
-            // A `Stream` poll left a receive half done: finish it.
+        if let Some(pending) = self.pending.as_mut() {
+            // A `Stream` poll left a receive half done: finish it (in place, so that if this
+            // call is cancelled the receive stays with the subscription).
             let (received, receiving) = pending.await;
+            self.pending = None;
             self.receiving = Some(receiving);
             return received;
         }
@@ -447,9 +461,11 @@ impl Subscription<serde_json::Value> {
         /// Events read from the store at a time.
         const PAGE: usize = 4_096;
         let mut caught_up = Vec::new();
-        if let Some(pending) = self.pending.take() {
-            // Finish the receive a `Stream` poll started; its event comes first.
+        if let Some(pending) = self.pending.as_mut() {
+            // Finish the receive a `Stream` poll started (in place, as `recv` does); its event
+            // comes first.
             let (received, receiving) = pending.await;
+            self.pending = None;
             self.receiving = Some(receiving);
             if let Ok(event) = received {
                 caught_up.push(event);

@@ -178,13 +178,19 @@ impl MemoryEventStore {
         Self::build(None, 1 << 20)
     }
 
-    /// An empty store that also publishes every appended event on `bus`.
+    /// An empty store that also publishes every appended event on `bus`, with its position.
+    /// One store per bus: subscribers drop a stored event whose position is not past the
+    /// last one they saw (a duplicate of what they caught up on), so the events of a second
+    /// store, numbered from 1 too, would be dropped.
     pub fn with_bus(bus: EventBus) -> Self {
         Self::build(Some(bus), 1 << 20)
     }
 
-    /// An empty store (publishing on `bus`, if any) that rejects events larger than
-    /// `max_event_size` bytes serialized.
+    /// An empty store (publishing on `bus`, if any; one store per bus, as for
+    /// [`with_bus`](Self::with_bus)) that rejects events larger than `max_event_size` bytes
+    /// serialized. The size counts the data, type, aggregate and metadata as serialized
+    /// (escapes included), and the fixed fields (id, time, version, field names) as 192
+    /// bytes, at least what they take.
     pub fn with_options(bus: Option<EventBus>, max_event_size: usize) -> Self {
         Self::build(bus, max_event_size)
     }
@@ -252,7 +258,7 @@ impl MemoryEventStore {
             .iter()
             .filter(|event| ids.contains(event.id.as_u128()))
             .count();
-        if stored_before == events.len() {
+        if stored_before == events.len() && !events.is_empty() {
             // Everything already stored (a retried append): idempotent.
             return Ok(actual);
         }
@@ -306,20 +312,21 @@ impl MemoryEventStore {
 /// An event's size as JSON: its data serialized into a counter (no buffer), plus its strings
 /// and the fixed-size fields (id, timestamp, version, punctuation) at their largest.
 fn serialized_size(event: &Event) -> usize {
-    /// Field names, the id, an RFC 3339 timestamp with nanoseconds and a 20-digit version.
-    const FIXED: usize = 160;
-    let strings = event.event_type.len()
-        + event.aggregate_id.len()
+    /// Field names, the id, an RFC 3339 timestamp with nanoseconds and a 20-digit version:
+    /// 173 bytes with a `Z` timestamp, with room for an offset.
+    const FIXED: usize = 192;
+    let strings = json_size(&event.event_type)
+        + json_size(&event.aggregate_id)
         + event
             .metadata
             .iter()
-            .map(|(k, v)| k.len() + v.len() + 6)
+            .map(|(k, v)| json_size(k) + json_size(v) + 2)
             .sum::<usize>();
-    data_size(&event.data).saturating_add(strings + FIXED)
+    json_size(&event.data).saturating_add(strings + FIXED)
 }
 
-/// `data` serialized as JSON, counted without building it.
-fn data_size(data: &serde_json::Value) -> usize {
+/// `value` serialized as JSON (quotes and escapes included), counted without building it.
+fn json_size<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -331,7 +338,7 @@ fn data_size(data: &serde_json::Value) -> usize {
         }
     }
     let mut counter = Counter(0);
-    match serde_json::to_writer(&mut counter, data) {
+    match serde_json::to_writer(&mut counter, value) {
         Ok(()) => counter.0,
         Err(_) => usize::MAX,
     }
@@ -457,9 +464,28 @@ impl fmt::Debug for MemoryEventStore {
 
 #[cfg(test)]
 mod tests {
-    use super::Ids;
+    use super::{serialized_size, Ids};
+    use crate::events::Event;
     use proptest::prelude::*;
     use std::collections::HashSet;
+
+    proptest! {
+        /// The size an append checks is never below the event's JSON, escapes included, and
+        /// above it by at most the fixed fields' allowance.
+        #[test]
+        fn the_checked_size_bounds_the_serialized_size(
+            text in "[\"\\\\\\x00-\\x1f a-z\u{e9}]{0,40}",
+            version in any::<u64>(),
+        ) {
+            let mut event = Event::new(text.clone(), text.clone(), serde_json::json!({ "t": text }));
+            event.metadata.insert(text.clone(), text.clone());
+            event.version = version;
+            let exact = serde_json::to_vec(&event).unwrap().len();
+            let checked = serialized_size(&event);
+            prop_assert!(checked >= exact, "{checked} < {exact}");
+            prop_assert!(checked <= exact + 192, "{checked} > {exact} + 192");
+        }
+    }
 
     proptest! {
         /// Mostly ascending ids with repeats and stragglers, as v7 ids from several hosts

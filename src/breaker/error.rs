@@ -19,9 +19,10 @@ impl CircuitOpen {
         Self { state, retry_after }
     }
 
-    /// How long until the breaker admits calls again: the time left in the open period; zero
-    /// in the half-open state (a probe slot may free up at any moment); for a breaker forced
-    /// open, the configured `open_for` as a hint, since only an operator can close it.
+    /// How long until the breaker admits calls again: the time left in the open period; in
+    /// the half-open state, the time until the oldest probe would time out, by when the
+    /// probes are decided (a slot may also free up sooner); for a breaker forced open, the
+    /// configured `open_for` as a hint, since only an operator can close it.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

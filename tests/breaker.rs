@@ -451,6 +451,22 @@ async fn a_lower_breakers_rejections_are_ignored_by_default() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_a_balancer_did_not_send_are_not_counted() {
+    let layer = layer(count_window(10, 5));
+    let handle = layer.handle();
+    let ejected = tower::service_fn(|_: u32| async {
+        Err::<u32, BoxError>(Box::new(meshkit::balance::EndpointEjected))
+    });
+    let mut service = layer.layer(ejected);
+    for _ in 0..20 {
+        let error = service.ready().await.unwrap().call(0).await.unwrap_err();
+        assert!(error.is::<meshkit::balance::EndpointEjected>(), "{error}");
+    }
+    assert_eq!(handle.metrics().calls, 0);
+    assert_eq!(handle.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lower_breakers_rejections_count_when_asked() {
     let inner = layer(BreakerConfig {
         failure_rate: 1.0,

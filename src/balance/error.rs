@@ -62,7 +62,8 @@ impl std::error::Error for NoEndpoints {}
 /// breaker opened, or it is probing with another call), so the call was not sent.
 ///
 /// Not a meshkit rejection: the request never reached an endpoint, and a retry goes back
-/// through the balancer, which picks another one. Retry layers retry it like any error.
+/// through the balancer, which picks another one. Retry layers retry it like any error;
+/// breakers above the balancer do not count it (the service did not fail).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndpointEjected;
 

@@ -223,8 +223,9 @@ where
     }
 }
 
-/// The outcome of a finished call: meshkit's own rejections are ignored unless counted, the
-/// classifier decides the rest.
+/// The outcome of a finished call: meshkit's own rejections, and calls a balancer below did
+/// not send ([`EndpointEjected`](crate::balance::EndpointEjected)), are ignored unless
+/// counted; the classifier decides the rest.
 #[inline]
 fn classify<T, C: Classify<T, BoxError>>(
     classifier: &C,
@@ -232,9 +233,15 @@ fn classify<T, C: Classify<T, BoxError>>(
     result: &Result<T, BoxError>,
 ) -> Outcome {
     match result {
-        Err(error) if !count_rejections && crate::error::is_rejection(&**error) => Outcome::Ignored,
+        Err(error) if !count_rejections && not_sent(&**error) => Outcome::Ignored,
         _ => classifier.classify(result),
     }
+}
+
+/// Whether `error` says the call was refused by meshkit before it reached the service.
+#[cold]
+fn not_sent(error: &(dyn std::error::Error + 'static)) -> bool {
+    crate::error::is_rejection(error) || crate::error::is::<crate::balance::EndpointEjected>(error)
 }
 
 impl Tracking {

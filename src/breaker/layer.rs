@@ -85,8 +85,9 @@ impl<C> CircuitBreakerLayer<C> {
     }
 
     /// Whether rejections made by other meshkit layers (another breaker's
-    /// [`CircuitOpen`](super::CircuitOpen), ...) count as failures. Default: `false`, they are
-    /// ignored.
+    /// [`CircuitOpen`](super::CircuitOpen), ...) and calls a meshkit balancer below did not
+    /// send ([`EndpointEjected`](crate::balance::EndpointEjected)) count as failures.
+    /// Default: `false`, they are ignored.
     #[must_use]
     pub fn count_rejections(mut self, count: bool) -> Self {
         self.options.count_rejections = count;

@@ -590,6 +590,52 @@ async fn peak_ewma_prefers_an_endpoint_that_answers_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn peak_ewma_does_not_flood_an_endpoint_that_has_not_answered() {
+    // "hangs" never answers, so it never gets a round-trip time; "answers" takes 5 ms. A
+    // call every millisecond, none awaited: "hangs" must not take the calls that see it
+    // with no history and a zero score.
+    let counted =
+        |name: &'static str, hang: bool, calls: Arc<std::sync::Mutex<Vec<&'static str>>>| {
+            tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: u64| {
+                calls.lock().unwrap().push(name);
+                async move {
+                    if hang {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, BoxError>(name)
+                }
+            }))
+        };
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert(
+            "hangs",
+            counted("hangs", true, calls.clone()),
+        )),
+        Ok(Change::Insert(
+            "answers",
+            counted("answers", false, calls.clone()),
+        )),
+    ]);
+    let mut balance = Balance::new(discover, PeakEwma::seeded(7));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    for n in 0..100 {
+        let call = balance.ready().await.unwrap().call(n);
+        tokio::spawn(call);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let calls = calls.lock().unwrap();
+    let hung = calls.iter().filter(|&&name| name == "hangs").count();
+    assert!(
+        hung <= 5,
+        "{hung} of {} calls to the endpoint that never answers",
+        calls.len()
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_to_an_endpoint_at_its_concurrency_limit_wait_their_turn() {
     // One call at a time: a handle's copy is not ready while another call holds the permit,
     // and its call must wait for the permit rather than fail or skip readiness (tower's

@@ -288,7 +288,10 @@ impl<Req> Picker<Req> for LeastRequests {
 ///
 /// A round trip runs from `call` to the response, on tokio's clock. A call whose future
 /// answers on its first poll (an in-process service that answers synchronously) counts as
-/// taking no time, which saves the second clock read.
+/// taking no time, which saves the second clock read. An endpoint that has not answered
+/// yet scores zero while no call to it is out, and a penalty above any latency once calls
+/// are (see [`EndpointLoads::peak_ewma_load`](super::EndpointLoads::peak_ewma_load)): it is
+/// tried, but not flooded.
 #[derive(Clone, Debug, Default)]
 pub struct PeakEwma {
     random: Random,

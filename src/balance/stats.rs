@@ -76,12 +76,22 @@ impl EndpointLoads {
         Duration::from_nanos(f64::from_bits(self.ewma.get(2 * i).load(Ordering::Relaxed)) as u64)
     }
 
-    /// The load a peak-EWMA picker compares: latency × (in flight + 1), so an endpoint with
-    /// no history scores zero and is tried first.
+    /// The load a peak-EWMA picker compares: latency × (in flight + 1). An endpoint with no
+    /// history scores zero while no call to it is out, so it is tried first; with calls out
+    /// and still no answer, it scores a penalty plus those calls (as Finagle's peak EWMA
+    /// does), so that an endpoint that has not answered yet, or never will, is not flooded
+    /// while endpoints with a history answer.
     #[inline]
     pub fn peak_ewma_load(&self, i: usize) -> f64 {
-        f64::from_bits(self.ewma.get(2 * i).load(Ordering::Relaxed))
-            * (self.in_flight(i) + 1) as f64
+        /// Above any round trip in nanoseconds a service could have (about 11 days).
+        const PENALTY: f64 = 1e15;
+        let latency = f64::from_bits(self.ewma.get(2 * i).load(Ordering::Relaxed));
+        let in_flight = self.in_flight(i);
+        if latency == 0.0 && in_flight > 0 {
+            PENALTY + in_flight as f64
+        } else {
+            latency * (in_flight + 1) as f64
+        }
     }
 
     pub(crate) fn start(&self, i: usize) {

@@ -120,6 +120,29 @@ async fn without_endpoints_calls_fail_fast_then_resume() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_handle_made_during_an_outage_fails_fast_at_once() {
+    let (tx, rx) = changes();
+    tx.unbounded_send(insert("a")).unwrap();
+    let mut balance = Balance::with_options(rx, RoundRobin, "users", Duration::from_millis(500));
+    assert_eq!(balance.ready().await.unwrap().call(1).await.unwrap(), "a");
+    tx.unbounded_send(Ok(Change::Remove("a"))).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+
+    // A clone made an hour into the outage (a retry's copy, a new client) does not wait
+    // `failfast_after` again: the balancer has had no endpoint for longer than that.
+    let mut fresh = balance.clone();
+    let started = tokio::time::Instant::now();
+    let error = fresh.ready().await.unwrap().call(2).await.unwrap_err();
+    assert!(error.is::<NoEndpoints>(), "{error}");
+    assert_eq!(started.elapsed(), Duration::ZERO);
+
+    // Once an endpoint is back, a handle that finds none again waits afresh.
+    tx.unbounded_send(insert("b")).unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(fresh.ready().await.unwrap().call(3).await.unwrap(), "b");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiting_call_proceeds_as_soon_as_an_endpoint_is_ready() {
     let (tx, rx) = changes();
     let mut balance = Balance::new(rx, RoundRobin);

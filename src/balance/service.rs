@@ -63,6 +63,10 @@ pub(crate) struct Shared<S, T> {
     pub(crate) waiters: Mutex<Vec<Waker>>,
     pub(crate) name: Arc<str>,
     pub(crate) failfast_after: Duration,
+    /// Since when the published snapshot has had no endpoint (`None` while it has some):
+    /// a handle that starts waiting then counts its `failfast_after` from there, so that a
+    /// handle made during an outage fails fast at once as the older ones do.
+    pub(crate) empty_since: Mutex<Option<Instant>>,
     /// The worker's discovery stream and picker until the first `poll_ready` starts it on
     /// that task's runtime.
     pub(crate) start: Mutex<Option<StartWorker<S, T>>>,
@@ -77,6 +81,13 @@ impl<S, T> Shared<S, T> {
     }
 
     pub(crate) fn publish(&self, snapshot: Snapshot<S, T>) {
+        {
+            let mut empty_since = self.empty_since.lock().unwrap_or_else(|p| p.into_inner());
+            match snapshot.services.is_empty() {
+                true => _ = empty_since.get_or_insert_with(Instant::now),
+                false => *empty_since = None,
+            }
+        }
         *self.current() = Arc::new(snapshot);
         self.version.fetch_add(1, Ordering::Release);
         let waiters = std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|p| p.into_inner()));
@@ -365,6 +376,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             waiters: Mutex::new(Vec::new()),
             name,
             failfast_after,
+            empty_since: Mutex::new(None),
             start: Mutex::new(Some(Box::new(move |shared| {
                 tokio::spawn(worker::run::<D, Req, P>(
                     discover,
@@ -453,11 +465,15 @@ where
             return Poll::Ready(Ok(()));
         }
         let failfast_after = self.shared.failfast_after;
+        let shared = &self.shared;
         let (since, timer) = self.waiting.get_or_insert_with(|| {
-            let now = Instant::now();
+            // From when the balancer lost its last endpoint, if it had one and another handle
+            // saw it; else from now.
+            let empty_since = *shared.empty_since.lock().unwrap_or_else(|p| p.into_inner());
+            let since = empty_since.unwrap_or_else(Instant::now);
             (
-                now,
-                Box::pin(tokio::time::sleep_until(now + failfast_after)),
+                since,
+                Box::pin(tokio::time::sleep_until(since + failfast_after)),
             )
         });
         if since.elapsed() >= failfast_after || timer.as_mut().poll(cx).is_ready() {

@@ -143,6 +143,22 @@ async fn a_handle_made_during_an_outage_fails_fast_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn discovery_goes_on_after_an_error() {
+    let (tx, rx) = mpsc::unbounded::<Result<Change<&'static str, Endpoint>, std::io::Error>>();
+    let send = |change| tx.unbounded_send(change).unwrap();
+    send(Ok(Change::Insert("a", endpoint("a", Duration::ZERO))));
+    let mut balance = Balance::new(rx, RoundRobin);
+    assert_eq!(balance.ready().await.unwrap().call(1).await.unwrap(), "a");
+    send(Err(std::io::Error::other("registry unreachable")));
+    send(Ok(Change::Insert("b", endpoint("b", Duration::ZERO))));
+    send(Ok(Change::Remove("a")));
+    // The endpoints known stay while discovery fails; it is asked again a second later.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let counts = tally(&mut balance, 4).await;
+    assert_eq!(counts.get("b"), Some(&4), "{counts:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_waiting_call_proceeds_as_soon_as_an_endpoint_is_ready() {
     let (tx, rx) = changes();
     let mut balance = Balance::new(rx, RoundRobin);

@@ -65,6 +65,9 @@ enum Event<K, S> {
     NotReady(usize, BoxError),
 }
 
+/// How long the worker waits to poll discovery again after it reported an error.
+const DISCOVER_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 pub(crate) async fn run<D, Req, P>(
     mut discover: D,
     picker: Arc<P>,
@@ -89,18 +92,25 @@ pub(crate) async fn run<D, Req, P>(
     let mut transitions: Transitions = SelectAll::new();
     let mut panicking = false;
     let mut discovering = true;
+    // After a discovery error: when to poll discovery again (the endpoints known stay).
+    let mut discover_again_at: Option<Instant> = None;
     // Changes applied since the last snapshot was published, and how many events in a row
     // were taken without waiting.
     let mut unpublished = false;
     let mut drained = 0;
     loop {
         let now = Instant::now();
-        let next_retry = endpoints.iter().filter_map(|e| e.retry_at).min();
+        let next_retry = endpoints
+            .iter()
+            .filter_map(|e| e.retry_at)
+            .chain(discover_again_at)
+            .min();
+        let discover_now = discovering && discover_again_at.is_none_or(|at| at <= now);
         let event = std::future::poll_fn(|cx| {
             if let Poll::Ready(Some((hash, state))) = transitions.poll_next_unpin(cx) {
                 return Poll::Ready(Event::Transition(hash, state));
             }
-            if discovering {
+            if discover_now {
                 match Pin::new(&mut discover).poll_discover(cx) {
                     Poll::Ready(Some(Ok(change))) => return Poll::Ready(Event::Change(change)),
                     Poll::Ready(Some(Err(error))) => {
@@ -170,6 +180,9 @@ pub(crate) async fn run<D, Req, P>(
                             endpoint.retry_at = None;
                         }
                     }
+                    if discover_again_at.is_some_and(|at| at <= Instant::now()) {
+                        discover_again_at = None;
+                    }
                     continue;
                 }
                 () = closed.notified() => return,
@@ -219,8 +232,8 @@ pub(crate) async fn run<D, Req, P>(
                 }
             }
             Event::DiscoveryFailed(error) => {
-                tracing::warn!(service = &*name, %error, "discovery failed; keeping the endpoints known");
-                discovering = false;
+                tracing::warn!(service = &*name, %error, "discovery failed; keeping the endpoints known, asking again in 1s");
+                discover_again_at = Some(Instant::now() + DISCOVER_AGAIN_AFTER);
                 false
             }
             Event::DiscoveryEnded => {

@@ -6,6 +6,7 @@ use crate::random::SplitMix64;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Chooses an endpoint for each request.
 ///
@@ -123,22 +124,36 @@ impl Default for Cursor {
 #[derive(Clone, Debug)]
 pub struct Random {
     seed: Option<u64>,
+    /// Handles made from this picker (and its clones) so far: the n-th derives its sequence
+    /// from the seed and n, so a seeded balancer repeats itself from run to run.
+    handles: Arc<AtomicU64>,
 }
 
 impl Random {
     /// Seeded from the system.
     pub fn new() -> Self {
-        Self { seed: None }
+        Self {
+            seed: None,
+            handles: Arc::default(),
+        }
     }
 
-    /// Seeded with `seed` (each handle derives its own sequence from it).
+    /// Seeded with `seed`: each handle derives its own sequence from it and from how many
+    /// handles this picker made before it, so the same program picks the same endpoints on
+    /// every run.
     pub fn seeded(seed: u64) -> Self {
-        Self { seed: Some(seed) }
+        Self {
+            seed: Some(seed),
+            handles: Arc::default(),
+        }
     }
 
     fn source(&self) -> SplitMix64 {
         match self.seed {
-            Some(seed) => SplitMix64::seeded(seed ^ next_handle()),
+            Some(seed) => {
+                let handle = self.handles.fetch_add(1, Ordering::Relaxed);
+                SplitMix64::seeded(seed ^ handle.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            }
             None => SplitMix64::from_entropy(),
         }
     }
@@ -436,6 +451,27 @@ mod tests {
     fn round_robin_is_exactly_even() {
         let set = endpoints(&[1; 7]);
         assert_eq!(counts(&RoundRobin, &set, 7 * 1_000), vec![1_000; 7]);
+    }
+
+    #[test]
+    fn a_seeded_random_picker_repeats_itself() {
+        let draws = |picker: &Random| {
+            let mut state = <Random as Picker<()>>::state(picker);
+            (0..8).map(|_| state.next_u64_mut()).collect::<Vec<_>>()
+        };
+        let (first, second) = (Random::seeded(5), Random::seeded(5));
+        let (first_handles, second_handles) = (
+            [draws(&first), draws(&first)],
+            [draws(&second), draws(&second)],
+        );
+        assert_eq!(
+            first_handles, second_handles,
+            "the same seed, the same picks"
+        );
+        assert_ne!(
+            first_handles[0], first_handles[1],
+            "each handle its own sequence"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! endpoint for a given set, and when an endpoint leaves, only the slots it owned change
 //! owner: about 1/N of keys move, and no others.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 
 /// Ring points per endpoint.
 const POINTS_PER_ENDPOINT: u64 = 100;
@@ -21,11 +21,60 @@ pub struct HashRing {
     shift: u32,
 }
 
-/// A stable 64-bit hash (SipHash with fixed keys), the same in every process.
+/// A stable 64-bit hash: the same in every process, on every platform and with every Rust
+/// release, so that services agree on which endpoint owns a key. (The standard library's
+/// `DefaultHasher` promises none of that.) FNV-1a over the value's bytes, integers written
+/// little-endian and `usize` as 64 bits, then a SplitMix64 finalizer to spread the bits.
 pub(crate) fn stable_hash<T: Hash + ?Sized>(value: &T) -> u64 {
-    let mut hasher = DefaultHasher::new();
+    let mut hasher = Fnv1a(0xcbf2_9ce4_8422_2325);
     value.hash(&mut hasher);
     hasher.finish()
+}
+
+struct Fnv1a(u64);
+
+impl Hasher for Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_isize(&mut self, n: isize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
 }
 
 impl HashRing {
@@ -78,6 +127,20 @@ impl HashRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stable_hash_is_fixed() {
+        // Pinned values: a change here moves keys between endpoints across a fleet that
+        // runs two versions, so it must be deliberate.
+        assert_eq!(stable_hash("users"), 0x31f5_eb9b_609a_e11b);
+        assert_eq!(stable_hash(&42u64), 0xe15f_07fe_f55b_9454);
+        assert_eq!(
+            stable_hash(&42usize),
+            stable_hash(&42u64),
+            "usize as 64 bits"
+        );
+        assert_eq!(stable_hash(&(7u64, 3u64)), 0x46bb_c8fc_a174_5b7f);
+    }
 
     #[test]
     fn keys_are_shared_roughly_evenly() {

@@ -1,5 +1,7 @@
 //! The mesh runtime: configuration files, environment overrides, reloading and shutdown.
 
+mod support;
+
 use meshkit::breaker::{BreakerState, CircuitOpen};
 use meshkit::classify::DefaultClassifier;
 use meshkit::discovery::Instance;
@@ -346,34 +348,23 @@ async fn a_watch_channel_reloads_the_policies() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// A mesh with "users" on ports 1, 2 and 3, a random picker and one retry (unlimited budget,
+/// 1 ms backoff), with `retry` (TOML lines) added to the retry section.
+async fn three_users_retried_once(retry: &str) -> Mesh {
+    support::mesh_with(
+        &format!(
+            "[services.users]\nbalance = {{ picker = \"random\" }}\n\
+             [services.users.retry]\nmax_attempts = 2\nbudget = \"unlimited\"\n\
+             backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}\n{retry}"
+        ),
+        &[1, 2, 3],
+    )
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retry_goes_to_another_instance_than_the_try_that_failed() {
-    let mesh = Mesh::builder()
-        .config(
-            MeshConfig::from_toml(
-                r#"
-                [services.users]
-                balance = { picker = "random" }
-                [services.users.retry]
-                max_attempts = 2
-                budget = "unlimited"
-                backoff = { kind = "constant", base = "1ms", jitter = "none" }
-                "#,
-            )
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
-    for port in [1, 2, 3] {
-        mesh.register(
-            Instance::builder("users", "127.0.0.1", port)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-    }
+    let mesh = three_users_retried_once("").await;
     // Instance 1 refuses every call; 2 and 3 answer with their port.
     let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut client = mesh
@@ -424,33 +415,7 @@ async fn a_retry_goes_to_another_instance_than_the_try_that_failed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_a_try_timed_out_goes_to_another_instance() {
-    let mesh = Mesh::builder()
-        .config(
-            MeshConfig::from_toml(
-                r#"
-                [services.users]
-                balance = { picker = "random" }
-                [services.users.retry]
-                max_attempts = 2
-                per_try_timeout = "100ms"
-                budget = "unlimited"
-                backoff = { kind = "constant", base = "1ms", jitter = "none" }
-                "#,
-            )
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
-    for port in [1, 2, 3] {
-        mesh.register(
-            Instance::builder("users", "127.0.0.1", port)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-    }
+    let mesh = three_users_retried_once("per_try_timeout = \"100ms\"").await;
     // Instance 1 never answers; 2 and 3 answer with their port.
     let mut client = mesh
         .client_with(

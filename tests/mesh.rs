@@ -520,6 +520,22 @@ async fn reloading_breaker_thresholds_gives_a_breaker_under_the_new_ones() {
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the new breaker refuses");
 }
 
+/// A client of `service` whose instances answer each call with its number after 5 s.
+fn answers_in_5s(mesh: &Mesh, service: &str) -> meshkit::MeshClient<u32, u32> {
+    mesh.client_with(
+        service,
+        |_: &Instance| {
+            tower::service_fn(|n: u32| async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<u32, BoxError>(n)
+            })
+        },
+        DefaultClassifier,
+        CloneRequest,
+    )
+    .unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn reloading_the_timeout_applies_to_the_next_calls() {
     let mesh = Mesh::builder()
@@ -530,19 +546,7 @@ async fn reloading_the_timeout_applies_to_the_next_calls() {
         .await
         .unwrap()
         .forget();
-    let mut client = mesh
-        .client_with(
-            "users",
-            |_: &Instance| {
-                tower::service_fn(|n: u32| async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    Ok::<u32, BoxError>(n)
-                })
-            },
-            DefaultClassifier,
-            CloneRequest,
-        )
-        .unwrap();
+    let mut client = answers_in_5s(&mesh, "users");
     assert_eq!(client.ready().await.unwrap().call(7).await.unwrap(), 7);
 
     reload_users(&mesh, |users| users.timeout = Some(Duration::from_secs(1)));
@@ -573,19 +577,7 @@ async fn shutdown_waits_for_calls_in_flight() {
         .await
         .unwrap()
         .forget();
-    let mut client = mesh
-        .client_with(
-            "slow",
-            |_: &Instance| {
-                tower::service_fn(|n: u32| async move {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    Ok::<u32, BoxError>(n)
-                })
-            },
-            DefaultClassifier,
-            CloneRequest,
-        )
-        .unwrap();
+    let mut client = answers_in_5s(&mesh, "slow");
     let call = client.ready().await.unwrap().call(7);
     let in_flight = tokio::spawn(call);
     let started = tokio::time::Instant::now();

@@ -512,6 +512,38 @@ async fn an_empty_append_still_checks_the_expected_version() {
     );
 }
 
+#[tokio::test]
+async fn a_handler_that_falls_behind_catches_up_from_the_store() {
+    let bus: EventBus = EventBus::new(4);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    bus.handle_from_store("slow", store.clone(), {
+        let seen = seen.clone();
+        move |event: Arc<Event>| {
+            let seen = seen.clone();
+            async move {
+                // Slower than the writer: the bus's 4 slots overflow.
+                tokio::task::yield_now().await;
+                seen.lock().unwrap().push(event.data["n"].as_u64().unwrap());
+                Ok::<(), tower::BoxError>(())
+            }
+        }
+    });
+    for n in 0..50 {
+        store
+            .append("a", ExpectedVersion::Any, vec![event("E", "a", n)])
+            .await
+            .unwrap();
+    }
+    bus.shutdown().await;
+    assert!(bus.stats().handler_lagged > 0, "the handler fell behind");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        (0..50).collect::<Vec<_>>(),
+        "none lost, in order"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_stops_intake_and_drains_handlers() {
     let bus: EventBus = EventBus::new(64);

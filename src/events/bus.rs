@@ -137,6 +137,34 @@ struct HandlerCounts {
     lagged: AtomicU64,
 }
 
+impl HandlerCounts {
+    /// Runs `handler` on `event`: an error or a panic (while making the future, or while
+    /// running it) is counted and reported, and the handler goes on.
+    async fn deliver<T>(&self, name: &str, handler: &impl EventHandler<T>, event: Arc<Event<T>>) {
+        let outcome =
+            match std::panic::catch_unwind(AssertUnwindSafe(|| handler.handle(event.clone()))) {
+                Ok(call) => AssertUnwindSafe(call).catch_unwind().await,
+                Err(panic) => Err(panic),
+            };
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(handler = %name, event = %event.id, event_type = %event.event_type, %error, "event handler failed");
+            }
+            Err(_) => {
+                self.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(handler = %name, event = %event.id, event_type = %event.event_type, "event handler panicked");
+            }
+        }
+    }
+
+    fn lagged(&self, name: &str, missed: u64) {
+        self.lagged.fetch_add(missed, Ordering::Relaxed);
+        tracing::warn!(handler = %name, missed, "event handler fell behind");
+    }
+}
+
 impl<T> Clone for EventBus<T> {
     fn clone(&self) -> Self {
         Self {
@@ -253,37 +281,23 @@ impl<T: Send + Sync + 'static> EventBus<T> {
         let name = name.into();
         let mut subscription = self.subscribe();
         let counts = self.inner.counts.clone();
-        let task = tokio::spawn(async move {
+        self.spawn_handler(async move {
             loop {
                 let event = match subscription.recv().await {
                     Ok(event) => event,
                     Err(RecvError::Lagged(missed)) => {
-                        counts.lagged.fetch_add(missed, Ordering::Relaxed);
-                        tracing::warn!(handler = %name, missed, "event handler fell behind");
+                        counts.lagged(&name, missed);
                         continue;
                     }
                     Err(RecvError::Closed) => return,
                 };
-                // A panic while making the future counts as one while running it.
-                let outcome = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    handler.handle(event.clone())
-                })) {
-                    Ok(call) => AssertUnwindSafe(call).catch_unwind().await,
-                    Err(panic) => Err(panic),
-                };
-                match outcome {
-                    Ok(Ok(())) => {}
-                    Ok(Err(error)) => {
-                        counts.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(handler = %name, event = %event.id, event_type = %event.event_type, %error, "event handler failed");
-                    }
-                    Err(_) => {
-                        counts.panics.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(handler = %name, event = %event.id, event_type = %event.event_type, "event handler panicked");
-                    }
-                }
+                counts.deliver(&name, &handler, event).await;
             }
         });
+    }
+
+    fn spawn_handler(&self, run: impl Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(run);
         self.inner
             .handlers
             .lock()
@@ -423,6 +437,43 @@ impl<T: Send + Sync + 'static> Subscription<T> {
             Some(receiving) => receiving.next().await,
             None => Err(RecvError::Closed),
         }
+    }
+}
+
+impl EventBus<serde_json::Value> {
+    /// [`handle`](Self::handle) for a bus that `store` publishes to (see
+    /// [`MemoryEventStore::with_bus`](super::MemoryEventStore::with_bus)): when the handler
+    /// falls behind, what it missed is read back from the store ([`Subscription::catch_up`])
+    /// and handled in order, so it misses no stored event. The lag is still counted in
+    /// [`stats`](Self::stats).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn handle_from_store<S>(
+        &self,
+        name: impl Into<String>,
+        store: S,
+        handler: impl EventHandler<serde_json::Value>,
+    ) where
+        S: EventStore + Send + Sync + 'static,
+    {
+        let name = name.into();
+        let mut subscription = self.subscribe();
+        let counts = self.inner.counts.clone();
+        self.spawn_handler(async move {
+            loop {
+                match subscription.recv().await {
+                    Ok(event) => counts.deliver(&name, &handler, event).await,
+                    Err(RecvError::Lagged(missed)) => {
+                        counts.lagged(&name, missed);
+                        for event in subscription.catch_up(&store).await {
+                            counts.deliver(&name, &handler, event).await;
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
     }
 }
 

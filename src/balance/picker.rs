@@ -198,12 +198,24 @@ pub struct WeightedRoundRobin;
 /// Longest precomputed weighted cycle.
 const MAX_CYCLE: u64 = 65_536;
 
+/// The greatest common divisor (`gcd(0, w)` is `w`).
+fn gcd(mut a: u32, mut b: u32) -> u32 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 impl<Req> Picker<Req> for WeightedRoundRobin {
     type Prepared = Box<[u32]>;
     type State = Cursor;
 
     fn prepare(&self, weights: &[u32], _: &[u64]) -> Box<[u32]> {
-        let total: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
+        // Weights with a common divisor make the same shares over a shorter cycle: 100 and
+        // 300 cycle as 1 and 3.
+        let divisor = weights.iter().fold(0, |d, &w| gcd(d, w.max(1)));
+        let weights: Vec<u32> = weights.iter().map(|&w| w.max(1) / divisor.max(1)).collect();
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         let scale = if total > MAX_CYCLE {
             MAX_CYCLE as f64 / total as f64
         } else {
@@ -451,6 +463,16 @@ mod tests {
     fn round_robin_is_exactly_even() {
         let set = endpoints(&[1; 7]);
         assert_eq!(counts(&RoundRobin, &set, 7 * 1_000), vec![1_000; 7]);
+    }
+
+    #[test]
+    fn weights_with_a_common_divisor_cycle_as_their_quotients() {
+        let cycle = <WeightedRoundRobin as Picker<()>>::prepare(
+            &WeightedRoundRobin,
+            &[3_000, 1_000],
+            &[0, 1],
+        );
+        assert_eq!(&*cycle, &[0, 0, 1, 0], "3:1 over a cycle of 4, not 4 000");
     }
 
     #[test]

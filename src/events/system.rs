@@ -117,7 +117,8 @@ impl SystemEvent {
 
 static BUS: LazyLock<EventBus<SystemEvent>> = LazyLock::new(|| EventBus::new(CAPACITY));
 
-/// The process-wide system bus.
+/// The process-wide system bus. Its `shutdown` stops system events for the whole process
+/// for good: subscribe to it, do not shut it down.
 pub fn bus() -> &'static EventBus<SystemEvent> {
     &BUS
 }

@@ -107,7 +107,9 @@ impl Mesh {
     }
 
     /// The system event bus every meshkit component reports to (breaker transitions,
-    /// ejections, registrations, retries exhausted, ...).
+    /// ejections, registrations, retries exhausted, ...). It is the process's one system
+    /// bus, shared by every mesh: subscribe to it, but do not `shutdown` it, which would
+    /// stop system events for the whole process.
     pub fn events(&self) -> &'static EventBus<SystemEvent> {
         system::bus()
     }

@@ -25,9 +25,11 @@ use std::cell::{Cell, RefCell};
 thread_local! {
     /// The endpoint of the last balanced call that ended on this thread.
     static LAST: Cell<Option<u64>> = const { Cell::new(None) };
-    /// Whether a retry is being sent (then `AVOID` holds its failed tries' endpoints).
+    /// Whether a try is being sent by a layer that steers it (then `AVOID` holds the
+    /// endpoints to avoid, and `SENT` gets the one the call goes to).
     static ACTIVE: Cell<bool> = const { Cell::new(false) };
     static AVOID: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
+    static SENT: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// A key for endpoint `endpoint` (a stable hash of its discovery key) of the balancer whose
@@ -54,21 +56,48 @@ pub(crate) fn avoiding<R>(avoid: &[u64], send: impl FnOnce() -> R) -> R {
     if avoid.is_empty() {
         return send();
     }
-    /// Clears the slots when `send` returns or unwinds.
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            let _ = ACTIVE.try_with(|active| active.set(false));
-            let _ = AVOID.try_with(|keys| keys.borrow_mut().clear());
-        }
-    }
-    let _ = AVOID.try_with(|keys| keys.borrow_mut().extend_from_slice(avoid));
-    let _ = ACTIVE.try_with(|active| active.set(true));
-    let _reset = Reset;
-    send()
+    sending(avoid, send).0
 }
 
-/// Whether a retry is being sent on this thread (then [`avoids`] says where not to).
+/// Runs `send` (which sends a try through a balancer, synchronously) with `avoid` as the
+/// endpoints the balancer should not pick while it has others; returns what `send` returns
+/// and the endpoint the balancer sent the try to, if one did. A hedge sends its copies so,
+/// away from the endpoints of the tries still in flight.
+pub(crate) fn sending<R>(avoid: &[u64], send: impl FnOnce() -> R) -> (R, Option<u64>) {
+    /// Puts the slots back as they were when `send` returns or unwinds (a steered call may
+    /// run inside another one's `send`).
+    struct Restore {
+        active: bool,
+        avoided: usize,
+        sent: Option<u64>,
+    }
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = ACTIVE.try_with(|active| active.set(self.active));
+            let _ = AVOID.try_with(|keys| keys.borrow_mut().truncate(self.avoided));
+            let _ = SENT.try_with(|sent| sent.set(self.sent));
+        }
+    }
+    let restore = Restore {
+        active: ACTIVE.try_with(Cell::get).unwrap_or(false),
+        avoided: AVOID.try_with(|keys| keys.borrow().len()).unwrap_or(0),
+        sent: SENT.try_with(Cell::take).ok().flatten(),
+    };
+    let _ = AVOID.try_with(|keys| keys.borrow_mut().extend_from_slice(avoid));
+    let _ = ACTIVE.try_with(|active| active.set(true));
+    let output = send();
+    let sent = SENT.try_with(Cell::take).ok().flatten();
+    drop(restore);
+    (output, sent)
+}
+
+/// Notes, for the layer steering the try being sent, the endpoint `key` it goes to.
+pub(crate) fn report_sent(key: u64) {
+    let _ = SENT.try_with(|sent| sent.set(Some(key)));
+}
+
+/// Whether a steered try is being sent on this thread (then [`avoids`] says where not to,
+/// and [`report_sent`] takes where it goes).
 #[inline]
 pub(crate) fn steering() -> bool {
     ACTIVE.try_with(Cell::get).unwrap_or(false)
@@ -94,6 +123,21 @@ mod tests {
         });
         assert!(!steering() && !avoids(10), "the slots are cleared after");
         avoiding(&[], || assert!(!steering(), "nothing to avoid"));
+    }
+
+    #[test]
+    fn a_steered_send_reports_where_it_went_and_restores_an_outer_one() {
+        let ((), sent) = sending(&[10], || {
+            let ((), inner) = sending(&[20], || {
+                assert!(avoids(10) && avoids(20));
+                report_sent(21);
+            });
+            assert_eq!(inner, Some(21));
+            assert!(avoids(10) && !avoids(20), "the outer send's list is back");
+            report_sent(11);
+        });
+        assert_eq!(sent, Some(11));
+        assert!(!steering());
     }
 
     #[test]

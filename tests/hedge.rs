@@ -276,3 +276,47 @@ async fn rejections_do_not_pull_the_percentile_delay_down() {
         "hedged after the p90 of real calls (10 ms), not of refusals (0 ms): {took:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hedge_goes_to_another_endpoint_than_the_try_in_flight() {
+    use meshkit::balance::{Balance, Random};
+    use tower::discover::Change;
+    // Two endpoints, each slower than the hedge delay: every call sends one hedge. Each
+    // endpoint notes the calls it got.
+    let got: Arc<Mutex<Vec<(u32, &'static str)>>> = Arc::default();
+    let endpoint = |name: &'static str| {
+        let got = got.clone();
+        tower::util::BoxCloneSyncService::new(tower::service_fn(move |n: u32| {
+            got.lock().unwrap().push((n, name));
+            async move {
+                tokio::time::sleep(ms(200)).await;
+                Ok::<_, BoxError>(name)
+            }
+        }))
+    };
+    let discover = futures::stream::iter([
+        Ok::<_, std::convert::Infallible>(Change::Insert("a", endpoint("a"))),
+        Ok(Change::Insert("b", endpoint("b"))),
+    ]);
+    let mut balance = Balance::new(discover, Random::seeded(3));
+    balance.ready().await.unwrap();
+    tokio::time::sleep(ms(1)).await;
+    let config = HedgeConfig {
+        budget: BudgetConfig::Unlimited,
+        ..fixed(ms(50), 1)
+    };
+    let mut hedged = HedgeLayer::new(config).unwrap().layer(balance);
+    for n in 0..40 {
+        hedged.ready().await.unwrap().call(n).await.unwrap();
+    }
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), 80, "one hedge per call");
+    for pair in got.chunks(2) {
+        assert_eq!(pair[0].0, pair[1].0, "a call's try, then its hedge");
+        assert_ne!(
+            pair[0].1, pair[1].1,
+            "call {}: the hedge went elsewhere",
+            pair[0].0
+        );
+    }
+}

@@ -506,8 +506,10 @@ where
             .picker
             .pick(&request, &self.loads, prepared, &mut self.state);
         let balancer = Arc::as_ptr(&self.shared) as *const () as usize;
-        if crate::tried::steering() {
-            // A retry goes elsewhere than the tries before it, when there is elsewhere.
+        let steered = crate::tried::steering();
+        if steered {
+            // A retry or a hedge goes elsewhere than the tries before it, when there is
+            // elsewhere; the layer steering it learns where it went.
             index = steer(
                 index,
                 balancer,
@@ -517,6 +519,9 @@ where
             );
         }
         let tried = crate::tried::key(balancer, view.keys[index]);
+        if steered {
+            crate::tried::report_sent(tried);
+        }
         let call = GuardedCall::new(
             &view.services[index],
             &mut self.copies[index],

@@ -37,6 +37,9 @@ pin_project! {
         classifier: C,
         replay: K,
         last_failure: Option<Result<S::Response, S::Error>>,
+        // The endpoints the tries went to, as a balancer below reported them
+        // (`crate::tried`): each hedge goes elsewhere when it can.
+        sent: Vec<u64>,
     }
 }
 
@@ -66,6 +69,7 @@ where
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         first: S::Future,
+        sent: Option<u64>,
         started: Instant,
         delay: Option<Duration>,
         service: Option<S>,
@@ -92,6 +96,7 @@ where
             classifier,
             replay,
             last_failure: None,
+            sent: sent.into_iter().collect(),
         }
     }
 }
@@ -200,8 +205,10 @@ where
                 *this.spare = this.replay.replay(&request);
             }
             tracing::debug!(service = &*shared.name, attempt, delay = ?*this.delay, "hedging");
+            let (future, went_to) = crate::tried::sending(this.sent, || service.call(request));
+            this.sent.extend(went_to);
             this.tries.push(Timed {
-                future: service.call(request),
+                future,
                 sent: Instant::now(),
             });
             if this.spare.is_some() {

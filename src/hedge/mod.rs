@@ -41,6 +41,10 @@
 //! the latencies of recent tries (recorded per layer, over `window`), and does not hedge until
 //! `min_samples` have been recorded. Up to `max_hedges` copies are sent, one per delay.
 //!
+//! Over a meshkit [`Balance`](crate::balance::Balance) (directly, or under other layers), a
+//! hedge goes to another endpoint than the tries still in flight, while the balancer has one
+//! that is ready: a copy sent to the endpoint that is already slow would rarely help.
+//!
 //! ## What it costs
 //!
 //! A hedge is extra load on the dependency, so hedges draw on a

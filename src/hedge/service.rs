@@ -87,9 +87,16 @@ where
         let spare = delay.and_then(|_| self.replay.replay(&request));
         let service = spare.as_ref().map(|_| self.inner.clone());
         let started = Instant::now();
-        let first = self.inner.call(request);
+        // With a hedge to come, learn which endpoint (of a balancer below) this try goes to,
+        // so that hedges go elsewhere.
+        let (first, sent) = if spare.is_some() {
+            crate::tried::sending(&[], || self.inner.call(request))
+        } else {
+            (self.inner.call(request), None)
+        };
         ResponseFuture::new(
             first,
+            sent,
             started,
             delay,
             service,

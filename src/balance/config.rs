@@ -97,6 +97,9 @@ pub enum PickerKind {
 pub struct ConfiguredPicker {
     kind: PickerKind,
     random: Random,
+    // Made once: a pick must not build a picker (a `Random` allocates its handle count).
+    least_requests: LeastRequests,
+    peak_ewma: PeakEwma,
 }
 
 impl ConfiguredPicker {
@@ -105,6 +108,8 @@ impl ConfiguredPicker {
         Self {
             kind,
             random: Random::new(),
+            least_requests: LeastRequests::default(),
+            peak_ewma: PeakEwma::default(),
         }
     }
 }
@@ -143,9 +148,9 @@ impl<Req> Picker<Req> for ConfiguredPicker {
             }
             (PickerKind::Random, _) => self.random.pick(request, endpoints, &(), random),
             (PickerKind::LeastRequests, _) => {
-                LeastRequests::default().pick(request, endpoints, &(), random)
+                self.least_requests.pick(request, endpoints, &(), random)
             }
-            (PickerKind::PeakEwma, _) => PeakEwma::default().pick(request, endpoints, &(), random),
+            (PickerKind::PeakEwma, _) => self.peak_ewma.pick(request, endpoints, &(), random),
         }
     }
 

@@ -123,19 +123,16 @@ impl Default for Cursor {
 /// A uniformly random endpoint; seed it for reproducible tests.
 #[derive(Clone, Debug)]
 pub struct Random {
-    seed: Option<u64>,
-    /// Handles made from this picker (and its clones) so far: the n-th derives its sequence
-    /// from the seed and n, so a seeded balancer repeats itself from run to run.
-    handles: Arc<AtomicU64>,
+    /// The seed, and the handles made from this picker (and its clones) so far: the n-th
+    /// derives its sequence from the seed and n, so a seeded balancer repeats itself from
+    /// run to run.
+    seed: Option<(u64, Arc<AtomicU64>)>,
 }
 
 impl Random {
-    /// Seeded from the system.
+    /// Seeded from the system (allocates nothing).
     pub fn new() -> Self {
-        Self {
-            seed: None,
-            handles: Arc::default(),
-        }
+        Self { seed: None }
     }
 
     /// Seeded with `seed`: each handle derives its own sequence from it and from how many
@@ -143,15 +140,14 @@ impl Random {
     /// every run.
     pub fn seeded(seed: u64) -> Self {
         Self {
-            seed: Some(seed),
-            handles: Arc::default(),
+            seed: Some((seed, Arc::default())),
         }
     }
 
     fn source(&self) -> SplitMix64 {
-        match self.seed {
-            Some(seed) => {
-                let handle = self.handles.fetch_add(1, Ordering::Relaxed);
+        match &self.seed {
+            Some((seed, handles)) => {
+                let (seed, handle) = (*seed, handles.fetch_add(1, Ordering::Relaxed));
                 SplitMix64::seeded(seed ^ handle.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             }
             None => SplitMix64::from_entropy(),

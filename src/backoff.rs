@@ -138,14 +138,7 @@ impl Backoff {
     pub fn delay(&self, n: u32, previous: Option<Duration>, random: &dyn RandomSource) -> Duration {
         let grown = self.growth(n);
         // A source that strays outside [0, 1] (or returns NaN) must not make a wait panic.
-        let unit = || {
-            let unit = random.next_f64();
-            if unit.is_nan() {
-                0.0
-            } else {
-                unit.clamp(0.0, 1.0)
-            }
-        };
+        let unit = || crate::random::unit(random);
         match self.jitter {
             Jitter::None => grown,
             Jitter::Full => grown.mul_f64(unit()),

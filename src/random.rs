@@ -29,15 +29,36 @@ pub trait RandomSource: Send + Sync + fmt::Debug {
     }
 }
 
+/// `random`'s next value in `[0, 1]`, whatever the source returns: a value outside is
+/// clamped, NaN becomes 0, so that a wait computed from it cannot panic or run past its cap.
+pub(crate) fn unit(random: &(impl RandomSource + ?Sized)) -> f64 {
+    let unit = random.next_f64();
+    if unit.is_nan() {
+        0.0
+    } else {
+        unit.clamp(0.0, 1.0)
+    }
+}
+
 impl<T: RandomSource + ?Sized> RandomSource for std::sync::Arc<T> {
     fn next_u64(&self) -> u64 {
         (**self).next_u64()
+    }
+
+    // Forwarded too: a source that makes its floats its own way keeps them when shared.
+    fn next_f64(&self) -> f64 {
+        (**self).next_f64()
     }
 }
 
 impl<T: RandomSource + ?Sized> RandomSource for &T {
     fn next_u64(&self) -> u64 {
         (**self).next_u64()
+    }
+
+    // Forwarded too: a source that makes its floats its own way keeps them when shared.
+    fn next_f64(&self) -> f64 {
+        (**self).next_f64()
     }
 }
 
@@ -99,6 +120,30 @@ impl RandomSource for SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_outside_the_unit_interval_is_brought_into_it() {
+        /// A source whose `next_f64` returns `value`, whatever the contract says.
+        #[derive(Debug)]
+        struct Odd(f64);
+        impl RandomSource for Odd {
+            fn next_u64(&self) -> u64 {
+                0
+            }
+            fn next_f64(&self) -> f64 {
+                self.0
+            }
+        }
+        for (value, expected) in [
+            (f64::NAN, 0.0),
+            (f64::INFINITY, 1.0),
+            (-5.0, 0.0),
+            (11.0, 1.0),
+            (0.5, 0.5),
+        ] {
+            assert_eq!(unit(&Odd(value)), expected, "{value}");
+        }
+    }
 
     #[test]
     fn unit_values_stay_in_range_and_vary() {

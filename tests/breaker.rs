@@ -303,6 +303,44 @@ async fn open_period_never_exceeds_open_for_max() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_random_source_outside_the_unit_interval_cannot_break_an_open_period() {
+    /// A source whose `next_f64` returns `value`, whatever the contract says.
+    #[derive(Debug)]
+    struct Odd(f64);
+    impl meshkit::random::RandomSource for Odd {
+        fn next_u64(&self) -> u64 {
+            0
+        }
+        fn next_f64(&self) -> f64 {
+            self.0
+        }
+    }
+    for value in [f64::NAN, f64::INFINITY, -5.0, 11.0] {
+        let layer = CircuitBreakerLayer::new(BreakerConfig {
+            half_open_calls: 1,
+            open_backoff: 2.0,
+            open_for_max: Duration::from_secs(30),
+            ..count_window(10, 5)
+        })
+        .unwrap()
+        .random(Arc::new(Odd(value)));
+        let handle = layer.handle();
+        let mut service = layer.layer(backend());
+        send_n(&mut service, Call::Fail, 5).await;
+        for _ in 0..3 {
+            // Reopening draws the jitter.
+            sleep(handle.metrics().open_remaining.unwrap()).await;
+            let _ = send(&mut service, Call::Fail).await;
+            let period = handle.metrics().open_remaining.unwrap();
+            assert!(
+                period >= Duration::from_secs(10) && period <= Duration::from_secs(30),
+                "{value}: {period:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn closing_resets_the_open_backoff() {
     let (handle, mut service) = half_open(BreakerConfig {
         half_open_calls: 1,

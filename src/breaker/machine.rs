@@ -288,7 +288,7 @@ impl Shared {
         match to {
             BreakerState::Open => {
                 machine.openings = machine.openings.saturating_add(1);
-                let jitter = machine.random.next_f64();
+                let jitter = crate::random::unit(&*machine.random);
                 let period = self.settings.open_period(machine.openings, jitter);
                 machine.open_until = now + period;
                 self.set_open_until(machine.open_until);

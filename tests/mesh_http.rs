@@ -3,7 +3,7 @@
 mod support;
 
 use axum::http::StatusCode;
-use axum::routing::{get, put};
+use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use meshkit::breaker::{BreakerState, CircuitOpen};
@@ -38,6 +38,49 @@ fn hyper_client(
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .set_host(set_host)
         .build_http()
+}
+
+/// An instance that answers `path` (any method) with `failing` on the first, third, ...
+/// request and with `ok` and the request's body on the others; `calls` counts requests.
+async fn every_other(
+    path: &str,
+    failing: StatusCode,
+    ok: StatusCode,
+    calls: &Arc<AtomicUsize>,
+) -> u16 {
+    let calls = calls.clone();
+    serve(axum::Router::new().route(
+        path,
+        axum::routing::any(move |body: Bytes| async move {
+            if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                (failing, Bytes::new())
+            } else {
+                (ok, body)
+            }
+        }),
+    ))
+    .await
+}
+
+/// One retry, 1 ms after the first try.
+const RETRY_ONCE: &str = "[services.users.retry]\nmax_attempts = 2\n\
+                          backoff = { kind = \"constant\", base = \"1ms\", jitter = \"none\" }";
+
+/// A mesh whose "users" instance fails every other request with a 503 (counted in
+/// `calls`), retried once, with bodies up to 1 024 bytes replayed.
+async fn flaky_users_with_a_body_limit(calls: &Arc<AtomicUsize>) -> meshkit::Mesh {
+    let port = every_other(
+        "/users/{id}",
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::OK,
+        calls,
+    )
+    .await;
+    mesh_with(
+        &format!("[services.users.http]\nbody_limit = 1024\n{RETRY_ONCE}"),
+        &[port],
+    )
+    .await
 }
 
 /// `GET http://users/users/1`, without `Host`.
@@ -99,31 +142,7 @@ async fn the_breaker_opens_on_a_failing_instance_and_closes_after_it_heals() {
 async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
     // Every other PUT fails with a 503: a retry must send the same body again.
     let calls = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new().route(
-        "/users/{id}",
-        put({
-            let calls = calls.clone();
-            move |body: String| async move {
-                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-                    (StatusCode::SERVICE_UNAVAILABLE, String::new())
-                } else {
-                    (StatusCode::OK, body)
-                }
-            }
-        }),
-    );
-    let port = serve(app).await;
-    let mesh = mesh_with(
-        r#"
-        [services.users.http]
-        body_limit = 1024
-        [services.users.retry]
-        max_attempts = 2
-        backoff = { kind = "constant", base = "1ms", jitter = "none" }
-        "#,
-        &[port],
-    )
-    .await;
+    let mesh = flaky_users_with_a_body_limit(&calls).await;
     let hyper_client: hyper_util::client::legacy::Client<_, ReplayBody<Full<Bytes>>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
@@ -150,27 +169,7 @@ async fn a_hyper_util_client_is_a_leaf_and_buffered_bodies_are_replayed() {
 async fn reqwest_bodies_over_the_body_limit_are_sent_once() {
     // Every other request gets a 503: a retried request succeeds on its second try.
     let calls = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new().route(
-        "/users/{id}",
-        put({
-            let calls = calls.clone();
-            move |body: Bytes| async move {
-                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-                    (StatusCode::SERVICE_UNAVAILABLE, Bytes::new())
-                } else {
-                    (StatusCode::OK, body)
-                }
-            }
-        }),
-    );
-    let port = serve(app).await;
-    let mesh = mesh_with(
-        "[services.users.http]\nbody_limit = 1024\n\
-         [services.users.retry]\nmax_attempts = 2\n\
-         backoff = { kind = \"constant\", base = \"1ms\", jitter = \"none\" }",
-        &[port],
-    )
-    .await;
+    let mesh = flaky_users_with_a_body_limit(&calls).await;
     let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
     let put_user = |body: Vec<u8>| {
         let mut request = reqwest::Request::new(
@@ -207,31 +206,20 @@ async fn reqwest_bodies_over_the_body_limit_are_sent_once() {
 async fn the_retried_statuses_come_from_the_config() {
     // Every other request gets a 408: retried only when the config lists it.
     let calls = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new().route(
+    let port = every_other(
         "/users/{id}",
-        get({
-            let calls = calls.clone();
-            move || async move {
-                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-                    StatusCode::REQUEST_TIMEOUT
-                } else {
-                    StatusCode::OK
-                }
-            }
-        }),
-    );
-    let port = serve(app).await;
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::OK,
+        &calls,
+    )
+    .await;
     for (statuses, status, sent) in [
         ("", StatusCode::REQUEST_TIMEOUT, 1),
         ("retry_statuses = [408, 503]", StatusCode::OK, 2),
     ] {
         calls.store(0, Ordering::SeqCst);
         let mesh = mesh_with(
-            &format!(
-                "[services.users.http]\n{statuses}\n\
-                 [services.users.retry]\nmax_attempts = 2\n\
-                 backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}"
-            ),
+            &format!("[services.users.http]\n{statuses}\n{RETRY_ONCE}"),
             &[port],
         )
         .await;
@@ -245,31 +233,20 @@ async fn the_retried_statuses_come_from_the_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_config_allows_every_method() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let app = axum::Router::new().route(
+    let port = every_other(
         "/users",
-        axum::routing::post({
-            let calls = calls.clone();
-            move || async move {
-                if calls.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::CREATED
-                }
-            }
-        }),
-    );
-    let port = serve(app).await;
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::CREATED,
+        &calls,
+    )
+    .await;
     for (all_methods, status, sent) in [
         (false, StatusCode::SERVICE_UNAVAILABLE, 1),
         (true, StatusCode::CREATED, 2),
     ] {
         calls.store(0, Ordering::SeqCst);
         let mesh = mesh_with(
-            &format!(
-                "[services.users.http]\nretry_all_methods = {all_methods}\n\
-                 [services.users.retry]\nmax_attempts = 2\n\
-                 backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}"
-            ),
+            &format!("[services.users.http]\nretry_all_methods = {all_methods}\n{RETRY_ONCE}"),
             &[port],
         )
         .await;

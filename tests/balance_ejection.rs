@@ -183,3 +183,98 @@ async fn the_balancers_classifier_ejects_an_endpoint_whose_answers_it_calls_fail
     assert_eq!(counts.get("bad"), Some(&3), "ejected after 3: {counts:?}");
     assert_eq!(counts["good"], 37);
 }
+
+/// An endpoint named `name` whose calls fail by `script`, one entry per call it receives
+/// (and succeed once the script runs out).
+fn scripted(name: &'static str, script: Vec<bool>) -> Discovered {
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let service = tower::service_fn(move |_: u64| {
+        let n = calls.fetch_add(1, Ordering::SeqCst);
+        let failing = script.get(n).copied().unwrap_or(false);
+        async move {
+            if failing {
+                Err(BoxError::from(format!("{name} failed")))
+            } else {
+                Ok(name)
+            }
+        }
+    });
+    Ok(Change::Insert(
+        name,
+        tower::util::BoxCloneSyncService::new(service),
+    ))
+}
+
+/// A round-robin balancer over a healthy endpoint and one that follows `script`.
+async fn with_scripted(
+    script: Vec<bool>,
+    ejection: EjectionConfig,
+) -> Balance<Endpoint, u64, RoundRobin> {
+    let (tx, rx) = mpsc::unbounded();
+    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
+        .unwrap();
+    tx.unbounded_send(scripted("flaky", script)).unwrap();
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection)
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    balance
+}
+
+#[tokio::test(start_paused = true)]
+async fn consecutive_failures_eject_before_the_failure_rate_would() {
+    // Fails from its 9th call on: 8 successes keep the rate of its last 50 calls low.
+    let script = (0..200).map(|n| n >= 8).collect();
+    let config = EjectionConfig {
+        consecutive_failures: 4,
+        failures: 50,
+        failure_rate: 0.9,
+        ..ejection(0.5, 0.0)
+    };
+    let mut balance = with_scripted(script, config).await;
+    let counts = tally(&mut balance, 60).await;
+    assert_eq!(counts.get("flaky"), Some(&8), "{counts:?}");
+    assert_eq!(
+        counts.get("flaky failed"),
+        Some(&4),
+        "ejected after 4 failures in a row, at 4 of 12 calls: {counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_failure_rate_ejects_an_endpoint_that_never_fails_twice_in_a_row() {
+    // Fails every other call: never two in a row, half of them.
+    let script = (0..200).map(|n| n % 2 == 1).collect();
+    let config = EjectionConfig {
+        consecutive_failures: 2,
+        failures: 10,
+        failure_rate: 0.5,
+        ..ejection(0.5, 0.0)
+    };
+    let mut balance = with_scripted(script, config).await;
+    let counts = tally(&mut balance, 60).await;
+    assert_eq!(
+        (counts.get("flaky"), counts.get("flaky failed")),
+        (Some(&5), Some(&5)),
+        "ejected once its last 10 calls held 5 failures: {counts:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn runs_of_failures_alone_never_eject_an_endpoint_that_alternates() {
+    let script = (0..200).map(|n| n % 2 == 1).collect();
+    let config = EjectionConfig {
+        consecutive_failures: 2,
+        failures: 0,
+        ..ejection(0.5, 0.0)
+    };
+    let mut balance = with_scripted(script, config).await;
+    let counts = tally(&mut balance, 60).await;
+    assert_eq!(
+        (counts.get("flaky"), counts.get("flaky failed")),
+        (Some(&15), Some(&15)),
+        "{counts:?}"
+    );
+}

@@ -68,6 +68,101 @@ async fn opens_after_failure_rate_exceeded() {
     assert!(is_open(&send(&mut service, Call::Succeed).await));
 }
 
+/// A count window of 100 at the default rate (0.5) and minimum (20), that also opens after
+/// `run` failures in a row.
+fn consecutive(run: u32) -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: Some(run),
+        ..count_window(100, 20)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_after_consecutive_failures_before_minimum_calls() {
+    let layer = layer(consecutive(3));
+    let handle = layer.handle();
+    let mut service = layer.layer(backend());
+    send_n(&mut service, Call::Succeed, 4).await;
+    send_n(&mut service, Call::Fail, 2).await;
+    assert_eq!(handle.state(), BreakerState::Closed);
+    let _ = send(&mut service, Call::Fail).await;
+    assert_eq!(
+        handle.state(),
+        BreakerState::Open,
+        "3 failures in a row, though 3 of 7 calls is below minimum_calls and the rate"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_starts_the_run_of_failures_again() {
+    let layer = layer(consecutive(3));
+    let handle = layer.handle();
+    let mut service = layer.layer(backend());
+    for _ in 0..20 {
+        send_n(&mut service, Call::Fail, 2).await;
+        send_n(&mut service, Call::Succeed, 3).await;
+    }
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "never 3 in a row, 40%"
+    );
+    send_n(&mut service, Call::Fail, 2).await;
+    let _ = send(&mut service, Call::Succeed).await;
+    send_n(&mut service, Call::Fail, 2).await;
+    assert_eq!(handle.state(), BreakerState::Closed);
+    let _ = send(&mut service, Call::Fail).await;
+    assert_eq!(handle.state(), BreakerState::Open);
+}
+
+#[test]
+fn successes_counted_on_another_thread_break_the_run() {
+    // Past minimum_calls, successes are counted on each thread's own cell without the lock;
+    // the run must still see them.
+    let layer = layer(consecutive(4));
+    let handle = layer.handle();
+    let service = layer.layer(backend());
+    let rt = paused_runtime();
+    rt.block_on(async {
+        let mut service = service.clone();
+        send_n(&mut service, Call::Succeed, 30).await;
+        send_n(&mut service, Call::Fail, 3).await;
+    });
+    std::thread::spawn({
+        let mut service = service.clone();
+        move || paused_runtime().block_on(send_n(&mut service, Call::Succeed, 1))
+    })
+    .join()
+    .unwrap();
+    rt.block_on(async {
+        let mut service = service.clone();
+        send_n(&mut service, Call::Fail, 3).await;
+        assert_eq!(handle.state(), BreakerState::Closed, "runs of 3, 3");
+        let _ = send(&mut service, Call::Fail).await;
+        assert_eq!(handle.state(), BreakerState::Open, "a run of 4");
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_run_starts_afresh_after_the_breaker_closes() {
+    let config = BreakerConfig {
+        half_open_calls: 1,
+        ..consecutive(3)
+    };
+    let layer = layer(config);
+    let handle = layer.handle();
+    let mut service = layer.layer(backend());
+    send_n(&mut service, Call::Fail, 3).await;
+    assert_eq!(handle.state(), BreakerState::Open);
+    sleep(Duration::from_secs(10)).await;
+    send(&mut service, Call::Succeed).await.unwrap();
+    assert_eq!(handle.state(), BreakerState::Closed);
+    send_n(&mut service, Call::Fail, 2).await;
+    assert_eq!(handle.state(), BreakerState::Closed, "2 since closing");
+    let _ = send(&mut service, Call::Fail).await;
+    assert_eq!(handle.state(), BreakerState::Open);
+}
+
 #[tokio::test(start_paused = true)]
 async fn stays_closed_below_the_failure_rate() {
     let layer = layer(count_window(10, 10));

@@ -51,6 +51,52 @@ fn out_of_range_values_are_named_by_their_path_and_range() {
 }
 
 #[test]
+fn the_documented_example_config_is_valid() {
+    // The example in `MeshConfig`'s docs, word for word.
+    let config = MeshConfig::from_toml(
+        r#"
+[defaults.retry]
+max_attempts = 3
+
+[services.users]
+timeout = "2s"
+
+[services.users.breaker]
+failure_rate = 0.5
+window = { kind = "time", duration = "30s" }
+
+[services.users.balance]
+picker = "peak_ewma"
+ejection = { consecutive_failures = 5 }
+"#,
+    )
+    .unwrap();
+    let users = config.service("users");
+    assert_eq!(users.retry.max_attempts, 3);
+    let ejection = users.balance.ejection.as_ref().unwrap();
+    assert_eq!((ejection.consecutive_failures, ejection.failures), (5, 0));
+}
+
+#[test]
+fn ejection_and_breaker_runs_of_failures_are_checked() {
+    assert_eq!(
+        error_of(
+            "[services.users.balance]
+ejection = { consecutive_failures = 0 }"
+        ),
+        "services.users.balance.ejection.consecutive_failures: must be in [1, 1000] when \
+         failures is 0, got 0"
+    );
+    assert_eq!(
+        error_of(
+            "[services.users.breaker]
+consecutive_failures = 0"
+        ),
+        "services.users.breaker.consecutive_failures: must be in [1, 1000000], got 0"
+    );
+}
+
+#[test]
 fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
     let unknown = error_at(
         "[services.users.breaker]\ncolour = \"red\"",

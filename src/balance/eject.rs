@@ -19,19 +19,25 @@ use tower::{BoxError, Service};
 
 /// When an endpoint is taken out of rotation, and for how long.
 ///
-/// Each endpoint gets its own circuit breaker: when `failure_rate` of its last `failures`
-/// calls failed (by default: 5 failures in a row) it is ejected for `base_ejection`, doubling
-/// with each ejection in a row up to `max_ejection`; after that, the next call to it is a
-/// probe, and its success re-admits the endpoint. Ejection never takes more than
+/// Each endpoint gets its own circuit breaker, with two rules: `consecutive_failures` in a row
+/// (by default 5), or a `failure_rate` of its last `failures` calls (off by default). Either
+/// ejects it for `base_ejection`, doubling with each ejection in a row up to
+/// `max_ejection`; after that, the next call to it is a probe, and its success re-admits the
+/// endpoint. Ejection never takes more than
 /// `max_ejection_percent` of the ready endpoints out (counted after the ejection it would
 /// cause), and when fewer than `panic_threshold` of them are healthy, the balancer uses all of
 /// them, calling the ejected ones past their breakers (a degraded service keeps serving).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EjectionConfig {
-    /// Calls looked at, in `[1, 1000]`. Default `5`.
+    /// Failures in a row that eject an endpoint, in `[0, 1000]`; `0` turns the rule off.
+    /// Default `5`.
+    pub consecutive_failures: u32,
+    /// Calls the failure-rate rule looks at (the endpoint's last ones), in `[0, 1000]`; `0`
+    /// turns the rule off. Default `0`.
     pub failures: u32,
-    /// Share of those that must have failed, in `(0, 1]`. Default `1.0` (all: in a row).
+    /// Share of the last `failures` calls that must have failed to eject the endpoint, in
+    /// `(0, 1]` (`1.0`: all of them). Default `1.0`.
     pub failure_rate: f64,
     /// First ejection time, in `[1s, 1h]`. Default `"30s"`.
     #[serde(with = "crate::duration")]
@@ -49,7 +55,8 @@ pub struct EjectionConfig {
 impl Default for EjectionConfig {
     fn default() -> Self {
         Self {
-            failures: 5,
+            consecutive_failures: 5,
+            failures: 0,
             failure_rate: 1.0,
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),
@@ -65,7 +72,19 @@ impl EjectionConfig {
     /// # Errors
     /// A [`ConfigError`] naming the first invalid field and its range.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        int_in_range("failures", self.failures, 1, 1_000)?;
+        int_in_range("failures", self.failures, 0, 1_000)?;
+        if self.failures == 0 {
+            // Without the rate rule, runs of failures are the only way to eject.
+            if !(1..=1_000).contains(&self.consecutive_failures) {
+                return Err(ConfigError::new(
+                    "consecutive_failures",
+                    "in [1, 1000] when failures is 0",
+                    self.consecutive_failures,
+                ));
+            }
+        } else {
+            int_in_range("consecutive_failures", self.consecutive_failures, 0, 1_000)?;
+        }
         crate::config::rate_in_unit_interval("failure_rate", self.failure_rate)?;
         duration_in_range(
             "base_ejection",
@@ -92,12 +111,18 @@ impl EjectionConfig {
 
     /// The breaker each endpoint gets.
     pub(crate) fn breaker(&self) -> BreakerConfig {
+        // With the rate rule off, the window is the run itself: all of the last
+        // `consecutive_failures` calls failed.
+        let (window, failure_rate) = match self.failures {
+            0 => (self.consecutive_failures, 1.0),
+            calls => (calls, self.failure_rate),
+        };
         BreakerConfig {
-            failure_rate: self.failure_rate,
-            window: WindowConfig::Count {
-                size: self.failures,
-            },
-            minimum_calls: self.failures,
+            failure_rate,
+            window: WindowConfig::Count { size: window },
+            minimum_calls: window,
+            consecutive_failures: (self.consecutive_failures > 0)
+                .then_some(self.consecutive_failures),
             open_for: self.base_ejection,
             open_for_max: self.max_ejection,
             open_backoff: 2.0,
@@ -395,5 +420,54 @@ mod tests {
             ..EjectionConfig::default()
         };
         assert_eq!(bad.validate().unwrap_err().field(), "max_ejection");
+        let neither = EjectionConfig {
+            consecutive_failures: 0,
+            ..EjectionConfig::default()
+        };
+        assert_eq!(
+            neither.validate().unwrap_err().to_string(),
+            "consecutive_failures must be in [1, 1000] when failures is 0, got 0"
+        );
+        let rate_alone = EjectionConfig {
+            consecutive_failures: 0,
+            failures: 20,
+            failure_rate: 0.5,
+            ..EjectionConfig::default()
+        };
+        rate_alone.validate().unwrap();
+        let too_long = EjectionConfig {
+            consecutive_failures: 1_001,
+            ..EjectionConfig::default()
+        };
+        assert_eq!(
+            too_long.validate().unwrap_err().field(),
+            "consecutive_failures"
+        );
+    }
+
+    #[test]
+    fn each_rule_becomes_the_endpoint_breakers_own() {
+        let runs = EjectionConfig::default().breaker();
+        assert_eq!(runs.consecutive_failures, Some(5));
+        assert_eq!(runs.window, WindowConfig::Count { size: 5 });
+        assert_eq!(runs.failure_rate, 1.0);
+        runs.validate().unwrap();
+        let both = EjectionConfig {
+            failures: 20,
+            failure_rate: 0.4,
+            ..EjectionConfig::default()
+        }
+        .breaker();
+        assert_eq!(both.consecutive_failures, Some(5));
+        assert_eq!(both.window, WindowConfig::Count { size: 20 });
+        assert_eq!((both.minimum_calls, both.failure_rate), (20, 0.4));
+        let rate_alone = EjectionConfig {
+            consecutive_failures: 0,
+            failures: 20,
+            failure_rate: 0.4,
+            ..EjectionConfig::default()
+        }
+        .breaker();
+        assert_eq!(rate_alone.consecutive_failures, None);
     }
 }

@@ -39,6 +39,11 @@ pub struct BreakerConfig {
     /// Calls the window must hold before rates are evaluated, at least 1 (and at most the
     /// window size for a count window). Default `20`.
     pub minimum_calls: u32,
+    /// Also opens after this many failures in a row, whatever the window's rates and
+    /// `minimum_calls` say (a success, slow or not, starts the count again), in
+    /// `[1, 1000000]`: the consecutive-failures rule of Polly's basic breaker and Envoy's
+    /// outlier detection, next to Resilience4j's rates. Default: unset.
+    pub consecutive_failures: Option<u32>,
     /// Calls that take at least this long count as slow. Default: unset (slow calls are not
     /// tracked, and successes cost no clock read).
     #[serde(with = "crate::duration::option")]
@@ -72,6 +77,7 @@ impl Default for BreakerConfig {
             failure_rate: 0.5,
             window: WindowConfig::default(),
             minimum_calls: 20,
+            consecutive_failures: None,
             slow_call_duration: None,
             slow_call_rate: 1.0,
             open_for: Duration::from_secs(10),
@@ -120,6 +126,7 @@ pub(crate) struct Settings {
     pub(crate) failure_rate: f64,
     pub(crate) window: WindowConfig,
     pub(crate) minimum_calls: u64,
+    pub(crate) consecutive_failures: Option<u64>,
     pub(crate) slow_call_duration: Option<Duration>,
     pub(crate) slow_call_rate: f64,
     pub(crate) open_for: Duration,
@@ -162,6 +169,9 @@ impl BreakerConfig {
             };
             return Err(ConfigError::new("minimum_calls", range, self.minimum_calls));
         }
+        if let Some(run) = self.consecutive_failures {
+            int_in_range("consecutive_failures", run, 1, 1_000_000)?;
+        }
         if let Some(slow) = self.slow_call_duration {
             duration_in_range(
                 "slow_call_duration",
@@ -191,6 +201,7 @@ impl BreakerConfig {
             failure_rate: self.failure_rate,
             window: self.window,
             minimum_calls: u64::from(self.minimum_calls),
+            consecutive_failures: self.consecutive_failures.map(u64::from),
             slow_call_duration: self.slow_call_duration,
             slow_call_rate: self.slow_call_rate,
             open_for: self.open_for,
@@ -289,6 +300,13 @@ mod tests {
         );
         assert_eq!(
             error_of(BreakerConfig {
+                consecutive_failures: Some(0),
+                ..d()
+            }),
+            "consecutive_failures must be in [1, 1000000], got 0"
+        );
+        assert_eq!(
+            error_of(BreakerConfig {
                 slow_call_duration: Some(Duration::ZERO),
                 ..d()
             }),
@@ -359,6 +377,7 @@ mod tests {
         assert_eq!(config.failure_rate, 0.5);
         assert_eq!(config.window, WindowConfig::Count { size: 100 });
         assert_eq!(config.minimum_calls, 20);
+        assert_eq!(config.consecutive_failures, None);
         assert_eq!(config.slow_call_duration, None);
         assert_eq!(config.slow_call_rate, 1.0);
         assert_eq!(config.open_for, Duration::from_secs(10));

@@ -26,6 +26,11 @@ pub(crate) struct Machine {
     window: Window,
     failures: u64,
     slow: u64,
+    /// Closed-state failures in a row (`consecutive_failures`), and the number of successes
+    /// counted when the last of them was recorded: a failure extends the run only if no
+    /// success was counted since, on any thread's cell.
+    run: u64,
+    successes_at_run: u64,
     /// Consecutive openings since the breaker last closed.
     pub(crate) openings: u32,
     pub(crate) open_until: Instant,
@@ -57,6 +62,8 @@ impl Machine {
             window: new_window(settings, Totals::default(), 0),
             failures: 0,
             slow: 0,
+            run: 0,
+            successes_at_run: 0,
             openings: 0,
             open_until: origin,
             probes: Probes::default(),
@@ -167,9 +174,11 @@ impl Shared {
         let totals = self.totals(&machine);
         machine.window.record(totals.calls, failed, slow);
         let counts = machine.window.counts(totals);
-        if self
-            .settings
-            .trips(counts.calls, counts.failures, counts.slow)
+        let run_trips = failed && self.extend_run(&mut machine, totals);
+        if run_trips
+            || self
+                .settings
+                .trips(counts.calls, counts.failures, counts.slow)
         {
             self.transition(&mut machine, BreakerState::Open, now);
             return;
@@ -182,6 +191,24 @@ impl Shared {
         }
         let fast = self.fast_allowed(&machine, counts);
         self.publish(&machine, fast);
+    }
+
+    /// Counts a closed-state failure into the run of failures in a row (only when
+    /// `consecutive_failures` is set) and says whether the run is long enough to open.
+    fn extend_run(&self, machine: &mut Machine, totals: Totals) -> bool {
+        let Some(limit) = self.settings.consecutive_failures else {
+            return false;
+        };
+        // Successes are counted on per-thread cells, failures under the lock: any success
+        // since the run's last failure shows as a larger difference.
+        let successes = totals.calls - totals.failures;
+        machine.run = if machine.run > 0 && successes == machine.successes_at_run {
+            machine.run + 1
+        } else {
+            1
+        };
+        machine.successes_at_run = successes;
+        machine.run >= limit
     }
 
     /// Records a finished probe; the last one decides between closing and re-opening.
@@ -299,6 +326,7 @@ impl Shared {
             }
             BreakerState::Closed => {
                 machine.openings = 0;
+                machine.run = 0;
                 let totals = self.totals(machine);
                 machine.window = new_window(&self.settings, totals, self.epoch(now));
                 machine.ticking = false;

@@ -702,3 +702,158 @@ async fn calls_to_an_endpoint_at_its_concurrency_limit_wait_their_turn() {
         started.elapsed()
     );
 }
+
+/// Answers every request `mock` receives with `name`, in a task of its own.
+fn answer_all(mut handle: tower_test::mock::Handle<u64, &'static str>, name: &'static str) {
+    tokio::spawn(async move {
+        while let Some((_, send)) = handle.next_request().await {
+            send.send_response(name);
+        }
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_stops_being_ready_is_passed_over() {
+    // tower-test mocks: `a` takes one call, then is never ready again; `b` takes them all.
+    let ((a, mut a_handle), (b, mut b_handle)) = (
+        tower_test::mock::pair::<u64, &'static str>(),
+        tower_test::mock::pair::<u64, &'static str>(),
+    );
+    a_handle.allow(1);
+    b_handle.allow(1_000);
+    answer_all(a_handle, "a");
+    answer_all(b_handle, "b");
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert("a", a)),
+        Ok(Change::Insert("b", b)),
+    ]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut counts = BTreeMap::new();
+    for n in 0..20 {
+        let call = balance.ready().await.unwrap().call(n);
+        let name = tokio::time::timeout(Duration::from_secs(5), call)
+            .await
+            .expect("a call waited for the endpoint that is no longer ready")
+            .unwrap();
+        *counts.entry(name).or_insert(0) += 1;
+    }
+    assert_eq!(counts, BTreeMap::from([("a", 1), ("b", 19)]));
+}
+
+/// An endpoint answering `name`, ready only while `open` is set (a waiting `poll_ready` is
+/// woken when it opens); a call without readiness panics, as tower's services do.
+#[derive(Clone)]
+struct Gate {
+    name: &'static str,
+    open: Arc<AtomicBool>,
+    wakers: Arc<std::sync::Mutex<Vec<std::task::Waker>>>,
+    ready: bool,
+}
+
+impl Gate {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            open: Arc::new(AtomicBool::new(true)),
+            wakers: Arc::default(),
+            ready: false,
+        }
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.store(open, Ordering::SeqCst);
+        if open {
+            self.wakers.lock().unwrap().drain(..).for_each(|w| w.wake());
+        }
+    }
+}
+
+impl Service<u64> for Gate {
+    type Response = &'static str;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<&'static str, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        if self.open.load(Ordering::SeqCst) {
+            self.ready = true;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        self.wakers.lock().unwrap().push(cx.waker().clone());
+        std::task::Poll::Pending
+    }
+
+    fn call(&mut self, _: u64) -> Self::Future {
+        assert!(
+            std::mem::take(&mut self.ready),
+            "{} called unready",
+            self.name
+        );
+        std::future::ready(Ok(self.name))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_return_to_an_endpoint_once_it_is_ready_again() {
+    let (a, b, c) = (Gate::new("a"), Gate::new("b"), Gate::new("c"));
+    let discover = futures::stream::iter(
+        [&a, &b, &c].map(|gate| Ok::<_, Infallible>(Change::Insert(gate.name, gate.clone()))),
+    );
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    a.set_open(false);
+    let closed = tokio::time::timeout(Duration::from_secs(5), tally(&mut balance, 30))
+        .await
+        .expect("a call waited for the endpoint that is not ready");
+    assert_eq!(closed.get("a"), None, "{closed:?}");
+    assert_eq!(closed["b"] + closed["c"], 30);
+    a.set_open(true);
+    let open = tally(&mut balance, 30).await;
+    assert_eq!(open, BTreeMap::from([("a", 10), ("b", 10), ("c", 10)]));
+    // With none ready, a call waits for the one it picked rather than fail.
+    [&a, &b, &c].iter().for_each(|gate| gate.set_open(false));
+    let mut call = balance.ready().await.unwrap().call(0);
+    assert!(futures::poll!(&mut call).is_pending());
+    [&a, &b, &c].iter().for_each(|gate| gate.set_open(true));
+    assert!(["a", "b", "c"].contains(&call.await.unwrap()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_at_its_concurrency_limit_is_passed_over_for_one_with_room() {
+    // Two endpoints of one call at a time, where call 0 takes 100 ms and the others 10 ms.
+    // While one endpoint holds call 0, the calls round robin gives it go to the other,
+    // instead of queueing behind call 0.
+    let limited = |name: &'static str| {
+        tower::ServiceBuilder::new()
+            .concurrency_limit(1)
+            .service(tower::service_fn(move |n: u64| async move {
+                let latency = if n == 0 { 100 } else { 10 };
+                tokio::time::sleep(Duration::from_millis(latency)).await;
+                Ok::<_, Infallible>(name)
+            }))
+    };
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert("a", limited("a"))),
+        Ok(Change::Insert("b", limited("b"))),
+    ]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let first = tokio::spawn(balance.ready().await.unwrap().call(0));
+    let started = tokio::time::Instant::now();
+    let mut answers = Vec::new();
+    for n in 1..=4 {
+        answers.push(balance.ready().await.unwrap().call(n).await.unwrap());
+    }
+    assert_eq!(started.elapsed(), Duration::from_millis(40), "{answers:?}");
+    let busy = first.await.unwrap().unwrap();
+    assert!(
+        answers.iter().all(|&name| name != busy),
+        "{busy}: {answers:?}"
+    );
+}

@@ -264,9 +264,10 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     /// A call to `endpoint`, sent through `copy`, the calling handle's own copy of the
     /// endpoint's service (made here on first use), when that copy is ready at once: then
     /// nothing is copied per call, and the future is the endpoint's own. A copy that is not
-    /// ready goes on with the call, readied as the call is polled (keeping whatever place its
-    /// readiness holds), and the handle makes a new copy next time; a copy whose readiness
-    /// failed is dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
+    /// ready gives the request back (`Err`), unless the call may `wait`: then the copy goes on
+    /// with the call, readied as the call is polled (keeping whatever place its readiness
+    /// holds), and the handle makes a new copy next time. A copy whose readiness failed is
+    /// dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
     /// the breaker admits the call at once. Behind an open one, in `panic` mode (the
     /// balancer is using every endpoint, ejected or not), the call goes to the endpoint past
     /// its breaker, which records nothing while open. Otherwise (half-open: a probe; open
@@ -282,29 +283,36 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
         classifier: &EjectionClassifier,
         panic: bool,
         request: Req,
-    ) -> Self {
+        wait: bool,
+    ) -> Result<Self, Req> {
         let (service, admitted) = match &endpoint.0 {
             Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
                 None if panic && breaker.is_open() => (breaker.get_ref(), None),
-                None => return Self::through_breaker(breaker, classifier, request),
+                None => return Ok(Self::through_breaker(breaker, classifier, request)),
             },
         };
         let own = copy.get_or_insert_with(|| service.clone());
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match own.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
+            Poll::Pending if !wait => return Err(request),
             Poll::Pending => {
                 // The copy goes on with this call, keeping whatever place its readiness holds
                 // (a queued permit, say); the next call makes a new copy.
                 let pending = copy.take().expect("made above");
-                return Self::through_copy(pending, admitted, classifier, request);
+                return Ok(Self::through_copy(pending, admitted, classifier, request));
             }
             Poll::Ready(Err(_)) => {
                 // A failed copy is dropped: a fresh one reports the error (or has recovered).
                 *copy = None;
-                return Self::through_copy(service.clone(), admitted, classifier, request);
+                return Ok(Self::through_copy(
+                    service.clone(),
+                    admitted,
+                    classifier,
+                    request,
+                ));
             }
         }
         let call = own.call(request);
@@ -314,7 +322,7 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
             },
             None => CallInner::Direct { call },
         };
-        Self { inner }
+        Ok(Self { inner })
     }
 
     /// The handle's copy was not ready: the call goes through `service`, readied as the call

@@ -112,8 +112,11 @@ impl<S, T> Drop for Shared<S, T> {
 /// arrive, and publishes the ready ones as an immutable snapshot. Handles pick from their
 /// copy of the snapshot with no lock; each handle calls its own copy of the chosen endpoint's
 /// service, made on first use (so endpoint services must be `Clone`, as hyper, reqwest and
-/// tonic clients are). A copy that is not ready at once goes on with the call, readied as the
-/// call is polled, and the handle makes a new copy next time. The task stops when the last
+/// tonic clients are). Calls go only to copies that are ready, as with tower's balancers:
+/// when the picked endpoint's copy is not ready at once (a concurrency limit reached, a
+/// channel reconnecting), the handle picks again, twice, then takes the first of the next
+/// eight endpoints whose copy is ready. Only when none is does the call wait for the picked copy, readied as the
+/// call is polled (the handle makes a new copy next time). The task stops when the last
 /// handle is dropped.
 ///
 /// When no endpoint is ready for `failfast_after`, `poll_ready` stops waiting and calls fail
@@ -169,6 +172,9 @@ impl<D> Endpoints for D where
         + 'static
 {
 }
+
+/// Endpoints after a picked one that is not ready that a call looks at for a ready one.
+const SCAN: usize = 8;
 
 impl<S, Req, P> Balance<S, Req, P>
 where
@@ -444,6 +450,72 @@ impl<S, Req, P: Picker<Req>> Balance<S, Req, P> {
     }
 }
 
+impl<S, Req, P> Balance<S, Req, P>
+where
+    P: Picker<Req>,
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    S::Response: 'static,
+{
+    /// The handle's copy of endpoint `pending` is not ready: the call goes to another
+    /// endpoint whose copy is, if there is one that a steered try does not avoid. Picks twice
+    /// more, as the picker spreads calls, then takes the first ready one of the [`SCAN`]
+    /// endpoints after `pending` (a bounded cost, whatever the endpoint count); else the
+    /// call waits for `pending`'s copy. Returns the endpoint's index and the call.
+    /// A copy passed over stays the handle's, polled again by the next call that picks it.
+    #[cold]
+    #[inline(never)]
+    fn call_elsewhere(
+        &mut self,
+        pending: usize,
+        mut request: Req,
+        steered: bool,
+        balancer: usize,
+    ) -> (usize, GuardedCall<S, Req>) {
+        let view = &self.view;
+        let prepared = view.prepared.as_ref().expect("checked by call");
+        let count = view.services.len();
+        let mut picks = [0; 2];
+        for pick in &mut picks {
+            *pick = self
+                .picker
+                .pick(&request, &self.loads, prepared, &mut self.state);
+        }
+        let candidates = picks
+            .into_iter()
+            .chain((1..count.min(1 + SCAN)).map(|step| (pending + step) % count));
+        for index in candidates {
+            let key = crate::tried::key(balancer, view.keys[index]);
+            if index == pending || (steered && crate::tried::avoids(key)) {
+                continue;
+            }
+            request = match GuardedCall::new(
+                &view.services[index],
+                &mut self.copies[index],
+                &self.classifier,
+                view.panic,
+                request,
+                false,
+            ) {
+                Ok(call) => return (index, call),
+                Err(request) => request,
+            };
+        }
+        let call = GuardedCall::new(
+            &view.services[pending],
+            &mut self.copies[pending],
+            &self.classifier,
+            view.panic,
+            request,
+            true,
+        );
+        match call {
+            Ok(call) => (pending, call),
+            Err(_) => unreachable!("a call that may wait is always made"),
+        }
+    }
+}
+
 impl<S, Req, P> Service<Req> for Balance<S, Req, P>
 where
     P: Picker<Req>,
@@ -518,17 +590,28 @@ where
                 &mut self.state,
             );
         }
-        let tried = crate::tried::key(balancer, view.keys[index]);
-        if steered {
-            crate::tried::report_sent(tried);
-        }
-        let call = GuardedCall::new(
+        let mut tried = crate::tried::key(balancer, view.keys[index]);
+        let call = match GuardedCall::new(
             &view.services[index],
             &mut self.copies[index],
             &self.classifier,
             view.panic,
             request,
-        );
+            false,
+        ) {
+            Ok(call) => call,
+            // Tower's balancers dispatch only to ready services: so does this one, when
+            // another endpoint's copy is ready.
+            Err(request) => {
+                let (ready, call) = self.call_elsewhere(index, request, steered, balancer);
+                index = ready;
+                tried = crate::tried::key(balancer, self.view.keys[index]);
+                call
+            }
+        };
+        if steered {
+            crate::tried::report_sent(tried);
+        }
         if self.picker.tracks_load() || self.picker.tracks_latency() {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());

@@ -278,3 +278,52 @@ async fn runs_of_failures_alone_never_eject_an_endpoint_that_alternates() {
         "{counts:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_during_a_probe_go_to_other_endpoints_instead_of_failing() {
+    // `bad` is ejected, then healthy but slow (50 ms) when its ejection ends: the first call
+    // that picks it is its one probe; the others that pick it while the probe runs go to
+    // `good`, rather than fail with `EndpointEjected`.
+    let failing = Arc::new(AtomicBool::new(true));
+    let slow = |name: &'static str, failing: Arc<AtomicBool>| {
+        let service = tower::service_fn(move |_: u64| {
+            let failing = failing.load(Ordering::SeqCst);
+            async move {
+                if failing {
+                    return Err(BoxError::from(format!("{name} failed")));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(name)
+            }
+        });
+        Ok::<_, Infallible>(Change::Insert(
+            name,
+            tower::util::BoxCloneSyncService::new(service),
+        ))
+    };
+    let (tx, rx) = mpsc::unbounded();
+    tx.unbounded_send(endpoint("good", Arc::new(AtomicBool::new(false))))
+        .unwrap();
+    tx.unbounded_send(slow("bad", failing.clone())).unwrap();
+    let mut balance = Balance::builder(rx, RoundRobin)
+        .ejection(ejection(0.5, 0.0))
+        .unwrap()
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let ejecting = tally(&mut balance, 10).await;
+    assert_eq!(ejecting.get("bad failed"), Some(&3), "{ejecting:?}");
+
+    failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let mut calls = Vec::new();
+    for n in 0..6 {
+        calls.push(balance.ready().await.unwrap().call(n));
+    }
+    let mut answers = BTreeMap::new();
+    for answer in futures::future::join_all(calls).await {
+        let answer = answer.unwrap_or_else(|error| panic!("a call failed: {error}"));
+        *answers.entry(answer).or_insert(0) += 1;
+    }
+    assert_eq!(answers, BTreeMap::from([("bad", 1), ("good", 5)]));
+}

@@ -260,7 +260,12 @@ pin_project! {
     }
 }
 
-impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
+impl<S, Req> GuardedCall<S, Req>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    S::Response: 'static,
+{
     /// A call to `endpoint`, sent through `copy`, the calling handle's own copy of the
     /// endpoint's service (made here on first use), when that copy is ready at once: then
     /// nothing is copied per call, and the future is the endpoint's own. A copy that is not
@@ -290,7 +295,7 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
                 None if panic && breaker.is_open() => (breaker.get_ref(), None),
-                None => return Ok(Self::through_breaker(breaker, classifier, request)),
+                None => return Self::through_breaker(breaker, classifier, request, wait),
             },
         };
         let own = copy.get_or_insert_with(|| service.clone());
@@ -348,20 +353,38 @@ impl<S: Service<Req> + Clone, Req> GuardedCall<S, Req> {
     }
 
     /// The ejection breaker is not closed: a copy of it (judging with the handle's
-    /// classifier) decides as the call is polled.
+    /// classifier) decides. Asked at once: a probe slot it grants takes the call now; a
+    /// refusal (open, or every probe slot taken), or an endpoint not ready, gives the request
+    /// back, unless the call may `wait`. A call that waits is decided as it is polled (and
+    /// fails with [`EndpointEjected`] if refused).
     #[cold]
     #[inline(never)]
     fn through_breaker(
         breaker: &CircuitBreaker<S, EjectionClassifier>,
         classifier: &EjectionClassifier,
         request: Req,
-    ) -> Self {
-        Self {
-            inner: CallInner::Breaker {
-                service: Box::new((breaker.clone_with(classifier.clone()), Some(request))),
-                future: None,
-            },
+        wait: bool,
+    ) -> Result<Self, Req> {
+        let mut service = breaker.clone_with(classifier.clone());
+        let mut future = None;
+        let mut request = Some(request);
+        if !wait {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match service.poll_ready(&mut cx) {
+                Poll::Ready(Ok(())) if !service.rejects_next_call() => {
+                    let request = request.take().expect("not sent yet");
+                    future = Some(Box::pin(service.call(request)));
+                }
+                // Dropping the copy gives back any probe slot it held.
+                _ => return Err(request.take().expect("not sent yet")),
+            }
         }
+        Ok(Self {
+            inner: CallInner::Breaker {
+                service: Box::new((service, request)),
+                future,
+            },
+        })
     }
 }
 

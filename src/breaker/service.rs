@@ -174,6 +174,13 @@ impl<S, C: Clone> CircuitBreaker<S, C> {
         (passes(word) && state_of(word) == BreakerState::Closed).then_some(word)
     }
 
+    /// Whether the next `call`, after a `poll_ready` that returned `Ready(Ok(()))`, fails fast
+    /// (the breaker rejected it) rather than reaching the inner service.
+    #[inline]
+    pub(crate) fn rejects_next_call(&self) -> bool {
+        self.admitted == HELD && self.rejection.is_some()
+    }
+
     /// Whether the breaker is open (not half-open, forced open or disabled).
     #[inline]
     pub(crate) fn is_open(&self) -> bool {

@@ -102,7 +102,8 @@ pub enum HealthCheck {
         successes_before_passing: u32,
     },
     /// `GET` a path on the instance's own `host:port` (the `http` feature): 2xx is passing,
-    /// 429 warning, anything else critical, as Consul does.
+    /// 429 warning, anything else critical, as Consul does. Plain HTTP/1 only: an instance
+    /// whose metadata says `scheme = "https"` is refused this check when built.
     Http {
         /// An absolute path such as `/health`, never a URL: only the instance itself is
         /// ever probed.
@@ -336,6 +337,17 @@ impl Instance {
                     format!("{scheme:?}"),
                 ));
             }
+            // The HTTP check speaks plain HTTP/1: against a TLS port it would fail every
+            // time, and the instance would never pass. Refused here rather than found out
+            // as an instance that never serves.
+            if scheme == "https" && matches!(self.check, HealthCheck::Http { .. }) {
+                return Err(ConfigError::new(
+                    "check",
+                    "a TCP check, a TTL check or none for an https instance (the HTTP check \
+                     does not speak TLS)",
+                    "an HTTP check",
+                ));
+            }
         }
         int_in_range("weight", self.weight, 1, 10_000)?;
         if let Some(after) = self.deregister_after {
@@ -410,7 +422,8 @@ impl InstanceBuilder {
         self
     }
 
-    /// Adds a metadata entry. The key `scheme` (`"http"` or `"https"`, checked when built)
+    /// Adds a metadata entry. The key `scheme` (`"http"` or `"https"`, checked when built;
+    /// an `https` instance cannot have the HTTP health check, which does not speak TLS)
     /// tells HTTP endpoints which scheme to send the instance's requests with.
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.instance.metadata.insert(key.into(), value.into());

@@ -404,6 +404,36 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_https_instance_cannot_have_the_plain_http_health_check() {
+        use crate::discovery::HealthCheck;
+        use std::time::Duration;
+        let https = |check| {
+            Instance::builder("users", "10.0.0.7", 8443)
+                .metadata("scheme", "https")
+                .check(check)
+                .build()
+        };
+        let (interval, timeout) = (Duration::from_secs(5), Duration::from_secs(1));
+        let error = https(HealthCheck::Http {
+            path: "/health".into(),
+            interval,
+            timeout,
+            failures_before_critical: 1,
+            successes_before_passing: 1,
+        })
+        .unwrap_err();
+        assert_eq!(error.field(), "check");
+        assert!(error.to_string().contains("does not speak TLS"), "{error}");
+        https(HealthCheck::Tcp {
+            interval,
+            timeout,
+            failures_before_critical: 1,
+            successes_before_passing: 1,
+        })
+        .unwrap();
+    }
+
     #[cfg(feature = "reqwest")]
     #[test]
     fn reqwest_requests_take_the_instances_scheme() {

@@ -97,6 +97,40 @@ consecutive_failures = 0"
 }
 
 #[test]
+fn a_service_turns_off_the_ejection_its_defaults_set_with_none() {
+    let config = MeshConfig::from_toml(
+        r#"
+[defaults.balance]
+ejection = { consecutive_failures = 3 }
+
+[services.users.balance]
+ejection = "none"
+"#,
+    )
+    .unwrap();
+    assert_eq!(config.service("users").balance.ejection, None);
+    assert!(config.service("orders").balance.ejection.is_some());
+    // Written back as "none", so that reading it again keeps it off.
+    let text = toml::to_string(&config).unwrap();
+    assert_eq!(MeshConfig::from_toml(&text).unwrap(), config);
+    let json: MeshConfig = serde_json::from_str(
+        r#"{ "defaults": { "balance": { "ejection": { "consecutive_failures": 3 } } },
+             "services": { "users": { "balance": { "ejection": null } } } }"#,
+    )
+    .unwrap();
+    assert_eq!(json.service("users").balance.ejection, None);
+    assert_eq!(
+        error_of("[services.users.balance]\nejection = \"off\""),
+        "services.users.balance.ejection: invalid value: string \"off\", expected a table of \
+         ejection settings, or \"none\""
+    );
+    error_at(
+        "[services.users.balance]\nejection = { colour = 1 }",
+        "services.users.balance.ejection.colour",
+    );
+}
+
+#[test]
 fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
     let unknown = error_at(
         "[services.users.breaker]\ncolour = \"red\"",

@@ -31,7 +31,10 @@ pub struct BalanceConfig {
     /// [`NoEndpoints`](super::NoEndpoints), in `[0s, 1h]`. Default `"3s"`.
     #[serde(with = "crate::duration")]
     pub failfast_after: Duration,
-    /// Outlier ejection and panic mode; `null` (the default) turns them off.
+    /// Outlier ejection and panic mode; `"none"` (or `null` in formats that have it), the
+    /// default, turns them off: in TOML, `ejection = "none"` turns off an ejection that a
+    /// `defaults` section set.
+    #[serde(with = "ejection_option")]
     pub ejection: Option<super::EjectionConfig>,
     /// The caller's zone: endpoints in it get every request while at least
     /// `min_local_endpoints` of them are usable (zone-aware routing). Default `null`: no
@@ -40,6 +43,64 @@ pub struct BalanceConfig {
     /// Usable endpoints needed in the caller's zone to keep traffic there, in `[1, 1000]`.
     /// Default `1`.
     pub min_local_endpoints: u32,
+}
+
+/// `Option<EjectionConfig>` as a table, or `"none"` (also `null`) for `None`: TOML has no
+/// `null`, and a key left out would take the default (or a `defaults` section's table).
+mod ejection_option {
+    use super::super::EjectionConfig;
+    use serde::de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Visitor};
+    use serde::{Deserialize, Serialize, Serializer};
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<EjectionConfig>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(config) => config.serialize(serializer),
+            None => serializer.serialize_str("none"),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<EjectionConfig>, D::Error> {
+        deserializer.deserialize_any(MaybeEjection)
+    }
+
+    struct MaybeEjection;
+
+    impl<'de> Visitor<'de> for MaybeEjection {
+        type Value = Option<EjectionConfig>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table of ejection settings, or \"none\"")
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, inner: D) -> Result<Self::Value, D::Error> {
+            inner.deserialize_any(self)
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            match text.trim() {
+                "none" => Ok(None),
+                _ => Err(E::invalid_value(de::Unexpected::Str(text), &self)),
+            }
+        }
+
+        fn visit_map<M: MapAccess<'de>>(self, map: M) -> Result<Self::Value, M::Error> {
+            EjectionConfig::deserialize(MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
 }
 
 impl Default for BalanceConfig {

@@ -911,6 +911,25 @@ async fn a_probe_reserved_too_long_is_not_sent_once_the_breaker_reopened() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_probe_gets_its_whole_half_open_timeout_from_when_it_is_sent() {
+    let (handle, mut service) = half_open(BreakerConfig {
+        half_open_calls: 1,
+        half_open_timeout: Duration::from_secs(1),
+        ..count_window(10, 5)
+    })
+    .await;
+    service.ready().await.unwrap(); // reserves the only probe slot,
+    sleep(Duration::from_millis(800)).await; // sends it 0.8 s later,
+    let probe = service.call(Call::Slow(Duration::from_millis(500))); // and it takes 0.5 s:
+    probe.await.unwrap();
+    assert_eq!(
+        handle.state(),
+        BreakerState::Closed,
+        "the probe answered 0.5 s after it was sent, within its 1 s"
+    );
+}
+
 #[test]
 fn a_time_window_keeps_ticking_after_years_of_uptime() {
     finishes_within(Duration::from_secs(10), "the driver must not spin", || {

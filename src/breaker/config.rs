@@ -65,8 +65,9 @@ pub struct BreakerConfig {
     /// Probe calls admitted in the half-open state, all of which may run at once; the breaker
     /// decides after this many have finished. In `[1, 10000]`. Default `5`.
     pub half_open_calls: u32,
-    /// A probe still running after this long re-opens the breaker, in `[1ms, 1day]`.
-    /// Default `"10s"`.
+    /// A probe still running this long after it was sent re-opens the breaker, as does a
+    /// probe slot that `poll_ready` reserved and no call used for this long; in
+    /// `[1ms, 1day]`. Default `"10s"`.
     #[serde(with = "crate::duration")]
     pub half_open_timeout: Duration,
 }

@@ -246,6 +246,16 @@ impl Shared {
         }
     }
 
+    /// A probe slot reserved by `poll_ready` is being used by its call: the probe's
+    /// `half_open_timeout` counts from now, not from the reservation (which, left unused
+    /// past the timeout, re-opens the breaker).
+    pub(crate) fn probe_sent(&self, generation: u64, id: u64) {
+        let mut machine = self.lock();
+        if machine.generation == generation && machine.state == BreakerState::HalfOpen {
+            machine.probes.restart(id, Instant::now());
+        }
+    }
+
     /// Gives back the slot of a probe that was cancelled or never sent.
     pub(crate) fn release_probe(&self, generation: u64, id: u64) {
         let mut machine = self.lock();

@@ -34,6 +34,13 @@ impl Probes {
         self.in_flight.len() != before
     }
 
+    /// The probe `id`, reserved earlier, is being sent: its time counts from `now`.
+    pub(crate) fn restart(&mut self, id: u64, now: Instant) {
+        if let Some((_, started)) = self.in_flight.iter_mut().find(|(probe, _)| *probe == id) {
+            *started = now;
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight.len()
     }

@@ -259,6 +259,7 @@ impl<S, C> CircuitBreaker<S, C> {
     fn take_admission(&mut self, admitted: u64) -> Admission {
         if let Some(permit) = self.probe.take() {
             if permit.generation() == generation_of(self.shared.mode()) {
+                self.shared.probe_sent(permit.generation(), permit.id());
                 return Admission::Probe(permit);
             }
             // The half-open period it was reserved in is over: decide afresh.

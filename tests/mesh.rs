@@ -168,6 +168,12 @@ fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
         MeshConfig::from_toml("[services.users"),
         Err(MeshConfigError::Syntax(_))
     ));
+    let syntax = error_of("[services.users]\ntimeout = \"2s\"\nretry = { max_attempts 3 }\n");
+    assert!(
+        syntax.starts_with("invalid TOML: line 3, column "),
+        "says where: {syntax}"
+    );
+    assert!(!syntax.contains('\n'), "one line: {syntax}");
     assert_eq!(
         error_of("[services.users.http]\nbody_limit = 100000000"),
         "services.users.http.body_limit: must be in [0, 67108864], got 100000000"
@@ -333,10 +339,29 @@ fn a_config_file_is_read_from_disk() {
     let config = MeshConfig::load(&path).unwrap();
     std::fs::remove_file(&path).unwrap();
     assert_eq!(config.service("users").retry.max_attempts, 7);
-    assert!(matches!(
-        MeshConfig::load("/nonexistent/meshkit.toml"),
-        Err(MeshConfigError::Syntax(_))
-    ));
+    let missing = MeshConfig::load("/nonexistent/meshkit.toml").unwrap_err();
+    assert!(matches!(missing, MeshConfigError::Io(_)), "{missing:?}");
+    assert!(
+        missing
+            .to_string()
+            .starts_with("cannot read the config file /nonexistent/meshkit.toml: "),
+        "{missing}"
+    );
+}
+
+#[test]
+fn one_word_environment_variables_are_not_config_keys() {
+    let env = [
+        ("MESHKIT_CONFIG", "/etc/meshkit.toml"),
+        ("MESHKIT_LOG", "debug"),
+        ("MESHKIT_SHUTDOWN_TIMEOUT", "3s"),
+    ];
+    let config = MeshConfig::from_toml_with_env("", env).unwrap();
+    assert_eq!(config.shutdown_timeout, Duration::from_secs(3));
+    // A path with a typo is still an error.
+    let error = MeshConfig::from_toml_with_env("", [("MESHKIT_SERVICE__USERS__TIMEOUT", "2s")])
+        .unwrap_err();
+    assert!(error.to_string().contains("service"), "{error}");
 }
 
 /// A mesh whose "users" service has one instance answering with `endpoint`.
@@ -645,6 +670,11 @@ async fn shutdown_deregisters_and_refuses_new_calls() {
     assert!(mesh.registry().snapshot("users").instances().is_empty());
     let error = client.call(1).await.unwrap_err();
     assert!(error.downcast_ref::<MeshClosed>().is_some(), "{error}");
+    // At once, from readiness too: not after the balancer's wait for an instance.
+    let started = tokio::time::Instant::now();
+    let error = client.clone().oneshot(2).await.unwrap_err();
+    assert!(error.downcast_ref::<MeshClosed>().is_some(), "{error}");
+    assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
 #[tokio::test(start_paused = true)]

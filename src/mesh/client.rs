@@ -64,7 +64,8 @@ struct Shared<Req, Res> {
 /// afresh (closed) under the new thresholds; an unchanged one keeps its state and counts.
 /// The retry budget is kept unless its own terms changed. A reload that changes only other
 /// services' settings changes nothing here. After
-/// [`Mesh::shutdown`](super::Mesh::shutdown) calls fail with [`MeshClosed`].
+/// [`Mesh::shutdown`](super::Mesh::shutdown), `poll_ready` and calls fail at once with
+/// [`MeshClosed`].
 pub struct MeshClient<Req, Res> {
     shared: Arc<Shared<Req, Res>>,
     /// This clone's own hold on the mesh's lifecycle, cloned by each call.
@@ -176,9 +177,13 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // One atomic load when nothing changed.
+        // One atomic load each when nothing changed.
         if self.config.has_changed().unwrap_or(false) {
             self.reload();
+        }
+        if self.lifecycle.is_closed() {
+            // At once: the balancer, its instances deregistered, would wait for one.
+            return Poll::Ready(Err(MeshClosed.into()));
         }
         self.stack.poll_ready(cx)
     }

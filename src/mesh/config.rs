@@ -206,7 +206,8 @@ impl MeshConfig {
     /// `services.users.retry.max_attempts`; names are lowercased, and a service of the file
     /// whose name has `-` or `.` is named with `_`: `USER_API` for `user-api`). A value is
     /// read as TOML when it is one (`5`, `true`, `0.5`, `["a"]`) and as a string otherwise
-    /// (`2s`). Other variables are ignored.
+    /// (`2s`). Other variables are ignored, as are `MESHKIT_` names of one word (no `__`)
+    /// other than `MESHKIT_SHUTDOWN_TIMEOUT`, such as a `MESHKIT_CONFIG` naming the file.
     ///
     /// ```
     /// use meshkit::MeshConfig;
@@ -227,11 +228,17 @@ impl MeshConfig {
         V: AsRef<str>,
     {
         let mut root: toml::Table =
-            toml::from_str(text).map_err(|e| MeshConfigError::Syntax(e.message().to_string()))?;
+            toml::from_str(text).map_err(|e| MeshConfigError::Syntax(located(text, &e)))?;
         for (name, value) in env {
-            if let Some(path) = name.as_ref().strip_prefix("MESHKIT_") {
-                set_path(&mut root, path, value.as_ref())?;
+            let Some(path) = name.as_ref().strip_prefix("MESHKIT_") else {
+                continue;
+            };
+            // One word with no `__` is a path only for a top-level value; others (such as a
+            // `MESHKIT_CONFIG` naming the file) are not this config's business.
+            if !path.contains("__") && !path.eq_ignore_ascii_case("shutdown_timeout") {
+                continue;
             }
+            set_path(&mut root, path, value.as_ref())?;
         }
         let root =
             serde_json::to_value(root).map_err(|e| MeshConfigError::Syntax(e.to_string()))?;
@@ -264,8 +271,40 @@ impl MeshConfig {
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self, MeshConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| MeshConfigError::Syntax(format!("{}: {e}", path.display())))?;
-        Self::from_toml_with_env(&text, std::env::vars())
+            .map_err(|e| MeshConfigError::Io(format!("{}: {e}", path.display())))?;
+        // `std::env::vars` panics on a variable that is not UTF-8: such variables are read
+        // here only to refuse one of ours.
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().filter(|name| name.starts_with("MESHKIT_")) else {
+                continue;
+            };
+            let Some(value) = value.to_str() else {
+                return Err(MeshConfigError::Parse {
+                    path: name.to_string(),
+                    message: "the variable's value is not UTF-8".into(),
+                });
+            };
+            env.push((name.to_string(), value.to_string()));
+        }
+        Self::from_toml_with_env(&text, env)
+    }
+}
+
+/// A TOML syntax error as `line L, column C: what` (toml's own rendering spans several
+/// lines, with a copy of the offending line).
+fn located(text: &str, error: &toml::de::Error) -> String {
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            format!(
+                "line {line}, column {column}: {}",
+                error.message().trim_end()
+            )
+        }
+        None => error.message().trim_end().to_string(),
     }
 }
 
@@ -273,8 +312,10 @@ impl MeshConfig {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum MeshConfigError {
-    /// Not TOML (or the file could not be read).
+    /// Not TOML: where, and what is wrong (`line 3, column 9: expected ...`).
     Syntax(String),
+    /// The file could not be read: its path and why.
+    Io(String),
     /// A key that does not exist, or a value of the wrong type: its path and what is wrong
     /// (`services.users.retry.max_attemps: unknown field ...`).
     Parse {
@@ -291,7 +332,7 @@ impl MeshConfigError {
     /// The dotted path of the offending key, when there is one.
     pub fn path(&self) -> Option<&str> {
         match self {
-            Self::Syntax(_) => None,
+            Self::Syntax(_) | Self::Io(_) => None,
             Self::Parse { path, .. } => Some(path),
             Self::Invalid(e) => Some(e.field()),
         }
@@ -308,6 +349,7 @@ impl fmt::Display for MeshConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Syntax(message) => write!(f, "invalid TOML: {message}"),
+            Self::Io(message) => write!(f, "cannot read the config file {message}"),
             Self::Parse { path, message } => write!(f, "{path}: {message}"),
             Self::Invalid(e) => write!(
                 f,

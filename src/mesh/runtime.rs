@@ -404,6 +404,12 @@ impl LifecycleHold {
         Some(InFlight(self.clone()))
     }
 
+    /// Whether the mesh was shut down.
+    #[inline]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lifecycle().closed.load(Ordering::Relaxed)
+    }
+
     fn lifecycle(&self) -> &Lifecycle {
         &self.0
     }

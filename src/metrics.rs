@@ -25,14 +25,15 @@
 //! | `meshkit_instances_removed_total` | counter | `service`, `reason` | Instances deregistered, replaced or expired |
 //! | `meshkit_instance_health_changes_total` | counter | `service`, `to` (`passing`, `warning`, `critical`, `unknown`) | Health transitions of instances |
 //!
-//! Breaker, ejection, registry and retry-exhaustion metrics come from the system event bus:
-//! the [`Mesh`](crate::Mesh) starts the task that turns its events into metrics (or call
-//! [`record_system_events`] yourself without a mesh).
+//! Breaker, ejection, registry and retry-exhaustion metrics are recorded where their system
+//! events are published (see [`crate::events::system`]), on the publishing thread, whether
+//! or not anyone subscribes to the bus: with or without a [`Mesh`](crate::Mesh), and with a
+//! thread-local recorder (`metrics::set_default_local_recorder`) as well as a global one. A
+//! breaker's `meshkit_breaker_state` is set to 0 when the breaker is named (as the mesh names
+//! each service's breaker), so a closed breaker has its series before its first transition.
 
 use crate::breaker::BreakerState;
-use crate::events::system::{self, SystemEvent};
-use crate::events::RecvError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::events::system::SystemEvent;
 
 /// Calls through a `MeshClient`, by outcome.
 pub const REQUESTS_TOTAL: &str = "meshkit_requests_total";
@@ -92,32 +93,15 @@ pub fn describe() {
     describe_counter!(INSTANCE_HEALTH_CHANGES_TOTAL, "Instance health transitions");
 }
 
-/// Starts (once per process) the task that turns system events into metrics. Without a tokio
-/// runtime it does nothing and returns `false`; the next call inside one starts it.
+/// Kept for code written against earlier versions: system events are now recorded as they
+/// are published, with no task to start. Returns `true`.
+#[deprecated(note = "system events are recorded as they are published; nothing to start")]
 pub fn record_system_events() -> bool {
-    static STARTED: AtomicBool = AtomicBool::new(false);
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return false;
-    };
-    if STARTED.swap(true, Ordering::SeqCst) {
-        return true;
-    }
-    let mut events = system::bus().subscribe();
-    runtime.spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(event) => record(&event.data),
-                Err(RecvError::Lagged(missed)) => {
-                    tracing::warn!(missed, "system events missed by the metrics recorder");
-                }
-                Err(RecvError::Closed) => return,
-            }
-        }
-    });
     true
 }
 
-fn record(event: &SystemEvent) {
+/// Records what a system event counts.
+pub(crate) fn record(event: &SystemEvent) {
     match event {
         SystemEvent::BreakerTransition { breaker, to, .. } => {
             metrics::counter!(BREAKER_TRANSITIONS_TOTAL, "breaker" => breaker.clone(), "to" => to.to_string())
@@ -163,6 +147,12 @@ fn state_value(state: BreakerState) -> f64 {
         BreakerState::ForcedOpen => 3.0,
         BreakerState::Disabled => 4.0,
     }
+}
+
+/// A new breaker's state gauge: closed.
+pub(crate) fn breaker_built(name: &str) {
+    metrics::gauge!(BREAKER_STATE, "breaker" => name.to_string())
+        .set(state_value(BreakerState::Closed));
 }
 
 /// Counts a scheduled retry (the retry layer's slow path: never on a first try).

@@ -125,6 +125,11 @@ pub fn bus() -> &'static EventBus<SystemEvent> {
 
 /// Publishes `event` from `component` (the aggregate id: a breaker's or a service's name).
 pub fn publish(component: &str, event: SystemEvent) {
+    // Metrics are recorded here, on the publishing thread and before the bus sees the event:
+    // a task turning events into metrics would record late, miss events when it lags, and
+    // die with the runtime it was spawned on.
+    #[cfg(feature = "metrics")]
+    crate::metrics::record(&event);
     // Nobody listening: skip making the event (a v7 id and a timestamp), which the bus would
     // drop at once.
     if BUS.has_subscribers() {

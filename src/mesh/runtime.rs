@@ -126,8 +126,6 @@ impl Mesh {
     /// # Errors
     /// The registry refused the instance.
     pub async fn register(&self, instance: Instance) -> Result<Registration, RegistryError> {
-        #[cfg(feature = "metrics")]
-        crate::metrics::record_system_events();
         let registration = self.inner.registry.register(instance).await?;
         self.inner
             .registered
@@ -333,8 +331,6 @@ impl Mesh {
                 budget,
             }))
         });
-        #[cfg(feature = "metrics")]
-        crate::metrics::record_system_events();
         let classify = Box::new(move |result: &Result<S::Response, BoxError>| {
             outcome_classifier.classify(result)
         });

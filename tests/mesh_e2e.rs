@@ -345,3 +345,39 @@ async fn a_gateway_whose_mesh_call_times_out_answers_504() {
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(response.text().await.unwrap(), "request timed out");
 }
+
+/// A gateway handler that returns the mesh's error as it comes (`?` into `MeshError`) answers
+/// what the error stands for: 504 for the whole-call timeout, 503 once the mesh is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_returning_mesh_errors_with_question_mark_answers_their_status() {
+    let hangs = axum::Router::new().route(
+        "/users/{id}",
+        axum::routing::get(std::future::pending::<()>),
+    );
+    let server = serve(hangs).await;
+    let mesh = mesh_with("[services.users]\ntimeout = \"200ms\"\n", &[server.port]).await;
+    let users = mesh.client("users", reqwest::Client::new()).unwrap();
+    let app = axum::Router::new().route(
+        "/profile",
+        axum::routing::get(move || {
+            let users = users.clone();
+            async move {
+                let response = users.oneshot(get("/users/1")).await?;
+                Ok::<_, meshkit::http::MeshError>(response.status().to_string())
+            }
+        }),
+    );
+    let port = gateway(app).await;
+    let profile = || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/profile"))
+            .await
+            .unwrap()
+    };
+    let timed_out = profile().await;
+    assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(timed_out.text().await.unwrap(), "request timed out");
+    mesh.shutdown().await;
+    let closed = profile().await;
+    assert_eq!(closed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(closed.text().await.unwrap(), "the mesh is shut down");
+}

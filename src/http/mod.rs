@@ -50,7 +50,8 @@
 //! `Retry-After`, a rate limit a `429`, a timeout a `504`). With the `axum` feature they
 //! implement `IntoResponse`, and [`ErrorResponseLayer`] lets protection layers (rate and
 //! concurrency limits, load shedding) stack onto an `axum::Router` with no
-//! `HandleErrorLayer`.
+//! `HandleErrorLayer`. A handler that calls a [`MeshClient`](crate::MeshClient) returns its
+//! errors as a [`MeshError`] (`?` converts a `BoxError`).
 
 mod body;
 mod classify;
@@ -65,5 +66,5 @@ pub use endpoint::{Endpoint, Routable};
 pub use replay::{is_idempotent, HttpReplay, ReplayableBody};
 pub use response::{error_status, retry_after_value};
 #[cfg(feature = "axum")]
-pub use response::{ErrorResponse, ErrorResponseLayer};
+pub use response::{ErrorResponse, ErrorResponseLayer, MeshError};
 pub use retry_after::{retry_after, retry_after_at};

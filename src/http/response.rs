@@ -3,6 +3,7 @@
 use crate::balance::NoEndpoints;
 use crate::breaker::CircuitOpen;
 use crate::limit::{Overloaded, RateLimited};
+use crate::mesh::MeshClosed;
 use crate::retry::TimedOut;
 use http::StatusCode;
 use std::error::Error;
@@ -18,6 +19,7 @@ use std::time::Duration;
 /// | [`Overloaded`] (concurrency limit, load shed) | 503 Service Unavailable | – |
 /// | [`RateLimited`] | 429 Too Many Requests | the time until a request is admitted |
 /// | [`TimedOut`], `tower::timeout::error::Elapsed` | 504 Gateway Timeout | – |
+/// | [`MeshClosed`] (the mesh is shutting down) | 503 Service Unavailable | – |
 ///
 /// ```
 /// use meshkit::http::error_status;
@@ -33,7 +35,7 @@ pub fn error_status(error: &(dyn Error + 'static)) -> Option<(StatusCode, Option
         if let Some(limited) = error.downcast_ref::<RateLimited>() {
             return Some((StatusCode::TOO_MANY_REQUESTS, Some(limited.retry_after())));
         }
-        if error.is::<NoEndpoints>() || error.is::<Overloaded>() {
+        if error.is::<NoEndpoints>() || error.is::<Overloaded>() || error.is::<MeshClosed>() {
             return Some((StatusCode::SERVICE_UNAVAILABLE, None));
         }
         if error.is::<TimedOut>() || error.is::<tower::timeout::error::Elapsed>() {
@@ -51,7 +53,7 @@ pub fn retry_after_value(delay: Duration) -> http::HeaderValue {
 }
 
 #[cfg(feature = "axum")]
-pub use with_axum::{ErrorResponse, ErrorResponseLayer};
+pub use with_axum::{ErrorResponse, ErrorResponseLayer, MeshError};
 
 #[cfg(feature = "axum")]
 mod with_axum {
@@ -94,7 +96,58 @@ mod with_axum {
         )*};
     }
 
-    into_response!(CircuitOpen, NoEndpoints, Overloaded, RateLimited, TimedOut);
+    into_response!(
+        CircuitOpen,
+        NoEndpoints,
+        Overloaded,
+        RateLimited,
+        TimedOut,
+        MeshClosed
+    );
+
+    /// Any error of a meshkit stack (a [`MeshClient`](crate::MeshClient)'s `BoxError`), as an
+    /// axum handler returns it: `?` converts, and the response is the one [`error_status`]
+    /// names (an open breaker a `503` with `Retry-After`, the whole-call timeout a `504`, ...),
+    /// or a `500` for an error meshkit did not raise, whose details are logged, not sent.
+    ///
+    /// ```
+    /// use meshkit::http::MeshError;
+    /// use tower::{Service, ServiceExt};
+    ///
+    /// async fn user(
+    ///     mut users: meshkit::MeshClient<http::Request<()>, http::Response<()>>,
+    /// ) -> Result<String, MeshError> {
+    ///     let request = http::Request::get("http://users/7").body(()).unwrap();
+    ///     let response = users.ready().await?.call(request).await?;
+    ///     Ok(response.status().to_string())
+    /// }
+    /// ```
+    #[derive(Debug)]
+    pub struct MeshError(pub BoxError);
+
+    impl From<BoxError> for MeshError {
+        fn from(error: BoxError) -> Self {
+            Self(error)
+        }
+    }
+
+    impl std::fmt::Display for MeshError {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            self.0.fmt(f)
+        }
+    }
+
+    impl Error for MeshError {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    impl IntoResponse for MeshError {
+        fn into_response(self) -> Response {
+            respond(&*self.0)
+        }
+    }
 
     /// Turns a service's errors into responses, so meshkit's protection layers stack onto an
     /// `axum::Router` with no `HandleErrorLayer`: rejections become the responses

@@ -372,3 +372,41 @@ async fn with_set_host_off_the_host_is_left_to_the_client() {
         [None, Some(format!("127.0.0.1:{port}"))]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_longer_than_the_calls_timeout_returns_the_response_at_once() {
+    // 503 with `Retry-After: 15` under the default 10 s timeout: waiting would end in a 504
+    // and lose the server's answer.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let port = serve(axum::Router::new().route(
+        "/users/{id}",
+        get({
+            let calls = calls.clone();
+            move || async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(axum::http::header::RETRY_AFTER, "15")],
+                )
+            }
+        }),
+    ))
+    .await;
+    let mesh = mesh_with(
+        "[services.users]
+timeout = \"10s\"",
+        &[port],
+    )
+    .await;
+    let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+    let started = tokio::time::Instant::now();
+    let response = users.ready().await.unwrap().call(get_user()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "15");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}

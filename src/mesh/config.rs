@@ -71,7 +71,8 @@ pub struct ServiceConfig {
     /// `http::error_status` and `ErrorResponseLayer` turn into a 504. `retry.deadline` bounds
     /// the retry layer alone: it stops sending tries and, where the error type can carry it,
     /// cuts the running try with `TimedOut`; with both set, the shorter one ends the call
-    /// first.
+    /// first. A server's `Retry-After` longer than this limit is not waited for: the response
+    /// that carries it is returned at once (as for one over `retry.max_retry_after`).
     #[serde(with = "crate::duration::option")]
     pub timeout: Option<Duration>,
     /// What HTTP clients may send again.

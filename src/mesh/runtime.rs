@@ -287,9 +287,14 @@ impl Mesh {
                     .classify(classifier.clone()),
             };
             let retry = match last.as_ref() {
-                Some(last) if last.retry_settings == settings.retry => last.retry.clone(),
+                Some(last)
+                    if last.retry_settings == settings.retry
+                        && last.timeout == settings.timeout =>
+                {
+                    last.retry.clone()
+                }
                 _ => {
-                    let retry = RetryLayer::new(settings.retry.clone())
+                    let retry = RetryLayer::new(within(&settings.retry, settings.timeout))
                         .map_err(|e| e.at("retry"))?
                         .name(name.clone())
                         .classify(classifier.clone())
@@ -343,6 +348,17 @@ impl Mesh {
         )
         .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}"))))
     }
+}
+
+/// The retry settings a client's retry layer runs with under the whole-call `timeout`: a
+/// server's `Retry-After` longer than the call may last is not waited for (the call would
+/// end in a timeout, the server's answer lost), but returned at once.
+fn within(retry: &RetryConfig, timeout: Option<Duration>) -> RetryConfig {
+    let mut retry = retry.clone();
+    if let Some(timeout) = timeout {
+        retry.max_retry_after = retry.max_retry_after.min(timeout);
+    }
+    retry
 }
 
 /// The layers of a client's last policies and the settings they were built from.

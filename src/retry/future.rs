@@ -455,7 +455,7 @@ fn schedule<T>(
                 service,
                 attempt = attempt + 1,
                 ?hint,
-                "server asked for a longer wait than max_retry_after; not retried"
+                "server asked for a longer wait than max_retry_after (or, in a mesh, the call's timeout); not retried"
             );
             return None;
         }

@@ -385,21 +385,25 @@ async fn mesh_with_failing_users(calls: Arc<AtomicUsize>) -> (Mesh, meshkit::Mes
         .await
         .unwrap();
     registration.forget();
-    let client = mesh
-        .client_with(
-            "users",
-            move |_: &Instance| {
-                let calls = calls.clone();
-                tower::service_fn(move |_: u32| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async { Err::<u32, BoxError>("refused".into()) }
-                })
-            },
-            DefaultClassifier,
-            CloneRequest,
-        )
-        .unwrap();
+    let client = refused_users(&mesh, calls);
     (mesh, client)
+}
+
+/// A client of "users" whose instances refuse every call, counted in `calls`.
+fn refused_users(mesh: &Mesh, calls: Arc<AtomicUsize>) -> meshkit::MeshClient<u32, u32> {
+    mesh.client_with(
+        "users",
+        move |_: &Instance| {
+            let calls = calls.clone();
+            tower::service_fn(move |_: u32| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err::<u32, BoxError>("refused".into()) }
+            })
+        },
+        DefaultClassifier,
+        CloneRequest,
+    )
+    .unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -451,6 +455,40 @@ async fn a_watch_channel_reloads_the_policies() {
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert!(client.ready().await.unwrap().call(1).await.is_err());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let with_attempts = |attempts| {
+        let mut config = mesh.config();
+        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
+        config
+    };
+    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
+    mesh.reload_from(receiver);
+    assert_eq!(
+        mesh.config().service("users").retry.max_attempts,
+        2,
+        "the channel's value applies at once"
+    );
+    let mut client = refused_users(&mesh, calls.clone());
+    let mut other = client.clone();
+    for attempts in [3, 1, 4] {
+        // No await in between: the send is seen by the client's own poll_ready.
+        updates.send(with_attempts(attempts)).unwrap();
+        calls.store(0, Ordering::SeqCst);
+        assert!(client.ready().await.unwrap().call(1).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), attempts as usize);
+        calls.store(0, Ordering::SeqCst);
+        assert!(other.ready().await.unwrap().call(1).await.is_err());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            attempts as usize,
+            "every clone"
+        );
+    }
 }
 
 /// A mesh with "users" on ports 1, 2 and 3, a random picker and one retry (unlimited budget,

@@ -34,6 +34,9 @@ pub(crate) struct Policy<Req, Res> {
     pub(crate) budget: RetryBudget,
 }
 
+/// Applies a configuration from the channel given to `Mesh::reload_from`.
+pub(crate) type Apply = Arc<dyn Fn(MeshConfig) + Send + Sync>;
+
 /// What every clone of one client shares.
 struct Shared<Req, Res> {
     service: String,
@@ -42,6 +45,8 @@ struct Shared<Req, Res> {
     current: Mutex<(u64, Arc<Policy<Req, Res>>)>,
     lifecycle: Arc<Lifecycle>,
     observer: Arc<Observer<Res>>,
+    /// Applies what this client's copy of the `reload_from` channel receives.
+    apply: Option<Apply>,
 }
 
 /// The client stack of one service, as the mesh's configuration describes it:
@@ -71,6 +76,9 @@ pub struct MeshClient<Req, Res> {
     /// This clone's own hold on the mesh's lifecycle, cloned by each call.
     lifecycle: LifecycleHold,
     config: watch::Receiver<Arc<(u64, MeshConfig)>>,
+    /// This clone's receiver of the `reload_from` channel, if one was given before the
+    /// client was built.
+    source: Option<watch::Receiver<MeshConfig>>,
     version: u64,
     policy: Arc<Policy<Req, Res>>,
     stack: Stack<Req, Res>,
@@ -85,12 +93,14 @@ where
         service: String,
         build: BuildPolicy<Req, Res>,
         mut config: watch::Receiver<Arc<(u64, MeshConfig)>>,
+        source: Option<(watch::Receiver<MeshConfig>, Apply)>,
         lifecycle: Arc<Lifecycle>,
         classify: ClassifyResult<Res>,
     ) -> Result<Self, ConfigError> {
         let current = config.borrow_and_update().clone();
         let policy = Arc::new(build(&current.1)?.expect("the first build makes a policy"));
         let stack = (policy.stack)();
+        let (source, apply) = source.unzip();
         Ok(Self {
             lifecycle: lifecycle.hold(),
             shared: Arc::new(Shared {
@@ -99,8 +109,10 @@ where
                 lifecycle,
                 observer: Observer::new(&service, classify),
                 service,
+                apply,
             }),
             config,
+            source,
             version: current.0,
             policy,
             stack,
@@ -122,6 +134,18 @@ where
     /// (withdrawals) and refusals.
     pub fn retry_budget(&self) -> &RetryBudget {
         &self.policy.budget
+    }
+
+    /// Hands the configuration the `reload_from` channel holds to the mesh, which reloads it
+    /// unless another clone (or the mesh's own task) already did.
+    #[cold]
+    #[inline(never)]
+    fn apply_source(&mut self) {
+        let (Some(source), Some(apply)) = (&mut self.source, &self.shared.apply) else {
+            return;
+        };
+        let config = source.borrow_and_update().clone();
+        apply(config);
     }
 
     /// Switches to the newest policies: built once per version, shared by every clone.
@@ -159,6 +183,7 @@ impl<Req, Res> Clone for MeshClient<Req, Res> {
             shared: self.shared.clone(),
             lifecycle: self.shared.lifecycle.hold(),
             config: self.config.clone(),
+            source: self.source.clone(),
             version: self.version,
             policy: self.policy.clone(),
             stack: self.stack.clone(),
@@ -178,6 +203,11 @@ where
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // One atomic load each when nothing changed.
+        if let Some(source) = &mut self.source {
+            if source.has_changed().unwrap_or(false) {
+                self.apply_source();
+            }
+        }
         if self.config.has_changed().unwrap_or(false) {
             self.reload();
         }

@@ -52,6 +52,9 @@ pub struct Mesh {
 struct Inner {
     registry: MemoryRegistry,
     config: watch::Sender<Arc<(u64, MeshConfig)>>,
+    /// The channel given to [`Mesh::reload_from`], which clients built since check on their
+    /// own `poll_ready`.
+    source: Mutex<Option<watch::Receiver<MeshConfig>>>,
     registered: Mutex<Vec<InstanceId>>,
     lifecycle: Arc<Lifecycle>,
 }
@@ -88,6 +91,7 @@ impl MeshBuilder {
             inner: Arc::new(Inner {
                 registry: self.registry.unwrap_or_default(),
                 config,
+                source: Mutex::new(None),
                 registered: Mutex::new(Vec::new()),
                 lifecycle: Arc::new(Lifecycle::default()),
             }),
@@ -175,22 +179,38 @@ impl Mesh {
         Ok(())
     }
 
-    /// Applies every configuration `updates` receives (after checking it; an invalid one is
-    /// reported as a `warn` event and skipped) until the sender is dropped.
+    /// Applies the configuration `updates` holds now, then every one it receives until the
+    /// sender is dropped, each after checking it (an invalid one is reported as a `warn`
+    /// event and skipped; a configuration equal to the current one changes nothing).
+    ///
+    /// Clients built after this call check the channel themselves in `poll_ready`: once
+    /// `send` has returned, their next call runs under the new policies. Clients built
+    /// before get them from a task this call spawns, at its next turn.
     ///
     /// # Panics
     /// Outside a tokio runtime.
     pub fn reload_from(&self, mut updates: watch::Receiver<MeshConfig>) {
+        let current = updates.borrow_and_update().clone();
+        self.reload_if_new(current);
+        *self.inner.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(updates.clone());
         let mesh = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             while updates.changed().await.is_ok() {
                 let Some(inner) = mesh.upgrade() else { return };
                 let config = updates.borrow_and_update().clone();
-                if let Err(error) = (Mesh { inner }).reload(config) {
-                    tracing::warn!(%error, "reloaded configuration refused");
-                }
+                Mesh { inner }.reload_if_new(config);
             }
         });
+    }
+
+    /// Reloads `config` unless it is the current one; an invalid one is logged and skipped.
+    fn reload_if_new(&self, config: MeshConfig) {
+        if self.inner.config.borrow().1 == config {
+            return;
+        }
+        if let Err(error) = self.reload(config) {
+            tracing::warn!(%error, "reloaded configuration refused");
+        }
     }
 
     /// Stops the mesh: deregisters every instance registered through it, refuses new calls
@@ -339,10 +359,26 @@ impl Mesh {
         let classify = Box::new(move |result: &Result<S::Response, BoxError>| {
             outcome_classifier.classify(result)
         });
+        let source = self
+            .inner
+            .source
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .map(|updates| {
+                let mesh = Arc::downgrade(&self.inner);
+                let apply: super::client::Apply = Arc::new(move |config| {
+                    if let Some(inner) = mesh.upgrade() {
+                        Mesh { inner }.reload_if_new(config);
+                    }
+                });
+                (updates, apply)
+            });
         MeshClient::new(
             service.to_string(),
             build,
             self.inner.config.subscribe(),
+            source,
             self.inner.lifecycle.clone(),
             classify,
         )

@@ -78,7 +78,7 @@ fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_ret
             .iter()
             .filter(|s| s.starts_with("meshkit.request"))
             .collect::<Vec<_>>(),
-        ["meshkit.request service=users breaker=Closed"]
+        ["meshkit.request service=users attempt=1 breaker=Closed"]
     );
     assert_eq!(
         spans

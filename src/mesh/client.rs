@@ -52,8 +52,9 @@ struct Shared<Req, Res> {
 /// The client stack of one service, as the mesh's configuration describes it:
 /// discovery → balance (with ejection) → breaker → retry → timeout, from the endpoints up.
 ///
-/// Each call runs in a `meshkit.request` span (`service`, `breaker` state); each retry in a
-/// `meshkit.retry` span (`service`, `attempt`, from 2); HTTP endpoints open a
+/// Each call runs in a `meshkit.request` span (`service`, `attempt` 1: the first try runs in
+/// it, `breaker` state); each retry in a `meshkit.retry` span under it (`service`, `attempt`,
+/// from 2); HTTP endpoints open a
 /// `meshkit.endpoint` span (`service`, `instance`) per try, under the retry's span when
 /// there is one.
 ///
@@ -243,7 +244,7 @@ where
 #[inline(never)]
 fn request_span(service: &str, breaker: &BreakerHandle) -> tracing::Span {
     // Fields are evaluated only when a subscriber wants the span.
-    tracing::info_span!("meshkit.request", service = %service, breaker = ?breaker.state())
+    tracing::info_span!("meshkit.request", service = %service, attempt = 1u32, breaker = ?breaker.state())
 }
 
 impl<Req, Res> fmt::Debug for MeshClient<Req, Res> {

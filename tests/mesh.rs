@@ -736,3 +736,63 @@ async fn shutdown_waits_for_calls_in_flight() {
     );
     assert_eq!(in_flight.await.unwrap().unwrap(), 7);
 }
+
+#[tokio::test(start_paused = true)]
+async fn each_mesh_sees_only_its_own_system_events() {
+    use futures::FutureExt;
+    use meshkit::events::system::{self, SystemEvent};
+    let mut process = system::bus().subscribe();
+    let config = "[defaults]\nretry = { max_attempts = 1 }\n\
+                  breaker = { minimum_calls = 2, window = { kind = \"count\", size = 2 } }";
+    let (first, second) = (
+        Mesh::builder()
+            .config(MeshConfig::from_toml(config).unwrap())
+            .build()
+            .unwrap(),
+        Mesh::builder()
+            .config(MeshConfig::from_toml(config).unwrap())
+            .build()
+            .unwrap(),
+    );
+    let (mut first_events, mut second_events) =
+        (first.events().subscribe(), second.events().subscribe());
+    first
+        .register(Instance::builder("users", "127.0.0.1", 9).build().unwrap())
+        .await
+        .unwrap()
+        .forget();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut users = refused_users(&first, calls);
+    for _ in 0..2 {
+        let _ = users.ready().await.unwrap().call(1).await;
+    }
+    let kinds = |events: &mut meshkit::events::Subscription<SystemEvent>| {
+        let mut kinds = Vec::new();
+        while let Some(Ok(event)) = events.recv().now_or_never() {
+            kinds.push(event.event_type.to_string());
+        }
+        kinds
+    };
+    assert_eq!(
+        kinds(&mut first_events),
+        // The breaker opens on the second call's outcome, before the retry layer sees it.
+        [
+            "InstanceRegistered",
+            "RetriesExhausted",
+            "BreakerTransition",
+            "RetriesExhausted"
+        ]
+    );
+    assert_eq!(
+        kinds(&mut second_events),
+        Vec::<String>::new(),
+        "none of the first's"
+    );
+    let seen = kinds(&mut process);
+    for kind in ["InstanceRegistered", "BreakerTransition"] {
+        assert!(
+            seen.iter().any(|k| k == kind),
+            "the process bus has them too: {seen:?}"
+        );
+    }
+}

@@ -185,10 +185,11 @@ pub struct Report {
 /// Runs the scenario.
 pub async fn run(scenario: Scenario) -> Result<Report, BoxError> {
     let started = Instant::now();
-    let mut events = meshkit::events::system::bus().subscribe();
     let mesh = Mesh::builder()
         .config(MeshConfig::from_toml(CONFIG)?)
         .build()?;
+    // This mesh's own events (the demo test runs beside other tests in its binary).
+    let mut events = mesh.events().subscribe();
     let mut instances = vec![
         UsersInstance::start("users-1", Behaviour::Healthy).await?,
         UsersInstance::start("users-2", Behaviour::Flaky).await?,

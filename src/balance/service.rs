@@ -266,6 +266,7 @@ pub struct BalanceBuilder<D: Discover, P> {
     zones: Option<worker::Zones<D::Key>>,
     ejection: Option<EjectionConfig>,
     classifier: EjectionClassifier,
+    sink: crate::events::system::Sink,
 }
 
 impl Balance<(), (), RoundRobin> {
@@ -279,6 +280,7 @@ impl Balance<(), (), RoundRobin> {
             weight: None,
             zones: None,
             ejection: None,
+            sink: Default::default(),
             classifier: EjectionClassifier::default(),
         }
     }
@@ -320,6 +322,13 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             zone_of: Arc::new(zone_of),
             min_local: min_local.max(1),
         });
+        self
+    }
+
+    /// Reports ejections and re-admissions (and its ejection breakers' transitions) to
+    /// `sink` (a mesh's own bus) as well as the process's.
+    pub(crate) fn events(mut self, sink: crate::events::system::Sink) -> Self {
+        self.sink = sink;
         self
     }
 
@@ -365,13 +374,14 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             zones,
             ejection,
             classifier,
+            sink,
         } = self;
         // Handles need the classifier only for the calls ejection breakers admit.
         let handles_classifier = match ejection {
             Some(_) => classifier.clone(),
             None => EjectionClassifier::default(),
         };
-        let ejection = ejection.map(|ejection| (ejection, classifier));
+        let ejection = ejection.map(|ejection| (ejection, classifier, sink));
         let picker = Arc::new(picker);
         let worker_picker = picker.clone();
         let closed = Arc::new(tokio::sync::Notify::new());

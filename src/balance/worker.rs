@@ -6,6 +6,7 @@ use super::picker::Picker;
 use super::ring::stable_hash;
 use super::service::{Shared, Snapshot};
 use crate::breaker::{BreakerHandle, BreakerState, CircuitBreakerLayer};
+use crate::events::system::Sink;
 use futures::stream::{SelectAll, StreamExt};
 use futures::FutureExt;
 use std::hash::Hash;
@@ -73,7 +74,7 @@ pub(crate) async fn run<D, Req, P>(
     picker: Arc<P>,
     weight_of: Option<WeightOf<D::Key>>,
     zones: Option<Zones<D::Key>>,
-    ejection: Option<(EjectionConfig, EjectionClassifier)>,
+    ejection: Option<(EjectionConfig, EjectionClassifier, Sink)>,
     shared: Weak<Shared<D::Service, P::Prepared>>,
     closed: Arc<Notify>,
 ) where
@@ -154,7 +155,8 @@ pub(crate) async fn run<D, Req, P>(
                     let Some(shared) = shared.upgrade() else {
                         return;
                     };
-                    let panic_threshold = ejection.as_ref().map_or(0.0, |(e, _)| e.panic_threshold);
+                    let panic_threshold =
+                        ejection.as_ref().map_or(0.0, |(e, _, _)| e.panic_threshold);
                     shared.publish(snapshot(
                         &name,
                         &endpoints,
@@ -199,9 +201,9 @@ pub(crate) async fn run<D, Req, P>(
                     .is_some_and(|zones| (zones.zone_of)(&key).as_deref() == Some(&*zones.local));
                 let hash = stable_hash(&key);
                 let (service, breaker) = match &ejection {
-                    Some((ejection, classifier)) => {
+                    Some((ejection, classifier, sink)) => {
                         let (service, handle) =
-                            guard(&name, hash, ejection, classifier.clone(), service);
+                            guard(&name, hash, ejection, classifier.clone(), sink, service);
                         transitions.push(watch(hash, &handle));
                         (service, Some(handle))
                     }
@@ -240,12 +242,14 @@ pub(crate) async fn run<D, Req, P>(
                 discovering = false;
                 false
             }
-            Event::Transition(hash, state) => {
-                let max_share = ejection
-                    .as_ref()
-                    .map_or(1.0, |(e, _)| e.max_ejection_percent);
-                on_transition(&name, &mut endpoints, hash, state, max_share)
-            }
+            Event::Transition(hash, state) => match &ejection {
+                Some((ejection, _, sink)) => {
+                    let max_share = ejection.max_ejection_percent;
+                    on_transition(&name, sink, &mut endpoints, hash, state, max_share)
+                }
+                // Only ejection breakers make transitions.
+                None => false,
+            },
             Event::Ready(index) => {
                 // Calls go to copies of this service, never to it: a copy takes its place, so
                 // that whatever its readiness reserved (a concurrency permit, a buffer slot, a
@@ -281,11 +285,13 @@ fn guard<S>(
     hash: u64,
     ejection: &EjectionConfig,
     classifier: EjectionClassifier,
+    sink: &Sink,
     service: S,
 ) -> (Guarded<S>, BreakerHandle) {
     let layer = CircuitBreakerLayer::new(ejection.breaker())
         .expect("an ejection config is validated before it reaches the worker")
         .name(format!("{name}/{hash:016x}"))
+        .events(sink.clone())
         .classify(classifier);
     let handle = layer.handle();
     (Guarded::breaker(layer.layer(service)), handle)
@@ -314,6 +320,7 @@ fn watch(
 /// Ejects or re-admits an endpoint as its breaker says; returns whether the set changed.
 fn on_transition<K, S>(
     name: &str,
+    sink: &Sink,
     endpoints: &mut [Endpoint<K, S>],
     hash: u64,
     state: BreakerState,
@@ -346,7 +353,7 @@ fn on_transition<K, S>(
                 endpoint = format_args!("{hash:016x}"),
                 "endpoint ejected"
             );
-            crate::events::system::publish(
+            sink.publish(
                 name,
                 crate::events::system::SystemEvent::EndpointEjected {
                     service: name.to_string(),
@@ -374,7 +381,7 @@ fn on_transition<K, S>(
                 endpoint = format_args!("{hash:016x}"),
                 "endpoint re-admitted"
             );
-            crate::events::system::publish(
+            sink.publish(
                 name,
                 crate::events::system::SystemEvent::EndpointReadmitted {
                     service: name.to_string(),

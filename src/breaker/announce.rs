@@ -27,7 +27,11 @@ impl Announcement {
         }
     }
 
-    pub(crate) fn emit(self, subscribers: &tokio::sync::broadcast::Sender<Transition>) {
+    pub(crate) fn emit(
+        self,
+        subscribers: &tokio::sync::broadcast::Sender<Transition>,
+        sink: Option<&crate::events::system::Sink>,
+    ) {
         let Transition { from, to, .. } = self.transition;
         let name = &*self.transition.breaker;
         match to {
@@ -37,7 +41,7 @@ impl Announcement {
             ),
             _ => tracing::info!(breaker = name, %from, %to, "circuit breaker changed state"),
         }
-        crate::events::system::publish(
+        sink.cloned().unwrap_or_default().publish(
             name,
             crate::events::system::SystemEvent::BreakerTransition {
                 breaker: name.to_string(),
@@ -134,7 +138,7 @@ impl Shared {
             loop {
                 let next = self.queue().pop_front();
                 match next {
-                    Some(announcement) => announcement.emit(&self.transitions),
+                    Some(announcement) => announcement.emit(&self.transitions, self.sink.get()),
                     None => break,
                 }
             }

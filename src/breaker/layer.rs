@@ -104,6 +104,13 @@ impl<C> CircuitBreakerLayer<C> {
         self
     }
 
+    /// Reports transitions to `sink` (a mesh's own system bus) as well as the process's.
+    /// The first sink set stays.
+    pub(crate) fn events(self, sink: crate::events::system::Sink) -> Self {
+        let _ = self.shared.sink.set(sink);
+        self
+    }
+
     /// Draws the open-period jitter from `source` (tests pass a seeded one).
     #[must_use]
     pub fn random(self, source: Arc<dyn RandomSource>) -> Self {

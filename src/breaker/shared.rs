@@ -81,6 +81,8 @@ pub(crate) struct Shared {
     pub(crate) driver: Arc<Notify>,
     pub(crate) driver_alive: AtomicBool,
     pub(crate) this: Weak<Shared>,
+    /// Where transitions are reported besides the process's system bus (set by a mesh).
+    pub(crate) sink: std::sync::OnceLock<crate::events::system::Sink>,
 }
 
 impl Shared {
@@ -113,6 +115,7 @@ impl Shared {
             driver: Arc::new(Notify::new()),
             driver_alive: AtomicBool::new(false),
             this: this.clone(),
+            sink: std::sync::OnceLock::new(),
         });
         local::REGISTRY.insert(id, Arc::downgrade(&shared));
         shared

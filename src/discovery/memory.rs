@@ -54,6 +54,9 @@ pub(crate) struct Inner {
 
 #[derive(Default)]
 struct State {
+    /// Where registrations, removals and health changes are reported (a mesh's own bus and
+    /// the process's).
+    sink: crate::events::system::Sink,
     revision: u64,
     services: HashMap<Arc<str>, Service>,
     /// Which service each instance belongs to.
@@ -109,6 +112,12 @@ impl MemoryRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Reports registrations, removals and health changes to `sink` (a mesh's own bus) as
+    /// well as the process's.
+    pub(crate) fn events(&self, sink: crate::events::system::Sink) {
+        self.inner.state().sink = sink;
     }
 
     /// The snapshot of `service` now, without going through a future.
@@ -192,7 +201,7 @@ impl MemoryRegistry {
             service.rebuild(revision);
             let _ = service.updates.send(Update::Upsert { revision, instance });
             tracing::info!(service = &*name, instance = %id, revision, "instance registered");
-            crate::events::system::publish(
+            state.sink.publish(
                 &name,
                 crate::events::system::SystemEvent::InstanceRegistered {
                     service: name.to_string(),
@@ -385,7 +394,7 @@ impl Inner {
         let _ = svc.updates.send(Update::Upsert { revision, instance });
         state.revision = revision;
         tracing::info!(service = &*service, instance = %key.id, %from, %to, reason = why, revision, "instance health changed");
-        crate::events::system::publish(
+        state.sink.publish(
             &service,
             crate::events::system::SystemEvent::HealthChanged {
                 service: service.to_string(),
@@ -468,7 +477,7 @@ impl State {
         svc.rebuild(revision);
         let _ = svc.updates.send(Update::Remove { revision, id: *id });
         tracing::info!(service = &**service, instance = %id, revision, reason = why, "instance removed");
-        crate::events::system::publish(
+        self.sink.publish(
             service,
             crate::events::system::SystemEvent::InstanceRemoved {
                 service: service.to_string(),

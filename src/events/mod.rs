@@ -34,7 +34,9 @@
 //!
 //! Every meshkit component reports its lifecycle on [`system::bus()`]: breaker transitions,
 //! instances registered, removed and changing health, retries exhausted, budget refusals,
-//! endpoints ejected and re-admitted.
+//! endpoints ejected and re-admitted. The components a [`Mesh`](crate::Mesh) builds report
+//! to that mesh's own bus too ([`Mesh::events`](crate::Mesh::events)), which carries
+//! nothing from other meshes.
 //!
 //! ## Closing
 //!

@@ -23,10 +23,10 @@ use super::event::Event;
 use crate::breaker::BreakerState;
 use crate::discovery::Health;
 use serde::{Deserialize, Serialize};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// Events kept for subscribers that fall behind.
-const CAPACITY: usize = 1_024;
+pub(crate) const CAPACITY: usize = 1_024;
 
 /// What happened in a meshkit component.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -123,16 +123,52 @@ pub fn bus() -> &'static EventBus<SystemEvent> {
     &BUS
 }
 
-/// Publishes `event` from `component` (the aggregate id: a breaker's or a service's name).
+/// Publishes `event` from `component` (the aggregate id: a breaker's or a service's name) on
+/// the process-wide system bus.
 pub fn publish(component: &str, event: SystemEvent) {
-    // Metrics are recorded here, on the publishing thread and before the bus sees the event:
-    // a task turning events into metrics would record late, miss events when it lags, and
-    // die with the runtime it was spawned on.
-    #[cfg(feature = "metrics")]
-    crate::metrics::record(&event);
-    // Nobody listening: skip making the event (a v7 id and a timestamp), which the bus would
-    // drop at once.
-    if BUS.has_subscribers() {
-        let _ = BUS.publish(Event::new(event.event_type(), component, event));
+    Sink::default().publish(component, event);
+}
+
+/// Where a component reports its system events: the process-wide system bus, and the bus of
+/// the [`Mesh`](crate::Mesh) that built it, if any (so that a mesh's subscribers see its own
+/// events only).
+#[derive(Clone, Default)]
+pub(crate) struct Sink(Option<Arc<EventBus<SystemEvent>>>);
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0 {
+            Some(_) => "Sink(mesh and process buses)",
+            None => "Sink(process bus)",
+        })
+    }
+}
+
+impl Sink {
+    /// Also to `bus`.
+    pub(crate) fn to(bus: Arc<EventBus<SystemEvent>>) -> Self {
+        Self(Some(bus))
+    }
+
+    pub(crate) fn publish(&self, component: &str, event: SystemEvent) {
+        // Metrics are recorded here, on the publishing thread and before any bus sees the
+        // event: a task turning events into metrics would record late, miss events when it
+        // lags, and die with the runtime it was spawned on.
+        #[cfg(feature = "metrics")]
+        crate::metrics::record(&event);
+        // Nobody listening: skip making the event (a v7 id and a timestamp), which the buses
+        // would drop at once.
+        let own = self.0.as_deref().filter(|bus| bus.has_subscribers());
+        let process = BUS.has_subscribers();
+        if own.is_none() && !process {
+            return;
+        }
+        let event = Arc::new(Event::new(event.event_type(), component, event));
+        if let Some(bus) = own {
+            let _ = bus.publish_shared(event.clone());
+        }
+        if process {
+            let _ = BUS.publish_shared(event);
+        }
     }
 }

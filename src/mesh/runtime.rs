@@ -12,7 +12,7 @@ use crate::discovery::{
     discover, weights, zones, Instance, InstanceId, MemoryRegistry, Registration, Registry,
     RegistryError,
 };
-use crate::events::system::{self, SystemEvent};
+use crate::events::system::{self, Sink, SystemEvent};
 use crate::events::EventBus;
 use crate::padded::Hold;
 use crate::retry::{Replay, RetryConfig, RetryLayer};
@@ -51,6 +51,8 @@ pub struct Mesh {
 
 struct Inner {
     registry: MemoryRegistry,
+    /// This mesh's own system bus; its components report to it and to the process's.
+    events: Arc<EventBus<SystemEvent>>,
     config: watch::Sender<Arc<(u64, MeshConfig)>>,
     /// The channel given to [`Mesh::reload_from`], which clients built since check on their
     /// own `poll_ready`.
@@ -87,9 +89,13 @@ impl MeshBuilder {
     pub fn build(self) -> Result<Mesh, MeshConfigError> {
         self.config.validate()?;
         let (config, _) = watch::channel(Arc::new((1, self.config)));
+        let events = Arc::new(EventBus::new(system::CAPACITY));
+        let registry = self.registry.unwrap_or_default();
+        registry.events(Sink::to(events.clone()));
         Ok(Mesh {
             inner: Arc::new(Inner {
-                registry: self.registry.unwrap_or_default(),
+                registry,
+                events,
                 config,
                 source: Mutex::new(None),
                 registered: Mutex::new(Vec::new()),
@@ -110,12 +116,18 @@ impl Mesh {
         &self.inner.registry
     }
 
-    /// The system event bus every meshkit component reports to (breaker transitions,
-    /// ejections, registrations, retries exhausted, ...). It is the process's one system
-    /// bus, shared by every mesh: subscribe to it, but do not `shutdown` it, which would
-    /// stop system events for the whole process.
-    pub fn events(&self) -> &'static EventBus<SystemEvent> {
-        system::bus()
+    /// This mesh's system event bus: what its own components report (its registry and
+    /// health checks, and the breakers, balancers and retry layers of its clients: breaker
+    /// transitions, ejections, registrations, retries exhausted, ...), and nothing from
+    /// other meshes. Every event also goes to the process-wide bus,
+    /// [`events::system::bus`](crate::events::system::bus). A registry given to
+    /// [`MeshBuilder::registry`] reports to the first mesh built over it.
+    pub fn events(&self) -> &EventBus<SystemEvent> {
+        &self.inner.events
+    }
+
+    fn sink(&self) -> Sink {
+        Sink::to(self.inner.events.clone())
     }
 
     /// The current policies.
@@ -278,6 +290,7 @@ impl Mesh {
             .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}.balance"))))?
             .name(service.to_string())
             .weights(weights(&self.inner.registry, service))
+            .events(self.sink())
             .classify::<Req, _>(classifier.clone());
         if let Some(zone) = &settings.zone {
             balance = balance.zones(
@@ -289,6 +302,7 @@ impl Mesh {
         let balance: Balance<S, Req, ConfiguredPicker> = balance.build();
         let outcome_classifier = classifier.clone();
         let name = service.to_string();
+        let sink = self.sink();
         // The layers of the last policies built, with the settings they were built from: a
         // reload keeps each layer whose settings did not change (a breaker its state, a retry
         // layer its budget), and the whole policy when none did.
@@ -304,6 +318,7 @@ impl Mesh {
                 _ => CircuitBreakerLayer::new(settings.breaker.clone())
                     .map_err(|e| e.at("breaker"))?
                     .name(name.clone())
+                    .events(sink.clone())
                     .classify(classifier.clone()),
             };
             let retry = match last.as_ref() {
@@ -317,6 +332,7 @@ impl Mesh {
                     let retry = RetryLayer::new(within(&settings.retry, settings.timeout))
                         .map_err(|e| e.at("retry"))?
                         .name(name.clone())
+                        .events(sink.clone())
                         .classify(classifier.clone())
                         .replay(replay.clone());
                     match last.as_ref() {

@@ -276,7 +276,7 @@ where
     }
     if attempt >= shared.limits.max_attempts {
         tracing::info!(service, attempt, "retries exhausted");
-        crate::events::system::publish(
+        shared.sink.publish(
             service,
             crate::events::system::SystemEvent::RetriesExhausted {
                 service: service.to_string(),
@@ -479,7 +479,7 @@ fn schedule<T>(
             attempt = attempt + 1,
             "retry budget refused a retry"
         );
-        crate::events::system::publish(
+        shared.sink.publish(
             service,
             crate::events::system::SystemEvent::BudgetRefused {
                 service: service.to_string(),

@@ -38,6 +38,7 @@ pub struct RetryLayer<C = DefaultRetryClassifier, K = CloneRequest> {
     retry_rejections: bool,
     classifier: C,
     replay: K,
+    sink: crate::events::system::Sink,
 }
 
 impl RetryLayer {
@@ -57,6 +58,7 @@ impl RetryLayer {
             retry_rejections: false,
             classifier: DefaultRetryClassifier,
             replay: CloneRequest,
+            sink: Default::default(),
         })
     }
 }
@@ -73,6 +75,12 @@ impl<C, K> RetryLayer<C, K> {
     #[must_use]
     pub fn with_budget(mut self, budget: RetryBudget) -> Self {
         self.budget = budget;
+        self
+    }
+
+    /// Reports system events to `sink` (a mesh's own bus) as well as the process's.
+    pub(crate) fn events(mut self, sink: crate::events::system::Sink) -> Self {
+        self.sink = sink;
         self
     }
 
@@ -110,6 +118,7 @@ impl<C, K> RetryLayer<C, K> {
             retry_rejections: self.retry_rejections,
             classifier,
             replay: self.replay,
+            sink: self.sink,
         }
     }
 
@@ -125,6 +134,7 @@ impl<C, K> RetryLayer<C, K> {
             retry_rejections: self.retry_rejections,
             classifier: self.classifier,
             replay,
+            sink: self.sink,
         }
     }
 
@@ -140,6 +150,7 @@ impl<C, K> RetryLayer<C, K> {
             retry_rejections: self.retry_rejections,
             classifier: self.classifier,
             replay,
+            sink: self.sink,
         }
     }
 }
@@ -154,6 +165,7 @@ impl<S, C: Clone, K: Clone> Layer<S> for RetryLayer<C, K> {
             self.random.clone(),
             self.name.clone(),
             self.retry_rejections,
+            self.sink.clone(),
         );
         Retry::from_parts(inner, shared, self.classifier.clone(), self.replay.clone())
     }

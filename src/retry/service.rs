@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) budget: RetryBudget,
     pub(crate) random: Arc<dyn RandomSource>,
     pub(crate) name: Arc<str>,
+    /// Where retries exhausted and budget refusals are reported.
+    pub(crate) sink: crate::events::system::Sink,
     warned_uncut: AtomicBool,
 }
 
@@ -52,6 +54,7 @@ impl Shared {
         random: Arc<dyn RandomSource>,
         name: Arc<str>,
         retry_rejections: bool,
+        sink: crate::events::system::Sink,
     ) -> Owner<Self> {
         let limits = Limits {
             id: RETRIES.next_id(),
@@ -65,6 +68,7 @@ impl Shared {
             budget,
             random,
             name,
+            sink,
             warned_uncut: AtomicBool::new(false),
         });
         RETRIES.insert(limits.id, Arc::downgrade(&shared));

@@ -327,3 +327,16 @@ async fn calls_during_a_probe_go_to_other_endpoints_instead_of_failing() {
     }
     assert_eq!(answers, BTreeMap::from([("bad", 1), ("good", 5)]));
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ejection_the_cap_refuses_never_fails_a_call() {
+    // A lone endpoint that fails: ejecting it would take out 100 % of the endpoints, so it
+    // stays, and every call reaches it (its own error), even calls sent back to back before
+    // the worker has seen its breaker open.
+    let failing = Arc::new(AtomicBool::new(true));
+    let mut balance = balancer(&[("only", &failing)], ejection(0.5, 0.0)).await;
+    for n in 0..20 {
+        let error = balance.ready().await.unwrap().call(n).await.unwrap_err();
+        assert_eq!(error.to_string(), "only failed", "call {n}");
+    }
+}

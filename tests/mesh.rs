@@ -174,6 +174,13 @@ fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
         "says where: {syntax}"
     );
     assert!(!syntax.contains('\n'), "one line: {syntax}");
+    let extended = error_of(
+        "[services.users]\nbalance = { picker = \"random\" }\n[services.users.balance.ejection]\n",
+    );
+    assert!(
+        extended.starts_with("invalid TOML: line 3, column 1: ") && !extended.contains('\n'),
+        "{extended}"
+    );
     assert_eq!(
         error_of("[services.users.http]\nbody_limit = 100000000"),
         "services.users.http.body_limit: must be in [0, 67108864], got 100000000"
@@ -496,7 +503,7 @@ async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
 async fn three_users_retried_once(retry: &str) -> Mesh {
     support::mesh_with(
         &format!(
-            "[services.users]\nbalance = {{ picker = \"random\" }}\n\
+            "[services.users]\nbalance = {{ picker = \"random\", ejection = \"none\" }}\n\
              [services.users.retry]\nmax_attempts = 2\nbudget = \"unlimited\"\n\
              backoff = {{ kind = \"constant\", base = \"1ms\", jitter = \"none\" }}\n{retry}"
         ),
@@ -795,4 +802,66 @@ async fn each_mesh_sees_only_its_own_system_events() {
             "the process bus has them too: {seen:?}"
         );
     }
+}
+
+/// Calls through a mesh configured by `toml` over "users" on ports 1 and 2, where 1 refuses
+/// every call; how many calls reached port 1, of 100 (each retried once at most).
+async fn calls_to_the_refusing_instance(toml: &str) -> usize {
+    let mesh = support::mesh_with(toml, &[1, 2]).await;
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut client = mesh
+        .client_with(
+            "users",
+            {
+                let refused = refused.clone();
+                move |instance: &Instance| {
+                    let (port, refused) = (instance.port, refused.clone());
+                    tower::service_fn(move |_: u32| {
+                        let result = match port {
+                            1 => {
+                                refused.fetch_add(1, Ordering::SeqCst);
+                                Err::<u16, BoxError>("refused".into())
+                            }
+                            port => Ok(port),
+                        };
+                        async move { result }
+                    })
+                }
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    for _ in 0..100 {
+        assert_eq!(client.ready().await.unwrap().call(0).await.unwrap(), 2);
+        tokio::task::yield_now().await;
+    }
+    refused.load(Ordering::SeqCst)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mesh_ejects_a_failing_instance_unless_told_not_to() {
+    let config = "[services.users]\nbalance = { picker = \"round_robin\" }\n\
+                  retry = { max_attempts = 2, budget = \"unlimited\" }";
+    let default = calls_to_the_refusing_instance(config).await;
+    assert_eq!(default, 5, "ejected after 5 failures in a row, by default");
+    let empty = "[services.users]\nbalance = { picker = \"round_robin\", ejection = {} }\n\
+                 retry = { max_attempts = 2, budget = \"unlimited\" }";
+    assert_eq!(
+        calls_to_the_refusing_instance(empty).await,
+        5,
+        "an empty ejection table: the defaults"
+    );
+    let none = "[services.users]\nbalance = { picker = \"round_robin\", ejection = \"none\" }\n\
+                retry = { max_attempts = 2, budget = \"unlimited\" }";
+    assert_eq!(
+        calls_to_the_refusing_instance(none).await,
+        50,
+        "every other call"
+    );
+    assert_eq!(
+        MeshConfig::default().service("users").balance.ejection,
+        Some(meshkit::balance::EjectionConfig::default()),
+        "a config built in code ejects too"
+    );
 }

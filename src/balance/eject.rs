@@ -273,11 +273,11 @@ where
     /// with the call, readied as the call is polled (keeping whatever place its readiness
     /// holds), and the handle makes a new copy next time. A copy whose readiness failed is
     /// dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
-    /// the breaker admits the call at once. Behind an open one, in `panic` mode (the
-    /// balancer is using every endpoint, ejected or not), the call goes to the endpoint past
-    /// its breaker, which records nothing while open. Otherwise (half-open: a probe; open
-    /// outside panic mode: the snapshot has not caught up yet), the breaker is copied too and
-    /// decides as the call is polled.
+    /// the breaker admits the call at once. Behind an open one (the snapshot still lists the
+    /// endpoint: panic mode, an ejection `max_ejection_percent` refused, or one the worker
+    /// has not published yet), the call goes to the endpoint past its breaker, which records
+    /// nothing while open. Otherwise (half-open: a probe), the breaker is copied too and
+    /// decides.
     ///
     /// `classifier` is the handle's own copy of the ejection classifier, which an admitted
     /// call carries.
@@ -286,7 +286,6 @@ where
         endpoint: &Guarded<S>,
         copy: &mut Option<S>,
         classifier: &EjectionClassifier,
-        panic: bool,
         request: Req,
         wait: bool,
     ) -> Result<Self, Req> {
@@ -294,7 +293,11 @@ where
             Kind::Plain(service) => (service, None),
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
-                None if panic && breaker.is_open() => (breaker.get_ref(), None),
+                // Open, yet in the snapshot: in panic mode, or the worker has not ejected it
+                // (yet, or at all: `max_ejection_percent` keeps it in rotation). The snapshot
+                // decides what is ejected, so the call goes past the breaker, which records
+                // nothing while open.
+                None if breaker.is_open() => (breaker.get_ref(), None),
                 None => return Self::through_breaker(breaker, classifier, request, wait),
             },
         };

@@ -30,11 +30,9 @@ pub(crate) struct Snapshot<S, T> {
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
     pub(crate) known: usize,
-    /// Ready endpoints left out as outliers.
+    /// Ready endpoints left out as outliers (none in panic mode, where the ejected ones are
+    /// in `services` too and are called past their open breakers).
     pub(crate) ejected: usize,
-    /// Panic mode: ejected endpoints are in `services` too, and are called past their open
-    /// breakers.
-    pub(crate) panic: bool,
 }
 
 impl<S, T> Snapshot<S, T> {
@@ -46,7 +44,6 @@ impl<S, T> Snapshot<S, T> {
             prepared: None,
             known: 0,
             ejected: 0,
-            panic: false,
         }
     }
 }
@@ -503,7 +500,6 @@ where
                 &view.services[index],
                 &mut self.copies[index],
                 &self.classifier,
-                view.panic,
                 request,
                 false,
             ) {
@@ -515,7 +511,6 @@ where
             &view.services[pending],
             &mut self.copies[pending],
             &self.classifier,
-            view.panic,
             request,
             true,
         );
@@ -605,7 +600,6 @@ where
             &view.services[index],
             &mut self.copies[index],
             &self.classifier,
-            view.panic,
             request,
             false,
         ) {

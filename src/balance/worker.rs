@@ -447,6 +447,5 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
         prepared,
         known: endpoints.len(),
         ejected,
-        panic,
     }
 }

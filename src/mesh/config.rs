@@ -57,7 +57,10 @@ pub struct MeshConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Picker, fail-fast and outlier ejection (read when the client is built: a reload
-    /// applies them to clients built afterwards).
+    /// applies them to clients built afterwards). Default: [`BalanceConfig`]'s defaults,
+    /// except that a mesh ejects outliers unless told not to: `ejection` defaults to
+    /// [`EjectionConfig`](crate::balance::EjectionConfig)'s defaults (5 failures in a row),
+    /// and `ejection = "none"` turns it off.
     pub balance: BalanceConfig,
     /// The breaker over the balanced endpoints (reloads: a change gives the service a new
     /// breaker).
@@ -130,7 +133,10 @@ impl Default for MeshConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
-            balance: BalanceConfig::default(),
+            balance: BalanceConfig {
+                ejection: Some(crate::balance::EjectionConfig::default()),
+                ..BalanceConfig::default()
+            },
             breaker: BreakerConfig::default(),
             retry: RetryConfig::default(),
             timeout: Some(Duration::from_secs(10)),
@@ -250,6 +256,7 @@ impl MeshConfig {
     /// then checks the values.
     fn from_value(mut root: serde_json::Value) -> Result<Self, MeshConfigError> {
         if let serde_json::Value::Object(root) = &mut root {
+            eject_by_default(root);
             lay_services_over_defaults(root);
         }
         let mut track = serde_path_to_error::Track::new();
@@ -300,12 +307,10 @@ fn located(text: &str, error: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-            format!(
-                "line {line}, column {column}: {}",
-                error.message().trim_end()
-            )
+            let what = error.message().trim_end().replace('\n', "; ");
+            format!("line {line}, column {column}: {what}")
         }
-        None => error.message().trim_end().to_string(),
+        None => error.message().trim_end().replace('\n', "; "),
     }
 }
 
@@ -431,6 +436,28 @@ fn env_value(value: &str) -> toml::Value {
 type Table = serde_json::Map<String, serde_json::Value>;
 
 /// Lays each service's table over a copy of `defaults`, key by key.
+/// A mesh ejects outliers unless told not to (`ejection = "none"`): `defaults.balance`
+/// gets an `ejection` table of default values when it has no `ejection` key, and services
+/// take it from there.
+fn eject_by_default(root: &mut Table) {
+    // A `defaults` or `balance` that is not a table is left for its field's error to name.
+    let defaults = root
+        .entry("defaults")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(defaults) = defaults.as_object_mut() else {
+        return;
+    };
+    let balance = defaults
+        .entry("balance")
+        .or_insert_with(|| serde_json::json!({}));
+    let Some(balance) = balance.as_object_mut() else {
+        return;
+    };
+    balance
+        .entry("ejection")
+        .or_insert_with(|| serde_json::json!({}));
+}
+
 fn lay_services_over_defaults(root: &mut Table) {
     let Some(serde_json::Value::Object(defaults)) = root.get("defaults").cloned() else {
         return;

@@ -34,6 +34,11 @@ use std::time::Duration;
 /// is checked: an unknown one is an error naming its path, as is a value out of range
 /// (`services.users.breaker.failure_rate: must be in (0, 1], got 1.5`).
 ///
+/// The layering happens when a config is read. In code, each [`ServiceConfig`] in
+/// `services` is whole: changing `defaults` afterwards (say, on `mesh.config()` before a
+/// [`reload`](super::Mesh::reload)) changes only the services without an entry; to change a
+/// setting everywhere, change it in each entry too, or edit the TOML and read it again.
+///
 /// [`from_toml`](Self::from_toml), [`from_toml_with_env`](Self::from_toml_with_env) and
 /// [`load`](Self::load) give the error as a [`MeshConfigError`]. The `Deserialize`
 /// implementation does the same layering and checks from any self-describing serde format (a

@@ -29,8 +29,8 @@
 //! events are published (see [`crate::events::system`]), on the publishing thread, whether
 //! or not anyone subscribes to the bus: with or without a [`Mesh`](crate::Mesh), and with a
 //! thread-local recorder (`metrics::set_default_local_recorder`) as well as a global one. A
-//! breaker's `meshkit_breaker_state` is set to 0 when the breaker is named (as the mesh names
-//! each service's breaker), so a closed breaker has its series before its first transition.
+//! mesh sets a service breaker's `meshkit_breaker_state` to 0 when it builds the breaker, so a
+//! closed breaker has its series before its first transition.
 
 use crate::breaker::BreakerState;
 use crate::events::system::SystemEvent;

@@ -857,3 +857,40 @@ async fn an_endpoint_at_its_concurrency_limit_is_passed_over_for_one_with_room()
         "{busy}: {answers:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handle_that_passed_over_a_busy_endpoint_does_not_keep_its_place_in_line() {
+    // Two endpoints of one call at a time; call 0 holds one for 100 ms. A second handle's
+    // calls pass over it meanwhile; once it is free, a third handle's calls reach it again
+    // (a copy left queued for its permit, with no one to wake, would take the permit freed).
+    let limited = |name: &'static str| {
+        tower::ServiceBuilder::new()
+            .concurrency_limit(1)
+            .service(tower::service_fn(move |n: u64| async move {
+                let latency = if n == 0 { 100 } else { 10 };
+                tokio::time::sleep(Duration::from_millis(latency)).await;
+                Ok::<_, Infallible>(name)
+            }))
+    };
+    let discover = futures::stream::iter([
+        Ok::<_, Infallible>(Change::Insert("a", limited("a"))),
+        Ok(Change::Insert("b", limited("b"))),
+    ]);
+    let mut balance = Balance::new(discover, RoundRobin);
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let first = tokio::spawn(balance.ready().await.unwrap().call(0));
+    let mut second = balance.clone();
+    for n in 1..=2 {
+        second.ready().await.unwrap().call(n).await.unwrap();
+    }
+    let busy = first.await.unwrap().unwrap();
+    let mut third = balance.clone();
+    let counts = tally(&mut third, 10).await;
+    assert_eq!(
+        counts.get(busy),
+        Some(&5),
+        "{busy} is free again: {counts:?}"
+    );
+    drop(second);
+}

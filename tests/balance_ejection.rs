@@ -340,3 +340,23 @@ async fn an_ejection_the_cap_refuses_never_fails_a_call() {
         assert_eq!(error.to_string(), "only failed", "call {n}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_go_elsewhere_once_an_endpoints_breaker_opens_before_the_worker_ejects_it() {
+    // Back to back, with no await point that lets the worker run: the snapshot still lists
+    // `bad` after its breaker opened, yet no call reaches it past its third failure.
+    let bad = Arc::new(AtomicBool::new(true));
+    let good = Arc::new(AtomicBool::new(false));
+    let mut balance = balancer(&[("good", &good), ("bad", &bad)], ejection(0.5, 0.0)).await;
+    let mut failed = 0;
+    for n in 0..20 {
+        match balance.ready().await.unwrap().call(n).await {
+            Ok(name) => assert_eq!(name, "good"),
+            Err(error) => {
+                assert_eq!(error.to_string(), "bad failed");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 3);
+}

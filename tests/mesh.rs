@@ -498,6 +498,32 @@ async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
     }
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let with_attempts = |attempts| {
+        let mut config = mesh.config();
+        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
+        config
+    };
+    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
+    mesh.reload_from(receiver);
+    let mut first = refused_users(&mesh, calls.clone());
+    updates.send(with_attempts(3)).unwrap();
+    assert!(first.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 3);
+    // A reload by hand after the channel's last value: it stands for clients built later.
+    mesh.reload(with_attempts(4)).unwrap();
+    let mut later = refused_users(&mesh, calls.clone());
+    assert!(later.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
+    assert!(first.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
+    tokio::task::yield_now().await; // the mesh's own task, too, leaves it alone
+    assert_eq!(mesh.config().service("users").retry.max_attempts, 4);
+}
+
 /// A mesh with "users" on ports 1, 2 and 3, a random picker and one retry (unlimited budget,
 /// 1 ms backoff), with `retry` (TOML lines) added to the retry section.
 async fn three_users_retried_once(retry: &str) -> Mesh {

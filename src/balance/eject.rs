@@ -269,15 +269,16 @@ where
     /// A call to `endpoint`, sent through `copy`, the calling handle's own copy of the
     /// endpoint's service (made here on first use), when that copy is ready at once: then
     /// nothing is copied per call, and the future is the endpoint's own. A copy that is not
-    /// ready gives the request back (`Err`), unless the call may `wait`: then the copy goes on
-    /// with the call, readied as the call is polled (keeping whatever place its readiness
-    /// holds), and the handle makes a new copy next time. A copy whose readiness failed is
-    /// dropped, and a fresh copy takes the call. Behind a closed ejection breaker,
+    /// ready, or whose readiness failed, is dropped and gives the request back (`Err`),
+    /// unless the call may `wait`: then a copy that is not ready goes on with the call,
+    /// readied as the call is polled (keeping whatever place its readiness holds), and the
+    /// handle makes a new copy next time; a failed one is dropped, and a fresh copy takes the
+    /// call. Behind a closed ejection breaker,
     /// the breaker admits the call at once. Behind an open one (the snapshot still lists the
-    /// endpoint: panic mode, an ejection `max_ejection_percent` refused, or one the worker
-    /// has not published yet), the call goes to the endpoint past its breaker, which records
-    /// nothing while open. Otherwise (half-open: a probe), the breaker is copied too and
-    /// decides.
+    /// endpoint: `panic` mode, an ejection `max_ejection_percent` refused, or one the worker
+    /// has not published yet), the call goes elsewhere unless it may `wait` or in `panic`
+    /// mode; then to the endpoint past its breaker, which records nothing while open.
+    /// Otherwise (half-open: a probe), the breaker is copied too and decides.
     ///
     /// `classifier` is the handle's own copy of the ejection classifier, which an admitted
     /// call carries.
@@ -286,6 +287,7 @@ where
         endpoint: &Guarded<S>,
         copy: &mut Option<S>,
         classifier: &EjectionClassifier,
+        panic: bool,
         request: Req,
         wait: bool,
     ) -> Result<Self, Req> {
@@ -294,10 +296,14 @@ where
             Kind::Breaker(breaker) => match breaker.admit_closed() {
                 Some(word) => (breaker.get_ref(), Some((&**breaker, word))),
                 // Open, yet in the snapshot: in panic mode, or the worker has not ejected it
-                // (yet, or at all: `max_ejection_percent` keeps it in rotation). The snapshot
-                // decides what is ejected, so the call goes past the breaker, which records
-                // nothing while open.
-                None if breaker.is_open() => (breaker.get_ref(), None),
+                // (yet, or at all: `max_ejection_percent` keeps it in rotation). Outside panic
+                // mode the call goes elsewhere if it can; else (and in panic mode, which
+                // spreads calls over every endpoint) past the breaker, which records nothing
+                // while open.
+                None if breaker.is_open() => match panic || wait {
+                    true => (breaker.get_ref(), None),
+                    false => return Err(request),
+                },
                 None => return Self::through_breaker(breaker, classifier, request, wait),
             },
         };
@@ -305,7 +311,13 @@ where
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match own.poll_ready(&mut cx) {
             Poll::Ready(Ok(())) => {}
-            Poll::Pending if !wait => return Err(request),
+            Poll::Pending | Poll::Ready(Err(_)) if !wait => {
+                // Not ready now: the call goes elsewhere if it can. The copy goes too, with
+                // whatever place in a queue its readiness took (a semaphore's waiter, say),
+                // which it would otherwise hold with no one to wake it.
+                *copy = None;
+                return Err(request);
+            }
             Poll::Pending => {
                 // The copy goes on with this call, keeping whatever place its readiness holds
                 // (a queued permit, say); the next call makes a new copy.

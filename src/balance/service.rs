@@ -30,9 +30,11 @@ pub(crate) struct Snapshot<S, T> {
     pub(crate) prepared: Option<T>,
     /// Endpoints discovered, ready or not.
     pub(crate) known: usize,
-    /// Ready endpoints left out as outliers (none in panic mode, where the ejected ones are
-    /// in `services` too and are called past their open breakers).
+    /// Ready endpoints left out as outliers.
     pub(crate) ejected: usize,
+    /// Panic mode: ejected endpoints are in `services` too, and are called past their open
+    /// breakers.
+    pub(crate) panic: bool,
 }
 
 impl<S, T> Snapshot<S, T> {
@@ -44,6 +46,7 @@ impl<S, T> Snapshot<S, T> {
             prepared: None,
             known: 0,
             ejected: 0,
+            panic: false,
         }
     }
 }
@@ -500,6 +503,7 @@ where
                 &view.services[index],
                 &mut self.copies[index],
                 &self.classifier,
+                view.panic,
                 request,
                 false,
             ) {
@@ -511,6 +515,7 @@ where
             &view.services[pending],
             &mut self.copies[pending],
             &self.classifier,
+            view.panic,
             request,
             true,
         );
@@ -600,6 +605,7 @@ where
             &view.services[index],
             &mut self.copies[index],
             &self.classifier,
+            view.panic,
             request,
             false,
         ) {

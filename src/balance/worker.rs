@@ -447,5 +447,6 @@ fn snapshot<K, S: Clone, Req, P: Picker<Req>>(
         prepared,
         known: endpoints.len(),
         ejected,
+        panic,
     }
 }

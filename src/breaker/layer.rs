@@ -97,10 +97,7 @@ impl<C> CircuitBreakerLayer<C> {
     /// Names the breaker in tracing events and [`Transition`](super::Transition)s.
     #[must_use]
     pub fn name(self, name: impl Into<Arc<str>>) -> Self {
-        let name = name.into();
-        #[cfg(feature = "metrics")]
-        crate::metrics::breaker_built(&name);
-        self.shared.lock().name = name;
+        self.shared.lock().name = name.into();
         self
     }
 

@@ -117,7 +117,11 @@ impl MemoryRegistry {
     /// Reports registrations, removals and health changes to `sink` (a mesh's own bus) as
     /// well as the process's.
     pub(crate) fn events(&self, sink: crate::events::system::Sink) {
-        self.inner.state().sink = sink;
+        let mut state = self.inner.state();
+        // A registry shared by meshes reports to the first built over it.
+        if !state.sink.has_bus() {
+            state.sink = sink;
+        }
     }
 
     /// The snapshot of `service` now, without going through a future.

@@ -150,6 +150,11 @@ impl Sink {
         Self(Some(bus))
     }
 
+    /// Whether it reports to a mesh's bus as well.
+    pub(crate) fn has_bus(&self) -> bool {
+        self.0.is_some()
+    }
+
     pub(crate) fn publish(&self, component: &str, event: SystemEvent) {
         // Metrics are recorded here, on the publishing thread and before any bus sees the
         // event: a task turning events into metrics would record late, miss events when it

@@ -1,6 +1,6 @@
 //! meshkit's errors as HTTP responses: `503` for an open breaker, `429` for a rate limit, ...
 
-use crate::balance::NoEndpoints;
+use crate::balance::{EndpointEjected, NoEndpoints};
 use crate::breaker::CircuitOpen;
 use crate::limit::{Overloaded, RateLimited};
 use crate::mesh::MeshClosed;
@@ -15,7 +15,7 @@ use std::time::Duration;
 /// | error | status | `Retry-After` |
 /// |---|---|---|
 /// | [`CircuitOpen`] | 503 Service Unavailable | the time until the breaker half-opens |
-/// | [`NoEndpoints`] | 503 Service Unavailable | – |
+/// | [`NoEndpoints`], [`EndpointEjected`] | 503 Service Unavailable | – |
 /// | [`Overloaded`] (concurrency limit, load shed) | 503 Service Unavailable | – |
 /// | [`RateLimited`] | 429 Too Many Requests | the time until a request is admitted |
 /// | [`TimedOut`], `tower::timeout::error::Elapsed` | 504 Gateway Timeout | – |
@@ -35,7 +35,11 @@ pub fn error_status(error: &(dyn Error + 'static)) -> Option<(StatusCode, Option
         if let Some(limited) = error.downcast_ref::<RateLimited>() {
             return Some((StatusCode::TOO_MANY_REQUESTS, Some(limited.retry_after())));
         }
-        if error.is::<NoEndpoints>() || error.is::<Overloaded>() || error.is::<MeshClosed>() {
+        if error.is::<NoEndpoints>()
+            || error.is::<EndpointEjected>()
+            || error.is::<Overloaded>()
+            || error.is::<MeshClosed>()
+        {
             return Some((StatusCode::SERVICE_UNAVAILABLE, None));
         }
         if error.is::<TimedOut>() || error.is::<tower::timeout::error::Elapsed>() {
@@ -325,5 +329,12 @@ mod tests {
             error_status(&elapsed),
             Some((StatusCode::GATEWAY_TIMEOUT, None))
         );
+        for unavailable in [&EndpointEjected as &(dyn Error + 'static), &MeshClosed] {
+            assert_eq!(
+                error_status(unavailable),
+                Some((StatusCode::SERVICE_UNAVAILABLE, None)),
+                "{unavailable}"
+            );
+        }
     }
 }

@@ -34,8 +34,8 @@ pub(crate) struct Policy<Req, Res> {
     pub(crate) budget: RetryBudget,
 }
 
-/// Applies a configuration from the channel given to `Mesh::reload_from`.
-pub(crate) type Apply = Arc<dyn Fn(MeshConfig) + Send + Sync>;
+/// Has the mesh apply what the channel given to `Mesh::reload_from` holds, if it changed.
+pub(crate) type Apply = Arc<dyn Fn() + Send + Sync>;
 
 /// What every clone of one client shares.
 struct Shared<Req, Res> {
@@ -137,16 +137,16 @@ where
         &self.policy.budget
     }
 
-    /// Hands the configuration the `reload_from` channel holds to the mesh, which reloads it
-    /// unless another clone (or the mesh's own task) already did.
+    /// The `reload_from` channel changed: the mesh applies its newest value, unless another
+    /// clone (or the mesh's own task) already did.
     #[cold]
     #[inline(never)]
     fn apply_source(&mut self) {
         let (Some(source), Some(apply)) = (&mut self.source, &self.shared.apply) else {
             return;
         };
-        let config = source.borrow_and_update().clone();
-        apply(config);
+        source.mark_unchanged();
+        apply();
     }
 
     /// Switches to the newest policies: built once per version, shared by every clone.

@@ -242,14 +242,10 @@ impl MeshConfig {
         let mut root: toml::Table =
             toml::from_str(text).map_err(|e| MeshConfigError::Syntax(located(text, &e)))?;
         for (name, value) in env {
-            let Some(path) = name.as_ref().strip_prefix("MESHKIT_") else {
-                continue;
-            };
-            // One word with no `__` is a path only for a top-level value; others (such as a
-            // `MESHKIT_CONFIG` naming the file) are not this config's business.
-            if !path.contains("__") && !path.eq_ignore_ascii_case("shutdown_timeout") {
+            if !is_config_variable(name.as_ref()) {
                 continue;
             }
+            let path = &name.as_ref()["MESHKIT_".len()..];
             set_path(&mut root, path, value.as_ref())?;
         }
         let root =
@@ -289,7 +285,7 @@ impl MeshConfig {
         // here only to refuse one of ours.
         let mut env = Vec::new();
         for (name, value) in std::env::vars_os() {
-            let Some(name) = name.to_str().filter(|name| name.starts_with("MESHKIT_")) else {
+            let Some(name) = name.to_str().filter(|name| is_config_variable(name)) else {
                 continue;
             };
             let Some(value) = value.to_str() else {
@@ -302,6 +298,14 @@ impl MeshConfig {
         }
         Self::from_toml_with_env(&text, env)
     }
+}
+
+/// Whether the environment variable `name` sets a config key: `MESHKIT_` and a path. One word
+/// with no `__` is a path only for a top-level value; others (such as a `MESHKIT_CONFIG`
+/// naming the file) are not this config's business.
+fn is_config_variable(name: &str) -> bool {
+    name.strip_prefix("MESHKIT_")
+        .is_some_and(|path| path.contains("__") || path.eq_ignore_ascii_case("shutdown_timeout"))
 }
 
 /// A TOML syntax error as `line L, column C: what` (toml's own rendering spans several
@@ -440,7 +444,6 @@ fn env_value(value: &str) -> toml::Value {
 
 type Table = serde_json::Map<String, serde_json::Value>;
 
-/// Lays each service's table over a copy of `defaults`, key by key.
 /// A mesh ejects outliers unless told not to (`ejection = "none"`): `defaults.balance`
 /// gets an `ejection` table of default values when it has no `ejection` key, and services
 /// take it from there.
@@ -463,6 +466,7 @@ fn eject_by_default(root: &mut Table) {
         .or_insert_with(|| serde_json::json!({}));
 }
 
+/// Lays each service's table over a copy of `defaults`, key by key.
 fn lay_services_over_defaults(root: &mut Table) {
     let Some(serde_json::Value::Object(defaults)) = root.get("defaults").cloned() else {
         return;

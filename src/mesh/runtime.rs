@@ -201,18 +201,40 @@ impl Mesh {
     ///
     /// # Panics
     /// Outside a tokio runtime.
-    pub fn reload_from(&self, mut updates: watch::Receiver<MeshConfig>) {
-        let current = updates.borrow_and_update().clone();
-        self.reload_if_new(current);
-        *self.inner.source.lock().unwrap_or_else(|p| p.into_inner()) = Some(updates.clone());
+    pub fn reload_from(&self, updates: watch::Receiver<MeshConfig>) {
+        let mut watching = updates.clone();
+        {
+            let mut source = self.inner.source.lock().unwrap_or_else(|p| p.into_inner());
+            let mut updates = updates;
+            let current = updates.borrow_and_update().clone();
+            *source = Some(updates);
+            self.reload_if_new(current);
+        }
+        watching.mark_unchanged();
         let mesh = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
-            while updates.changed().await.is_ok() {
+            while watching.changed().await.is_ok() {
+                watching.mark_unchanged();
                 let Some(inner) = mesh.upgrade() else { return };
-                let config = updates.borrow_and_update().clone();
-                Mesh { inner }.reload_if_new(config);
+                Mesh { inner }.apply_latest();
             }
         });
+    }
+
+    /// Applies what the `reload_from` channel holds, if it changed since the mesh last
+    /// applied it. Under the channel's lock: whoever sees a change first (the mesh's task, or
+    /// any client's `poll_ready`) applies the newest value, once, and an older value can
+    /// never follow a newer one.
+    pub(crate) fn apply_latest(&self) {
+        let mut source = self.inner.source.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(updates) = source.as_mut() else {
+            return;
+        };
+        if !updates.has_changed().unwrap_or(false) {
+            return;
+        }
+        let config = updates.borrow_and_update().clone();
+        self.reload_if_new(config);
     }
 
     /// Reloads `config` unless it is the current one; an invalid one is logged and skipped.
@@ -346,6 +368,9 @@ impl Mesh {
                 }
             };
             let (handle, budget) = (breaker.handle(), retry.budget().clone());
+            // Its state gauge from the start (0, closed), not only from its first transition.
+            #[cfg(feature = "metrics")]
+            crate::metrics::breaker_built(&name);
             let timeout = settings.timeout;
             *last = Some(Built {
                 breaker_settings: settings.breaker.clone(),
@@ -381,11 +406,13 @@ impl Mesh {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .map(|updates| {
+            .map(|mut updates| {
+                // A trigger only: what the mesh applied is what this clone has seen.
+                updates.mark_unchanged();
                 let mesh = Arc::downgrade(&self.inner);
-                let apply: super::client::Apply = Arc::new(move |config| {
+                let apply: super::client::Apply = Arc::new(move || {
                     if let Some(inner) = mesh.upgrade() {
-                        Mesh { inner }.reload_if_new(config);
+                        Mesh { inner }.apply_latest();
                     }
                 });
                 (updates, apply)
@@ -403,12 +430,16 @@ impl Mesh {
 }
 
 /// The retry settings a client's retry layer runs with under the whole-call `timeout`: a
-/// server's `Retry-After` longer than the call may last is not waited for (the call would
-/// end in a timeout, the server's answer lost), but returned at once.
+/// server's `Retry-After` at least as long as the call may last is not waited for (the call
+/// would end in a timeout, the server's answer lost), but returned at once. (What is left of
+/// the timeout when the answer comes is not known to the retry layer: a shorter hint that
+/// outlasts it still ends in the timeout.)
 fn within(retry: &RetryConfig, timeout: Option<Duration>) -> RetryConfig {
     let mut retry = retry.clone();
     if let Some(timeout) = timeout {
-        retry.max_retry_after = retry.max_retry_after.min(timeout);
+        // The retry layer refuses hints over its limit: one of the timeout itself is refused.
+        let limit = timeout.saturating_sub(Duration::from_millis(1));
+        retry.max_retry_after = retry.max_retry_after.min(limit);
     }
     retry
 }

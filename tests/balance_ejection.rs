@@ -228,7 +228,7 @@ async fn consecutive_failures_eject_before_the_failure_rate_would() {
     // Fails from its 9th call on: 8 successes keep the rate of its last 50 calls low.
     let script = (0..200).map(|n| n >= 8).collect();
     let config = EjectionConfig {
-        consecutive_failures: 4,
+        consecutive_failures: Some(4),
         failures: 50,
         failure_rate: 0.9,
         ..ejection(0.5, 0.0)
@@ -248,7 +248,7 @@ async fn the_failure_rate_ejects_an_endpoint_that_never_fails_twice_in_a_row() {
     // Fails every other call: never two in a row, half of them.
     let script = (0..200).map(|n| n % 2 == 1).collect();
     let config = EjectionConfig {
-        consecutive_failures: 2,
+        consecutive_failures: Some(2),
         failures: 10,
         failure_rate: 0.5,
         ..ejection(0.5, 0.0)
@@ -266,7 +266,7 @@ async fn the_failure_rate_ejects_an_endpoint_that_never_fails_twice_in_a_row() {
 async fn runs_of_failures_alone_never_eject_an_endpoint_that_alternates() {
     let script = (0..200).map(|n| n % 2 == 1).collect();
     let config = EjectionConfig {
-        consecutive_failures: 2,
+        consecutive_failures: Some(2),
         failures: 0,
         ..ejection(0.5, 0.0)
     };
@@ -359,4 +359,19 @@ async fn calls_go_elsewhere_once_an_endpoints_breaker_opens_before_the_worker_ej
         }
     }
     assert_eq!(failed, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_set_alone_is_the_rate_rule_alone() {
+    // `failures = 10` at the default rate (1.0): 10 failures in a row, not the run rule's
+    // default 5.
+    let script = vec![true; 200];
+    let config = EjectionConfig {
+        failures: 10,
+        ..ejection(0.5, 0.0)
+    };
+    assert_eq!(config.consecutive_failures, None);
+    let mut balance = with_scripted(script, config).await;
+    let counts = tally(&mut balance, 60).await;
+    assert_eq!(counts.get("flaky failed"), Some(&10), "{counts:?}");
 }

@@ -128,12 +128,19 @@ fn successes_counted_on_another_thread_break_the_run() {
         send_n(&mut service, Call::Succeed, 30).await;
         send_n(&mut service, Call::Fail, 3).await;
     });
-    std::thread::spawn({
+    // The other thread stays alive while the run is judged: its success sits on its own
+    // cell, counted without the lock, not folded into the breaker's totals at thread exit.
+    let (counted, done) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+    let other = std::thread::spawn({
         let mut service = service.clone();
-        move || paused_runtime().block_on(send_n(&mut service, Call::Succeed, 1))
-    })
-    .join()
-    .unwrap();
+        let (counted, done) = (counted.0, done.1);
+        move || {
+            paused_runtime().block_on(send_n(&mut service, Call::Succeed, 1));
+            counted.send(()).unwrap();
+            let _ = done.recv();
+        }
+    });
+    counted.1.recv().unwrap();
     rt.block_on(async {
         let mut service = service.clone();
         send_n(&mut service, Call::Fail, 3).await;
@@ -141,6 +148,8 @@ fn successes_counted_on_another_thread_break_the_run() {
         let _ = send(&mut service, Call::Fail).await;
         assert_eq!(handle.state(), BreakerState::Open, "a run of 4");
     });
+    done.0.send(()).unwrap();
+    other.join().unwrap();
 }
 
 #[tokio::test(start_paused = true)]

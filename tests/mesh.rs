@@ -74,7 +74,10 @@ ejection = { consecutive_failures = 5 }
     let users = config.service("users");
     assert_eq!(users.retry.max_attempts, 3);
     let ejection = users.balance.ejection.as_ref().unwrap();
-    assert_eq!((ejection.consecutive_failures, ejection.failures), (5, 0));
+    assert_eq!(
+        (ejection.consecutive_failures, ejection.failures),
+        (Some(5), 0)
+    );
 }
 
 #[test]

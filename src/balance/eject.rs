@@ -19,9 +19,10 @@ use tower::{BoxError, Service};
 
 /// When an endpoint is taken out of rotation, and for how long.
 ///
-/// Each endpoint gets its own circuit breaker, with two rules: `consecutive_failures` in a row
-/// (by default 5), or a `failure_rate` of its last `failures` calls (off by default). Either
-/// ejects it for `base_ejection`, doubling with each ejection in a row up to
+/// Each endpoint gets its own circuit breaker, with two rules: `consecutive_failures` in a row,
+/// or a `failure_rate` of its last `failures` calls. By default only the first, at 5; a
+/// config that sets `failures` alone uses the rate rule alone (at the default rate, 1.0,
+/// that is `failures` in a row). Either rule ejects an endpoint for `base_ejection`, doubling with each ejection in a row up to
 /// `max_ejection`; after that, the next call to it is a probe, and its success re-admits the
 /// endpoint. Ejection never takes more than
 /// `max_ejection_percent` of the ready endpoints out (counted after the ejection it would
@@ -31,8 +32,8 @@ use tower::{BoxError, Service};
 #[serde(default, deny_unknown_fields)]
 pub struct EjectionConfig {
     /// Failures in a row that eject an endpoint, in `[0, 1000]`; `0` turns the rule off.
-    /// Default `5`.
-    pub consecutive_failures: u32,
+    /// Default (unset): `5` when the rate rule is off (`failures = 0`), off when it is on.
+    pub consecutive_failures: Option<u32>,
     /// Calls the failure-rate rule looks at (the endpoint's last ones), in `[0, 1000]`; `0`
     /// turns the rule off. Default `0`.
     pub failures: u32,
@@ -52,10 +53,13 @@ pub struct EjectionConfig {
     pub panic_threshold: f64,
 }
 
+/// Failures in a row that eject an endpoint when nothing else is set.
+const DEFAULT_RUN: u32 = 5;
+
 impl Default for EjectionConfig {
     fn default() -> Self {
         Self {
-            consecutive_failures: 5,
+            consecutive_failures: None,
             failures: 0,
             failure_rate: 1.0,
             base_ejection: Duration::from_secs(30),
@@ -73,17 +77,16 @@ impl EjectionConfig {
     /// A [`ConfigError`] naming the first invalid field and its range.
     pub fn validate(&self) -> Result<(), ConfigError> {
         int_in_range("failures", self.failures, 0, 1_000)?;
-        if self.failures == 0 {
+        if let Some(run) = self.consecutive_failures {
+            int_in_range("consecutive_failures", run, 0, 1_000)?;
+        }
+        if self.failures == 0 && self.consecutive_failures == Some(0) {
             // Without the rate rule, runs of failures are the only way to eject.
-            if !(1..=1_000).contains(&self.consecutive_failures) {
-                return Err(ConfigError::new(
-                    "consecutive_failures",
-                    "in [1, 1000] when failures is 0",
-                    self.consecutive_failures,
-                ));
-            }
-        } else {
-            int_in_range("consecutive_failures", self.consecutive_failures, 0, 1_000)?;
+            return Err(ConfigError::new(
+                "consecutive_failures",
+                "in [1, 1000] when failures is 0",
+                0,
+            ));
         }
         crate::config::rate_in_unit_interval("failure_rate", self.failure_rate)?;
         duration_in_range(
@@ -109,20 +112,30 @@ impl EjectionConfig {
         Ok(())
     }
 
+    /// Failures in a row that eject, if that rule is on: set, or by default 5 when the rate
+    /// rule is off.
+    pub(crate) fn run_limit(&self) -> Option<u32> {
+        match (self.consecutive_failures, self.failures) {
+            (Some(0), _) | (None, 1..) => None,
+            (Some(run), _) => Some(run),
+            (None, 0) => Some(DEFAULT_RUN),
+        }
+    }
+
     /// The breaker each endpoint gets.
     pub(crate) fn breaker(&self) -> BreakerConfig {
+        let run = self.run_limit();
         // With the rate rule off, the window is the run itself: all of the last
         // `consecutive_failures` calls failed.
         let (window, failure_rate) = match self.failures {
-            0 => (self.consecutive_failures, 1.0),
+            0 => (run.unwrap_or(DEFAULT_RUN), 1.0),
             calls => (calls, self.failure_rate),
         };
         BreakerConfig {
             failure_rate,
             window: WindowConfig::Count { size: window },
             minimum_calls: window,
-            consecutive_failures: (self.consecutive_failures > 0)
-                .then_some(self.consecutive_failures),
+            consecutive_failures: run,
             open_for: self.base_ejection,
             open_for_max: self.max_ejection,
             open_backoff: 2.0,
@@ -467,7 +480,7 @@ mod tests {
         };
         assert_eq!(bad.validate().unwrap_err().field(), "max_ejection");
         let neither = EjectionConfig {
-            consecutive_failures: 0,
+            consecutive_failures: Some(0),
             ..EjectionConfig::default()
         };
         assert_eq!(
@@ -475,14 +488,14 @@ mod tests {
             "consecutive_failures must be in [1, 1000] when failures is 0, got 0"
         );
         let rate_alone = EjectionConfig {
-            consecutive_failures: 0,
+            consecutive_failures: Some(0),
             failures: 20,
             failure_rate: 0.5,
             ..EjectionConfig::default()
         };
         rate_alone.validate().unwrap();
         let too_long = EjectionConfig {
-            consecutive_failures: 1_001,
+            consecutive_failures: Some(1_001),
             ..EjectionConfig::default()
         };
         assert_eq!(
@@ -498,22 +511,25 @@ mod tests {
         assert_eq!(runs.window, WindowConfig::Count { size: 5 });
         assert_eq!(runs.failure_rate, 1.0);
         runs.validate().unwrap();
-        let both = EjectionConfig {
-            failures: 20,
-            failure_rate: 0.4,
-            ..EjectionConfig::default()
-        }
-        .breaker();
+        let with = |consecutive_failures, failures| {
+            EjectionConfig {
+                consecutive_failures,
+                failures,
+                failure_rate: 0.4,
+                ..EjectionConfig::default()
+            }
+            .breaker()
+        };
+        let both = with(Some(5), 20);
         assert_eq!(both.consecutive_failures, Some(5));
         assert_eq!(both.window, WindowConfig::Count { size: 20 });
         assert_eq!((both.minimum_calls, both.failure_rate), (20, 0.4));
-        let rate_alone = EjectionConfig {
-            consecutive_failures: 0,
-            failures: 20,
-            failure_rate: 0.4,
-            ..EjectionConfig::default()
-        }
-        .breaker();
-        assert_eq!(rate_alone.consecutive_failures, None);
+        assert_eq!(with(Some(0), 20).consecutive_failures, None);
+        // `failures` set alone: the rate rule alone, as before there was a run rule.
+        assert_eq!(with(None, 20).consecutive_failures, None);
+        let runs_of_three = with(Some(3), 0);
+        assert_eq!(runs_of_three.consecutive_failures, Some(3));
+        assert_eq!(runs_of_three.window, WindowConfig::Count { size: 3 });
+        assert_eq!(runs_of_three.failure_rate, 1.0);
     }
 }

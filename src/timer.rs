@@ -40,6 +40,34 @@ struct Armed {
 
 thread_local! {
     static IDLE: RefCell<Vec<Armed>> = const { RefCell::new(Vec::new()) };
+    /// The deadline of the whole call being polled on this thread, if a time limit above it
+    /// has one armed (see [`within_deadline`]).
+    static CALL_DEADLINE: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `poll` (a call's inner future being polled) with `deadline` as the call's deadline
+/// on this thread, so that layers below (a retry deciding whether to wait for another try)
+/// can see how long the call has left. The previous deadline is restored afterwards, also
+/// on unwind.
+pub(crate) fn within_deadline<R>(deadline: Instant, poll: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = CALL_DEADLINE.try_with(|slot| slot.set(self.0));
+        }
+    }
+    let _restore = Restore(
+        CALL_DEADLINE
+            .try_with(|slot| slot.replace(Some(deadline)))
+            .ok()
+            .flatten(),
+    );
+    poll()
+}
+
+/// The deadline of the whole call being polled on this thread, if one is known.
+pub(crate) fn call_deadline() -> Option<Instant> {
+    CALL_DEADLINE.try_with(std::cell::Cell::get).ok().flatten()
 }
 
 /// A deadline for one waiting call, on a pooled tokio [`Sleep`]. Must be made inside a tokio
@@ -93,6 +121,11 @@ impl Timer {
             deadline,
             armed: Some(armed),
         }
+    }
+
+    /// When it fires.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
     }
 
     /// Whether the deadline has passed; registers `cx`'s waker if not.

@@ -410,3 +410,59 @@ timeout = \"10s\"",
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_longer_than_what_is_left_of_the_timeout_returns_the_response_then() {
+    // The answer takes 3 s and asks for 8 s more: under a 10 s timeout the retry could not
+    // finish, so the 503 is returned when it comes, not a 504 seven seconds later.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let leaf = {
+        let calls = calls.clone();
+        tower::service_fn(move |_: http::Request<()>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Ok::<_, std::io::Error>(
+                    http::Response::builder()
+                        .status(503)
+                        .header("retry-after", "8")
+                        .body(())
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let mesh = mesh_with("[services.users]\ntimeout = \"10s\"", &[9]).await;
+    let mut users = mesh.client("users", leaf).unwrap();
+    let started = tokio::time::Instant::now();
+    let request = http::Request::get("http://users/users/1").body(()).unwrap();
+    let response = users.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // With time for it, the retry is made: a 2 s wait after a 3 s answer fits in 10 s.
+    let mesh = mesh_with(
+        "[services.users]\ntimeout = \"10s\"\nretry = { max_attempts = 2 }",
+        &[9],
+    )
+    .await;
+    let quick = tower::service_fn(|_: http::Request<()>| async {
+        Ok::<_, std::io::Error>(
+            http::Response::builder()
+                .status(503)
+                .header("retry-after", "2")
+                .body(())
+                .unwrap(),
+        )
+    });
+    let mut users = mesh.client("users", quick).unwrap();
+    let started = tokio::time::Instant::now();
+    let request = http::Request::get("http://users/users/1").body(()).unwrap();
+    let response = users.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(2),
+        "waited, retried once"
+    );
+}

@@ -79,8 +79,9 @@ pub struct ServiceConfig {
     /// `http::error_status` and `ErrorResponseLayer` turn into a 504. `retry.deadline` bounds
     /// the retry layer alone: it stops sending tries and, where the error type can carry it,
     /// cuts the running try with `TimedOut`; with both set, the shorter one ends the call
-    /// first. A server's `Retry-After` longer than this limit is not waited for: the response
-    /// that carries it is returned at once (as for one over `retry.max_retry_after`).
+    /// first. A retry wait (a server's `Retry-After`, or the backoff) that would end past
+    /// this limit is not waited for: the last try's response or error is returned when it
+    /// comes, rather than a timeout that loses it.
     #[serde(with = "crate::duration::option")]
     pub timeout: Option<Duration>,
     /// What HTTP clients may send again.

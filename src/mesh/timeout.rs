@@ -71,8 +71,16 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(result) = this.inner.poll(cx) {
+        let mut this = self.project();
+        // Once armed, the layers below see the call's deadline (a retry does not wait for a
+        // try it could not finish in time).
+        let polled = match this.timer {
+            Some(timer) => {
+                crate::timer::within_deadline(timer.deadline(), || this.inner.as_mut().poll(cx))
+            }
+            None => this.inner.as_mut().poll(cx),
+        };
+        if let Poll::Ready(result) = polled {
             return Poll::Ready(result.map_err(Into::into));
         }
         let limit = *this.limit;

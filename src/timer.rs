@@ -47,8 +47,9 @@ thread_local! {
 
 /// Runs `poll` (a call's inner future being polled) with `deadline` as the call's deadline
 /// on this thread, so that layers below (a retry deciding whether to wait for another try)
-/// can see how long the call has left. The previous deadline is restored afterwards, also
-/// on unwind.
+/// can see how long the call has left; under an enclosing call's earlier deadline (a mesh
+/// client called from another's leaf), that one stays. The previous deadline is restored
+/// afterwards, also on unwind.
 pub(crate) fn within_deadline<R>(deadline: Instant, poll: impl FnOnce() -> R) -> R {
     struct Restore(Option<Instant>);
     impl Drop for Restore {
@@ -58,7 +59,11 @@ pub(crate) fn within_deadline<R>(deadline: Instant, poll: impl FnOnce() -> R) ->
     }
     let _restore = Restore(
         CALL_DEADLINE
-            .try_with(|slot| slot.replace(Some(deadline)))
+            .try_with(|slot| {
+                let outer = slot.get();
+                slot.set(Some(outer.map_or(deadline, |outer| outer.min(deadline))));
+                outer
+            })
             .ok()
             .flatten(),
     );

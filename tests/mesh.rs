@@ -527,6 +527,24 @@ async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel()
     assert_eq!(mesh.config().service("users").retry.max_attempts, 4);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_client_built_right_after_a_send_runs_under_the_sent_config() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let with_attempts = |attempts| {
+        let mut config = mesh.config();
+        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
+        config
+    };
+    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
+    mesh.reload_from(receiver);
+    updates.send(with_attempts(3)).unwrap();
+    // Built before the mesh's task has run.
+    let mut client = refused_users(&mesh, calls.clone());
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
 /// A mesh with "users" on ports 1, 2 and 3, a random picker and one retry (unlimited budget,
 /// 1 ms backoff), with `retry` (TOML lines) added to the retry section.
 async fn three_users_retried_once(retry: &str) -> Mesh {

@@ -440,13 +440,15 @@ async fn a_retry_after_longer_than_what_is_left_of_the_timeout_returns_the_respo
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(started.elapsed(), Duration::from_secs(3));
     assert_eq!(calls.load(Ordering::SeqCst), 1);
-    // With time for it, the retry is made: a 2 s wait after a 3 s answer fits in 10 s.
+    // With time for it, the retry is made: a 2 s wait after a 3 s answer, then another 3 s
+    // answer, fit in 10 s.
     let mesh = mesh_with(
         "[services.users]\ntimeout = \"10s\"\nretry = { max_attempts = 2 }",
         &[9],
     )
     .await;
     let quick = tower::service_fn(|_: http::Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
         Ok::<_, std::io::Error>(
             http::Response::builder()
                 .status(503)
@@ -462,7 +464,7 @@ async fn a_retry_after_longer_than_what_is_left_of_the_timeout_returns_the_respo
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         started.elapsed(),
-        Duration::from_secs(2),
+        Duration::from_secs(8),
         "waited, retried once"
     );
 }

@@ -472,7 +472,8 @@ where
     /// more, as the picker spreads calls, then takes the first ready one of the [`SCAN`]
     /// endpoints after `pending` (a bounded cost, whatever the endpoint count); else the
     /// call waits for `pending`'s copy. Returns the endpoint's index and the call.
-    /// A copy passed over stays the handle's, polled again by the next call that picks it.
+    /// A copy passed over is dropped (with whatever place in a queue its readiness took); the
+    /// next call that picks the endpoint makes a new one.
     #[cold]
     #[inline(never)]
     fn call_elsewhere(

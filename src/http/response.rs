@@ -103,6 +103,7 @@ mod with_axum {
     into_response!(
         CircuitOpen,
         NoEndpoints,
+        EndpointEjected,
         Overloaded,
         RateLimited,
         TimedOut,

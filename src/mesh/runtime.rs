@@ -201,16 +201,17 @@ impl Mesh {
     ///
     /// # Panics
     /// Outside a tokio runtime.
-    pub fn reload_from(&self, updates: watch::Receiver<MeshConfig>) {
-        let mut watching = updates.clone();
-        {
+    pub fn reload_from(&self, mut updates: watch::Receiver<MeshConfig>) {
+        let mut watching = {
             let mut source = self.inner.source.lock().unwrap_or_else(|p| p.into_inner());
-            let mut updates = updates;
             let current = updates.borrow_and_update().clone();
+            // Cloned under the lock: it has seen exactly what the mesh applies here, so a
+            // value sent from now on wakes the task.
+            let watching = updates.clone();
             *source = Some(updates);
             self.reload_if_new(current);
-        }
-        watching.mark_unchanged();
+            watching
+        };
         let mesh = Arc::downgrade(&self.inner);
         tokio::spawn(async move {
             while watching.changed().await.is_ok() {
@@ -305,6 +306,9 @@ impl Mesh {
             + 'static,
         K: Replay<Req> + Clone + Send + Sync + 'static,
     {
+        // A value sent on the `reload_from` channel and not applied yet: this client's
+        // balance and http sections are read now.
+        self.apply_latest();
         let config = self.config();
         let settings = &config.service(service).balance;
         let endpoints = discover(&self.inner.registry, service, make_endpoint);
@@ -337,11 +341,17 @@ impl Mesh {
             }
             let breaker = match last.as_ref() {
                 Some(last) if last.breaker_settings == settings.breaker => last.breaker.clone(),
-                _ => CircuitBreakerLayer::new(settings.breaker.clone())
-                    .map_err(|e| e.at("breaker"))?
-                    .name(name.clone())
-                    .events(sink.clone())
-                    .classify(classifier.clone()),
+                _ => {
+                    // Its state gauge from the start (0, closed), not only from its first
+                    // transition; set for a new breaker only (a kept one keeps its state).
+                    #[cfg(feature = "metrics")]
+                    crate::metrics::breaker_built(&name);
+                    CircuitBreakerLayer::new(settings.breaker.clone())
+                        .map_err(|e| e.at("breaker"))?
+                        .name(name.clone())
+                        .events(sink.clone())
+                        .classify(classifier.clone())
+                }
             };
             let retry = match last.as_ref() {
                 Some(last)
@@ -368,9 +378,6 @@ impl Mesh {
                 }
             };
             let (handle, budget) = (breaker.handle(), retry.budget().clone());
-            // Its state gauge from the start (0, closed), not only from its first transition.
-            #[cfg(feature = "metrics")]
-            crate::metrics::breaker_built(&name);
             let timeout = settings.timeout;
             *last = Some(Built {
                 breaker_settings: settings.breaker.clone(),
@@ -406,9 +413,9 @@ impl Mesh {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .map(|mut updates| {
-                // A trigger only: what the mesh applied is what this clone has seen.
-                updates.mark_unchanged();
+            .map(|updates| {
+                // A trigger only. A clone of the mesh's receiver has seen what the mesh
+                // applied, so a value sent since is applied at this client's first poll.
                 let mesh = Arc::downgrade(&self.inner);
                 let apply: super::client::Apply = Arc::new(move || {
                     if let Some(inner) = mesh.upgrade() {

@@ -823,11 +823,10 @@ async fn calls_return_to_an_endpoint_once_it_is_ready_again() {
     assert!(["a", "b", "c"].contains(&call.await.unwrap()));
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_endpoint_at_its_concurrency_limit_is_passed_over_for_one_with_room() {
-    // Two endpoints of one call at a time, where call 0 takes 100 ms and the others 10 ms.
-    // While one endpoint holds call 0, the calls round robin gives it go to the other,
-    // instead of queueing behind call 0.
+/// A round-robin balancer, started, over "a" and "b": each takes one call at a time, and
+/// answers call 0 after 100 ms, any other after 10 ms.
+async fn two_limited_endpoints(
+) -> impl Service<u64, Response = &'static str, Error = BoxError, Future: Send + 'static> + Clone {
     let limited = |name: &'static str| {
         tower::ServiceBuilder::new()
             .concurrency_limit(1)
@@ -844,6 +843,15 @@ async fn an_endpoint_at_its_concurrency_limit_is_passed_over_for_one_with_room()
     let mut balance = Balance::new(discover, RoundRobin);
     balance.ready().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1)).await;
+    balance
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_at_its_concurrency_limit_is_passed_over_for_one_with_room() {
+    // Two endpoints of one call at a time, where call 0 takes 100 ms and the others 10 ms.
+    // While one endpoint holds call 0, the calls round robin gives it go to the other,
+    // instead of queueing behind call 0.
+    let mut balance = two_limited_endpoints().await;
     let first = tokio::spawn(balance.ready().await.unwrap().call(0));
     let started = tokio::time::Instant::now();
     let mut answers = Vec::new();
@@ -863,22 +871,7 @@ async fn a_handle_that_passed_over_a_busy_endpoint_does_not_keep_its_place_in_li
     // Two endpoints of one call at a time; call 0 holds one for 100 ms. A second handle's
     // calls pass over it meanwhile; once it is free, a third handle's calls reach it again
     // (a copy left queued for its permit, with no one to wake, would take the permit freed).
-    let limited = |name: &'static str| {
-        tower::ServiceBuilder::new()
-            .concurrency_limit(1)
-            .service(tower::service_fn(move |n: u64| async move {
-                let latency = if n == 0 { 100 } else { 10 };
-                tokio::time::sleep(Duration::from_millis(latency)).await;
-                Ok::<_, Infallible>(name)
-            }))
-    };
-    let discover = futures::stream::iter([
-        Ok::<_, Infallible>(Change::Insert("a", limited("a"))),
-        Ok(Change::Insert("b", limited("b"))),
-    ]);
-    let mut balance = Balance::new(discover, RoundRobin);
-    balance.ready().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut balance = two_limited_endpoints().await;
     let first = tokio::spawn(balance.ready().await.unwrap().call(0));
     let mut second = balance.clone();
     for n in 1..=2 {

@@ -223,6 +223,13 @@ async fn with_scripted(
     balance
 }
 
+/// 60 calls over the healthy endpoint and one that follows `script`, ejected by `config`;
+/// the answers counted by name (errors by message).
+async fn scripted_tally(script: Vec<bool>, config: EjectionConfig) -> BTreeMap<String, u64> {
+    let mut balance = with_scripted(script, config).await;
+    tally(&mut balance, 60).await
+}
+
 #[tokio::test(start_paused = true)]
 async fn consecutive_failures_eject_before_the_failure_rate_would() {
     // Fails from its 9th call on: 8 successes keep the rate of its last 50 calls low.
@@ -233,8 +240,7 @@ async fn consecutive_failures_eject_before_the_failure_rate_would() {
         failure_rate: 0.9,
         ..ejection(0.5, 0.0)
     };
-    let mut balance = with_scripted(script, config).await;
-    let counts = tally(&mut balance, 60).await;
+    let counts = scripted_tally(script, config).await;
     assert_eq!(counts.get("flaky"), Some(&8), "{counts:?}");
     assert_eq!(
         counts.get("flaky failed"),
@@ -253,8 +259,7 @@ async fn the_failure_rate_ejects_an_endpoint_that_never_fails_twice_in_a_row() {
         failure_rate: 0.5,
         ..ejection(0.5, 0.0)
     };
-    let mut balance = with_scripted(script, config).await;
-    let counts = tally(&mut balance, 60).await;
+    let counts = scripted_tally(script, config).await;
     assert_eq!(
         (counts.get("flaky"), counts.get("flaky failed")),
         (Some(&5), Some(&5)),
@@ -270,8 +275,7 @@ async fn runs_of_failures_alone_never_eject_an_endpoint_that_alternates() {
         failures: 0,
         ..ejection(0.5, 0.0)
     };
-    let mut balance = with_scripted(script, config).await;
-    let counts = tally(&mut balance, 60).await;
+    let counts = scripted_tally(script, config).await;
     assert_eq!(
         (counts.get("flaky"), counts.get("flaky failed")),
         (Some(&15), Some(&15)),
@@ -371,7 +375,6 @@ async fn failures_set_alone_is_the_rate_rule_alone() {
         ..ejection(0.5, 0.0)
     };
     assert_eq!(config.consecutive_failures, None);
-    let mut balance = with_scripted(script, config).await;
-    let counts = tally(&mut balance, 60).await;
+    let counts = scripted_tally(script, config).await;
     assert_eq!(counts.get("flaky failed"), Some(&10), "{counts:?}");
 }

@@ -467,15 +467,24 @@ async fn a_watch_channel_reloads_the_policies() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
+/// The mesh's config with "users" retried up to `attempts` tries.
+fn users_with_attempts(mesh: &Mesh, attempts: u32) -> MeshConfig {
+    let mut config = mesh.config();
+    config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
+    config
+}
+
+/// Sends one call that fails; the tries it made, counted in `calls` (then reset).
+async fn tries(client: &mut meshkit::MeshClient<u32, u32>, calls: &AtomicUsize) -> usize {
+    assert!(client.ready().await.unwrap().call(1).await.is_err());
+    calls.swap(0, Ordering::SeqCst)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
-    let with_attempts = |attempts| {
-        let mut config = mesh.config();
-        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
-        config
-    };
+    let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
     let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
     mesh.reload_from(receiver);
     assert_eq!(
@@ -488,13 +497,9 @@ async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
     for attempts in [3, 1, 4] {
         // No await in between: the send is seen by the client's own poll_ready.
         updates.send(with_attempts(attempts)).unwrap();
-        calls.store(0, Ordering::SeqCst);
-        assert!(client.ready().await.unwrap().call(1).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), attempts as usize);
-        calls.store(0, Ordering::SeqCst);
-        assert!(other.ready().await.unwrap().call(1).await.is_err());
+        assert_eq!(tries(&mut client, &calls).await, attempts as usize);
         assert_eq!(
-            calls.load(Ordering::SeqCst),
+            tries(&mut other, &calls).await,
             attempts as usize,
             "every clone"
         );
@@ -505,24 +510,17 @@ async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
 async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
-    let with_attempts = |attempts| {
-        let mut config = mesh.config();
-        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
-        config
-    };
+    let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
     let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
     mesh.reload_from(receiver);
     let mut first = refused_users(&mesh, calls.clone());
     updates.send(with_attempts(3)).unwrap();
-    assert!(first.ready().await.unwrap().call(1).await.is_err());
-    assert_eq!(calls.swap(0, Ordering::SeqCst), 3);
+    assert_eq!(tries(&mut first, &calls).await, 3);
     // A reload by hand after the channel's last value: it stands for clients built later.
     mesh.reload(with_attempts(4)).unwrap();
     let mut later = refused_users(&mesh, calls.clone());
-    assert!(later.ready().await.unwrap().call(1).await.is_err());
-    assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
-    assert!(first.ready().await.unwrap().call(1).await.is_err());
-    assert_eq!(calls.swap(0, Ordering::SeqCst), 4);
+    assert_eq!(tries(&mut later, &calls).await, 4);
+    assert_eq!(tries(&mut first, &calls).await, 4);
     tokio::task::yield_now().await; // the mesh's own task, too, leaves it alone
     assert_eq!(mesh.config().service("users").retry.max_attempts, 4);
 }
@@ -531,18 +529,13 @@ async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel()
 async fn a_client_built_right_after_a_send_runs_under_the_sent_config() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
-    let with_attempts = |attempts| {
-        let mut config = mesh.config();
-        config.services.get_mut("users").unwrap().retry.max_attempts = attempts;
-        config
-    };
+    let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
     let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
     mesh.reload_from(receiver);
     updates.send(with_attempts(3)).unwrap();
     // Built before the mesh's task has run.
     let mut client = refused_users(&mesh, calls.clone());
-    assert!(client.ready().await.unwrap().call(1).await.is_err());
-    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(tries(&mut client, &calls).await, 3);
 }
 
 /// A mesh with "users" on ports 1, 2 and 3, a random picker and one retry (unlimited budget,

@@ -86,6 +86,15 @@ fn get(path: &str) -> reqwest::Request {
     )
 }
 
+/// An instance whose requests never get an answer.
+async fn hanging_instance() -> Server {
+    serve(axum::Router::new().route(
+        "/users/{id}",
+        axum::routing::get(std::future::pending::<()>),
+    ))
+    .await
+}
+
 /// A gateway calls "users" through the mesh from its handlers; the gateway's port.
 async fn gateway(app: axum::Router) -> u16 {
     serve(app).await.port
@@ -307,11 +316,7 @@ async fn a_handler_returning_no_endpoints_answers_503() {
 /// A handler that returns the retry layer's `TimedOut` (a try past `per_try_timeout`) answers 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_returning_a_timed_out_try_answers_504() {
-    let hangs = axum::Router::new().route(
-        "/users/{id}",
-        axum::routing::get(std::future::pending::<()>),
-    );
-    let server = serve(hangs).await;
+    let server = hanging_instance().await;
     let mesh = mesh_with(
         "[services.users.retry]\nmax_attempts = 1\nper_try_timeout = \"200ms\"\n",
         &[server.port],
@@ -326,11 +331,7 @@ async fn a_handler_returning_a_timed_out_try_answers_504() {
 /// A call past the service's `timeout` (`Elapsed`) answers 504 through `ErrorResponseLayer`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_mesh_call_times_out_answers_504() {
-    let hangs = axum::Router::new().route(
-        "/users/{id}",
-        axum::routing::get(std::future::pending::<()>),
-    );
-    let server = serve(hangs).await;
+    let server = hanging_instance().await;
     let mesh = mesh_with("[services.users]\ntimeout = \"200ms\"\n", &[server.port]).await;
     let users = mesh.client("users", reqwest::Client::new()).unwrap();
     let proxy = ServiceBuilder::new()
@@ -350,11 +351,7 @@ async fn a_gateway_whose_mesh_call_times_out_answers_504() {
 /// what the error stands for: 504 for the whole-call timeout, 503 once the mesh is shut down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_returning_mesh_errors_with_question_mark_answers_their_status() {
-    let hangs = axum::Router::new().route(
-        "/users/{id}",
-        axum::routing::get(std::future::pending::<()>),
-    );
-    let server = serve(hangs).await;
+    let server = hanging_instance().await;
     let mesh = mesh_with("[services.users]\ntimeout = \"200ms\"\n", &[server.port]).await;
     let users = mesh.client("users", reqwest::Client::new()).unwrap();
     let app = axum::Router::new().route(

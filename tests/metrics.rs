@@ -15,7 +15,7 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 async fn clients_and_system_events_are_counted_under_the_documented_names() {
     let prometheus = PrometheusBuilder::new().install_recorder().unwrap();
     meshkit::metrics::describe();
-    let config = MeshConfig::from_toml(
+    let mesh = mesh_of(
         r#"
         [defaults.retry]
         max_attempts = 2
@@ -24,27 +24,11 @@ async fn clients_and_system_events_are_counted_under_the_documented_names() {
         minimum_calls = 4
         window = { kind = "count", size = 4 }
         "#,
+        &["users", "broken"],
     )
-    .unwrap();
-    let mesh = Mesh::builder().config(config).build().unwrap();
-    for service in ["users", "broken"] {
-        mesh.register(
-            Instance::builder(service, "10.0.0.7", 8080)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-    }
-    let ok = tower::service_fn(|_: http::Request<()>| async {
-        Ok::<_, std::io::Error>(http::Response::new(()))
-    });
-    let failing = tower::service_fn(|_: http::Request<()>| async {
-        Ok::<_, std::io::Error>(http::Response::builder().status(500).body(()).unwrap())
-    });
-    let mut users = mesh.client("users", ok).unwrap();
-    let mut broken = mesh.client("broken", failing).unwrap();
+    .await;
+    let mut users = mesh.client("users", answering(200)).unwrap();
+    let mut broken = mesh.client("broken", answering(500)).unwrap();
     let get = || http::Request::get("http://any/").body(()).unwrap();
     for _ in 0..5 {
         users.ready().await.unwrap().call(get()).await.unwrap();
@@ -95,6 +79,42 @@ async fn clients_and_system_events_are_counted_under_the_documented_names() {
     assert!(text.contains("# HELP meshkit_requests_total"), "described");
 }
 
+/// A mesh configured by `config` (TOML) with an instance of each of `services`.
+async fn mesh_of(config: &str, services: &[&str]) -> Mesh {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml(config).unwrap())
+        .build()
+        .unwrap();
+    for service in services {
+        mesh.register(
+            Instance::builder(*service, "10.0.0.7", 8080)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    mesh
+}
+
+/// A leaf that answers every request with `status`.
+fn answering(
+    status: u16,
+) -> impl Service<
+    http::Request<()>,
+    Response = http::Response<()>,
+    Error = std::io::Error,
+    Future: Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_: http::Request<()>| async move {
+        Ok(http::Response::builder().status(status).body(()).unwrap())
+    })
+}
+
 /// A mesh whose breakers open after 2 calls that all failed, and a client of `service` over
 /// an instance that answers 500.
 async fn failing_client(
@@ -103,27 +123,16 @@ async fn failing_client(
     Mesh,
     meshkit::MeshClient<http::Request<()>, http::Response<()>>,
 ) {
-    let config = MeshConfig::from_toml(
+    let mesh = mesh_of(
         r#"
         [defaults]
         retry = { max_attempts = 1 }
         breaker = { minimum_calls = 2, window = { kind = "count", size = 2 } }
         "#,
+        &[service],
     )
-    .unwrap();
-    let mesh = Mesh::builder().config(config).build().unwrap();
-    mesh.register(
-        Instance::builder(service, "10.0.0.7", 8080)
-            .build()
-            .unwrap(),
-    )
-    .await
-    .unwrap()
-    .forget();
-    let failing = tower::service_fn(|_: http::Request<()>| async {
-        Ok::<_, std::io::Error>(http::Response::builder().status(500).body(()).unwrap())
-    });
-    let client = mesh.client(service, failing).unwrap();
+    .await;
+    let client = mesh.client(service, answering(500)).unwrap();
     (mesh, client)
 }
 

@@ -483,9 +483,8 @@ where
         steered: bool,
         balancer: usize,
     ) -> (usize, GuardedCall<S, Req>) {
-        let view = &self.view;
-        let prepared = view.prepared.as_ref().expect("checked by call");
-        let count = view.services.len();
+        let prepared = self.view.prepared.as_ref().expect("checked by call");
+        let count = self.view.services.len();
         let mut picks = [0; 2];
         for pick in &mut picks {
             *pick = self
@@ -496,34 +495,40 @@ where
             .into_iter()
             .chain((1..count.min(1 + SCAN)).map(|step| (pending + step) % count));
         for index in candidates {
-            let key = crate::tried::key(balancer, view.keys[index]);
-            if index == pending || (steered && crate::tried::avoids(key)) {
+            let avoided =
+                || crate::tried::avoids(crate::tried::key(balancer, self.view.keys[index]));
+            if index == pending || (steered && avoided()) {
                 continue;
             }
-            request = match GuardedCall::new(
-                &view.services[index],
-                &mut self.copies[index],
-                &self.classifier,
-                view.panic,
-                request,
-                false,
-            ) {
+            request = match self.try_endpoint(index, request, false) {
                 Ok(call) => return (index, call),
                 Err(request) => request,
             };
         }
-        let call = GuardedCall::new(
-            &view.services[pending],
-            &mut self.copies[pending],
-            &self.classifier,
-            view.panic,
-            request,
-            true,
-        );
-        match call {
+        match self.try_endpoint(pending, request, true) {
             Ok(call) => (pending, call),
             Err(_) => unreachable!("a call that may wait is always made"),
         }
+    }
+
+    /// The call to endpoint `index` through the handle's copy of it (see
+    /// [`GuardedCall::new`]): `Err` gives the request back when the copy is not ready and
+    /// the call may not `wait`.
+    #[inline(always)]
+    fn try_endpoint(
+        &mut self,
+        index: usize,
+        request: Req,
+        wait: bool,
+    ) -> Result<GuardedCall<S, Req>, Req> {
+        GuardedCall::new(
+            &self.view.services[index],
+            &mut self.copies[index],
+            &self.classifier,
+            self.view.panic,
+            request,
+            wait,
+        )
     }
 }
 
@@ -602,14 +607,7 @@ where
             );
         }
         let mut tried = crate::tried::key(balancer, view.keys[index]);
-        let call = match GuardedCall::new(
-            &view.services[index],
-            &mut self.copies[index],
-            &self.classifier,
-            view.panic,
-            request,
-            false,
-        ) {
+        let call = match self.try_endpoint(index, request, false) {
             Ok(call) => call,
             // Tower's balancers dispatch only to ready services: so does this one, when
             // another endpoint's copy is ready.

@@ -203,7 +203,7 @@ where
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        // One atomic load each when nothing changed.
+        // One atomic load when nothing changed.
         if let Some(source) = &mut self.source {
             if source.has_changed().unwrap_or(false) {
                 self.apply_source();
@@ -212,11 +212,12 @@ where
         if self.config.has_changed().unwrap_or(false) {
             self.reload();
         }
-        if self.lifecycle.is_closed() {
-            // At once: the balancer, its instances deregistered, would wait for one.
-            return Poll::Ready(Err(MeshClosed.into()));
+        match self.stack.poll_ready(cx) {
+            // After shutdown, at once: the balancer, its instances deregistered, would wait
+            // for one. (A stack that is ready goes on to `call`, which refuses.)
+            Poll::Pending if self.lifecycle.is_closed() => Poll::Ready(Err(MeshClosed.into())),
+            polled => polled,
         }
-        self.stack.poll_ready(cx)
     }
 
     #[inline]

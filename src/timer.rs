@@ -10,10 +10,11 @@
 //! only when it fires while the call still waits is it moved on to the call's deadline: a
 //! call that answers in time touches no timer state but its waker. A pooled timer that fires
 //! while no call waits wakes the task that last waited on it, once: a spurious wake-up, which
-//! futures tolerate.
+//! futures tolerate. A task's calls one after another take back the timer the last one
+//! returned: still registered with that task's waker and not fired, it is not even polled.
 //!
-//! Pooled timers belong to the runtime that made them. When a thread takes a timer while
-//! running another runtime, every pooled timer of other runtimes is dropped, so a service
+//! Pooled timers belong to the runtime that made them (a timer a task takes back is on the
+//! task's runtime: no check). When a thread takes a timer while running another runtime, every pooled timer of other runtimes is dropped, so a service
 //! moved between runtimes keeps timing out; until then, up to [`POOL`] timers per thread keep
 //! their runtime's timer driver (and the waker of the task that last waited) alive.
 //!
@@ -24,8 +25,9 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::runtime::{Handle, Id};
+use tokio::task;
 use tokio::time::{sleep_until, Instant, Sleep};
 
 /// Pooled timers kept per thread: enough for the calls one thread has waiting at once in a
@@ -35,7 +37,14 @@ const POOL: usize = 32;
 /// A timer and the runtime whose timer wheel it is registered with.
 struct Armed {
     runtime: Id,
+    /// The task that last took it, if it was taken in one: a later call of that task runs on
+    /// the same runtime (a task never moves to another), which then needs no check.
+    task: Option<task::Id>,
     sleep: Pin<Box<Sleep>>,
+    /// The waker the `Sleep` was last polled with, while that registration stands (cleared
+    /// when it fires or is moved): a call polled with the same waker finds itself already
+    /// registered.
+    waker: Option<Waker>,
 }
 
 thread_local! {
@@ -85,43 +94,21 @@ pub(crate) struct Timer {
 
 impl Timer {
     /// A timer that fires at `deadline`.
+    #[inline]
     pub(crate) fn at(deadline: Instant) -> Self {
-        let runtime = Handle::current().id();
-        let (pooled, stale) = IDLE
-            .try_with(|idle| {
-                let mut idle = idle.borrow_mut();
-                match idle.last() {
-                    Some(armed) if armed.runtime == runtime => (idle.pop(), Vec::new()),
-                    None => (None, Vec::new()),
-                    // Timers of another runtime (one this thread ran before) are of no use
-                    // here: all of them go.
-                    Some(_) => {
-                        let (mine, stale) = std::mem::take(&mut *idle)
-                            .into_iter()
-                            .partition(|armed: &Armed| armed.runtime == runtime);
-                        *idle = mine;
-                        (idle.pop(), stale)
-                    }
-                }
-            })
-            .unwrap_or_default();
-        // Dropped out of the pool's borrow: dropping a timer drops the waker it holds, which
-        // may drop a future that returns a timer of its own to the pool.
-        drop(stale);
-        let armed = match pooled {
-            // A pooled timer set to fire before `deadline` is left as it is: when it fires,
-            // `poll_elapsed` moves it on to `deadline`. Most calls answer long before that,
-            // and pay nothing for it.
-            Some(armed) if armed.sleep.deadline() <= deadline => armed,
-            Some(mut armed) => {
-                armed.sleep.as_mut().reset(deadline);
-                armed
-            }
-            None => Armed {
-                runtime,
-                sleep: Box::pin(sleep_until(deadline)),
-            },
+        let task = task::try_id();
+        let mut armed = match own_pooled(task) {
+            Some(armed) => armed,
+            None => pooled_or_new(deadline),
         };
+        // A pooled timer set to fire before `deadline` is left as it is: when it fires,
+        // `poll_elapsed` moves it on to `deadline`. Most calls answer long before that, and
+        // pay nothing for it.
+        if armed.sleep.deadline() > deadline {
+            armed.sleep.as_mut().reset(deadline);
+            armed.waker = None;
+        }
+        armed.task = task;
         Self {
             deadline,
             armed: Some(armed),
@@ -137,8 +124,30 @@ impl Timer {
     #[inline]
     pub(crate) fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let armed = self.armed.as_mut().expect("a timer is armed until dropped");
+        // Registered with this very waker and not fired: it wakes this call when it fires
+        // (no later than this call's deadline), so there is nothing to poll. A task's calls
+        // one after another take back the timer the last one returned, as it is.
+        if armed
+            .waker
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+            && !armed.sleep.is_elapsed()
+        {
+            return Poll::Pending;
+        }
         loop {
-            std::task::ready!(armed.sleep.as_mut().poll(cx));
+            if armed.sleep.as_mut().poll(cx).is_pending() {
+                if !armed
+                    .waker
+                    .as_ref()
+                    .is_some_and(|waker| waker.will_wake(cx.waker()))
+                {
+                    armed.waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            // Fired: its registration is spent.
+            armed.waker = None;
             if armed.sleep.deadline() >= self.deadline {
                 return Poll::Ready(());
             }
@@ -146,6 +155,55 @@ impl Timer {
             armed.sleep.as_mut().reset(self.deadline);
         }
     }
+}
+
+/// The timer on top of this thread's pool if the task `task` returned it: no runtime check
+/// needed.
+#[inline]
+fn own_pooled(task: Option<task::Id>) -> Option<Armed> {
+    task?;
+    IDLE.try_with(|idle| {
+        let mut idle = idle.borrow_mut();
+        match idle.last() {
+            Some(armed) if armed.task == task => idle.pop(),
+            _ => None,
+        }
+    })
+    .ok()
+    .flatten()
+}
+
+/// A pooled timer of the current runtime, or a new one for `deadline`.
+#[inline(never)]
+fn pooled_or_new(deadline: Instant) -> Armed {
+    let runtime = Handle::current().id();
+    let (pooled, stale) = IDLE
+        .try_with(|idle| {
+            let mut idle = idle.borrow_mut();
+            match idle.last() {
+                Some(armed) if armed.runtime == runtime => (idle.pop(), Vec::new()),
+                None => (None, Vec::new()),
+                // Timers of another runtime (one this thread ran before) are of no use here:
+                // all of them go.
+                Some(_) => {
+                    let (mine, stale) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|armed: &Armed| armed.runtime == runtime);
+                    *idle = mine;
+                    (idle.pop(), stale)
+                }
+            }
+        })
+        .unwrap_or_default();
+    // Dropped out of the pool's borrow: dropping a timer drops the waker it holds, which may
+    // drop a future that returns a timer of its own to the pool.
+    drop(stale);
+    pooled.unwrap_or_else(|| Armed {
+        runtime,
+        task: None,
+        sleep: Box::pin(sleep_until(deadline)),
+        waker: None,
+    })
 }
 
 impl Drop for Timer {
@@ -170,6 +228,7 @@ impl Drop for Timer {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::future::Future;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -223,6 +282,70 @@ pub(crate) mod tests {
         assert_eq!(idle_timers(), 1);
         elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(2))).await;
         assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    /// Registers `timer` with the current task's waker, without waiting.
+    async fn register(timer: &mut Timer) {
+        std::future::poll_fn(|cx| {
+            assert!(timer.poll_elapsed(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    /// Runs `body` as a spawned task (a task id: the pool's fast path), failing rather than
+    /// hanging if a timer never wakes it.
+    async fn in_task(body: impl Future<Output = ()> + Send + 'static) {
+        let task = tokio::spawn(tokio::time::timeout(Duration::from_secs(60), body));
+        task.await.unwrap().expect("a timer never woke its task");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_takes_back_its_own_timer_is_woken_at_its_new_deadline() {
+        in_task(async {
+            let start = Instant::now();
+            let mut first = Timer::at(start + Duration::from_secs(1));
+            register(&mut first).await;
+            drop(first);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Still registered with this task's waker, due at 1 s: taken back as it is.
+            let mut second = take_pooled(Instant::now() + Duration::from_secs(1));
+            elapsed(&mut second).await;
+            assert_eq!(start.elapsed(), Duration::from_millis(1_500));
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_takes_another_tasks_timer_is_woken_itself() {
+        let start = Instant::now();
+        in_task(async move {
+            let mut timer = Timer::at(start + Duration::from_secs(1));
+            register(&mut timer).await;
+        })
+        .await;
+        assert_eq!(idle_timers(), 1);
+        // Registered with the first task's waker: the second registers its own.
+        in_task(async move {
+            elapsed(&mut take_pooled(start + Duration::from_secs(2))).await;
+            assert_eq!(start.elapsed(), Duration::from_secs(2));
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_whose_timer_fired_while_pooled_is_woken_at_its_new_deadline() {
+        in_task(async {
+            let start = Instant::now();
+            let mut first = Timer::at(start + Duration::from_secs(1));
+            register(&mut first).await;
+            drop(first);
+            // The pooled timer fires (a spurious wake-up) while no call waits on it.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(1))).await;
+            assert_eq!(start.elapsed(), Duration::from_secs(3));
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -233,9 +233,14 @@ where
         if let Some(host) = &self.host {
             request.set_default_host(host);
         }
-        self.inner
-            .call(request)
-            .instrument(endpoint_span(self.service.as_deref(), &self.authority))
+        // The level check inline (a static load): no call at all when nothing records
+        // debug spans.
+        let span = if tracing::level_enabled!(tracing::Level::DEBUG) {
+            endpoint_span(self.service.as_deref(), &self.authority)
+        } else {
+            tracing::Span::none()
+        };
+        self.inner.call(request).instrument(span)
     }
 }
 

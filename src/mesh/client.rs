@@ -2,6 +2,7 @@
 
 use super::observe::{ClassifyResult, Observation, Observer};
 use super::runtime::{Lifecycle, LifecycleHold};
+use super::timeout::CallTimeout;
 use super::MeshConfig;
 use crate::breaker::BreakerHandle;
 use crate::config::ConfigError;
@@ -13,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::sync::watch;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service};
@@ -32,6 +34,8 @@ pub(crate) struct Policy<Req, Res> {
     pub(crate) stack: Box<dyn Fn() -> Stack<Req, Res> + Send + Sync>,
     pub(crate) breaker: BreakerHandle,
     pub(crate) budget: RetryBudget,
+    /// The whole call's time limit, kept by each call's response future.
+    pub(crate) timeout: Option<Duration>,
 }
 
 /// Has the mesh apply what the channel given to `Mesh::reload_from` holds, if it changed.
@@ -224,15 +228,23 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         match self.lifecycle.enter() {
             Some(guard) => {
-                let span = request_span(&self.shared.service, &self.policy.breaker);
+                // The level check inline (a static load): no call at all when nothing
+                // records info spans.
+                let span = if tracing::level_enabled!(tracing::Level::INFO) {
+                    request_span(&self.shared.service, &self.policy.breaker)
+                } else {
+                    tracing::Span::none()
+                };
                 ResponseFuture {
                     inner: Some(self.stack.call(request).instrument(span)),
+                    timeout: CallTimeout::new(self.policy.timeout),
                     observation: Some(self.shared.observer.start()),
                     _guard: Some(guard),
                 }
             }
             None => ResponseFuture {
                 inner: None,
+                timeout: CallTimeout::new(None),
                 observation: None,
                 _guard: None,
             },
@@ -259,10 +271,12 @@ impl<Req, Res> fmt::Debug for MeshClient<Req, Res> {
 
 pin_project! {
     /// The response future of a [`MeshClient`] call; counts as in flight until it completes
-    /// or is dropped.
+    /// or is dropped. It keeps the call's `timeout`: past it, the call fails with tower's
+    /// `Elapsed`.
     pub struct ResponseFuture<Res> {
         #[pin]
         inner: Option<Instrumented<BoxFuture<'static, Result<Res, BoxError>>>>,
+        timeout: CallTimeout,
         observation: Option<Observation<Res>>,
         _guard: Option<super::runtime::InFlight>,
     }
@@ -276,7 +290,10 @@ impl<Res> Future for ResponseFuture<Res> {
         let this = self.project();
         match this.inner.as_pin_mut() {
             Some(inner) => {
-                let result = std::task::ready!(inner.poll(cx));
+                let result = match std::task::ready!(this.timeout.poll(cx, |cx| inner.poll(cx))) {
+                    Ok(result) => result,
+                    Err(elapsed) => Err(elapsed.into()),
+                };
                 if let Some(observation) = this.observation.as_mut() {
                     observation.finish(&result);
                 }

@@ -3,7 +3,6 @@
 
 use super::client::{BuildPolicy, MeshClient, Policy, Stack};
 use super::lazy::LazyClone;
-use super::timeout::Timeout;
 use super::{MeshConfig, MeshConfigError, ServiceConfig};
 use crate::balance::{Balance, ConfiguredPicker};
 use crate::breaker::{BreakerConfig, CircuitBreakerLayer};
@@ -23,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tower::util::BoxCloneSyncService;
-use tower::{BoxError, Layer, Service, ServiceBuilder};
+use tower::{BoxError, Layer, Service};
 
 /// An in-process service mesh: a registry with health checks, the system event bus, and a
 /// client stack per service built from a [`MeshConfig`] whose policies reload at run time.
@@ -387,21 +386,18 @@ impl Mesh {
                 timeout,
             });
             let balance = balance.clone();
+            // The whole-call timeout is kept by the client's response future, above this stack
+            // (`CallTimeout`): one future fewer for every call.
             let stack = move || -> Stack<Req, S::Response> {
-                let retried = retry.layer(LazyClone::new(breaker.layer(balance.clone())));
-                match timeout {
-                    Some(limit) => BoxCloneSyncService::new(Timeout::new(retried, limit)),
-                    None => BoxCloneSyncService::new(
-                        ServiceBuilder::new()
-                            .map_err(Into::<BoxError>::into)
-                            .service(retried),
-                    ),
-                }
+                BoxCloneSyncService::new(
+                    retry.layer(LazyClone::new(breaker.layer(balance.clone()))),
+                )
             };
             Ok(Some(Policy {
                 stack: Box::new(stack),
                 breaker: handle,
                 budget,
+                timeout,
             }))
         });
         let classify = Box::new(move |result: &Result<S::Response, BoxError>| {

@@ -1,94 +1,56 @@
-//! [`Timeout`]: the whole call's time limit, with no timer for a call that is ready at once.
+//! [`CallTimeout`]: the whole call's time limit, kept by the client's response future, with
+//! no timer for a call that is ready at once.
 
 use crate::timer::Timer;
-use pin_project_lite::pin_project;
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 use tower::timeout::error::Elapsed;
-use tower::{BoxError, Service};
 
-/// Fails a call with tower's [`Elapsed`] when it takes longer than `limit`, counted from its
-/// first poll (which follows `call` at once in a stack). Unlike `tower::timeout::Timeout`, the
-/// timer is armed only when the call is not ready on its first poll: an in-process call that
-/// completes at once costs no clock read and no timer. A call that waits takes a pooled
-/// [`Timer`], re-armed rather than registered afresh with the runtime's timer wheel.
-#[derive(Clone, Debug)]
-pub(crate) struct Timeout<S> {
-    inner: S,
-    limit: Duration,
+/// The time limit of one call, counted from its first poll (which follows `call` at once in
+/// a client). Unlike `tower::timeout::Timeout`, the timer is armed only when the call is not
+/// ready on its first poll: an in-process call that completes at once costs no clock read
+/// and no timer. A call that waits takes a pooled [`Timer`], re-armed rather than registered
+/// afresh with the runtime's timer wheel. Kept by [`MeshClient`](super::MeshClient)'s
+/// response future rather than as a layer of its own: one future fewer for every call.
+pub(crate) struct CallTimeout {
+    limit: Option<Duration>,
+    // Armed only for calls that wait.
+    timer: Option<Timer>,
 }
 
-impl<S> Timeout<S> {
-    pub(crate) fn new(inner: S, limit: Duration) -> Self {
-        Self { inner, limit }
-    }
-}
-
-impl<S, Req> Service<Req> for Timeout<S>
-where
-    S: Service<Req>,
-    S::Error: Into<BoxError>,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
-
+impl CallTimeout {
+    /// A call limited to `limit`, or not limited.
     #[inline]
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+    pub(crate) fn new(limit: Option<Duration>) -> Self {
+        Self { limit, timer: None }
     }
 
-    #[inline(always)]
-    fn call(&mut self, request: Req) -> Self::Future {
-        ResponseFuture {
-            inner: self.inner.call(request),
-            limit: self.limit,
-            timer: None,
-        }
-    }
-}
-
-pin_project! {
-    /// [`Timeout`]'s future.
-    pub(crate) struct ResponseFuture<F> {
-        #[pin]
-        inner: F,
-        limit: Duration,
-        // Armed only for calls that wait.
-        timer: Option<Timer>,
-    }
-}
-
-impl<F, T, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<T, BoxError>;
-
+    /// Polls the call with `poll`; `Elapsed` once the limit has passed and the call is still
+    /// not ready. Once armed, the call is polled with its deadline in the thread's slot
+    /// (`timer::within_deadline`): a retry below does not wait for a try it could not finish
+    /// in time.
     #[inline]
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        // Once armed, the layers below see the call's deadline (a retry does not wait for a
-        // try it could not finish in time).
-        let polled = match this.timer {
-            Some(timer) => {
-                crate::timer::within_deadline(timer.deadline(), || this.inner.as_mut().poll(cx))
-            }
-            None => this.inner.as_mut().poll(cx),
+    pub(crate) fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<Result<T, Elapsed>> {
+        let polled = match &self.timer {
+            Some(timer) => crate::timer::within_deadline(timer.deadline(), || poll(cx)),
+            None => poll(cx),
         };
-        if let Poll::Ready(result) = polled {
-            return Poll::Ready(result.map_err(Into::into));
+        if let Poll::Ready(output) = polled {
+            return Poll::Ready(Ok(output));
         }
-        let limit = *this.limit;
-        let timer = this
+        let Some(limit) = self.limit else {
+            return Poll::Pending;
+        };
+        let timer = self
             .timer
             .get_or_insert_with(|| Timer::at(Instant::now() + limit));
         match timer.poll_elapsed(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new())),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -97,8 +59,61 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pin_project_lite::pin_project;
+    use std::future::Future;
+    use std::pin::Pin;
     use tokio::time::{sleep, Instant};
-    use tower::ServiceExt;
+    use tower::{BoxError, Service, ServiceExt};
+
+    /// `CallTimeout` around each call of `inner`, as the client's response future keeps it.
+    #[derive(Clone)]
+    struct Timeout<S> {
+        inner: S,
+        limit: Duration,
+    }
+
+    impl<S> Timeout<S> {
+        fn new(inner: S, limit: Duration) -> Self {
+            Self { inner, limit }
+        }
+    }
+
+    impl<S: Service<Req, Error = BoxError>, Req> Service<Req> for Timeout<S> {
+        type Response = S::Response;
+        type Error = BoxError;
+        type Future = Limited<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx)
+        }
+
+        fn call(&mut self, request: Req) -> Self::Future {
+            Limited {
+                inner: self.inner.call(request),
+                timeout: CallTimeout::new(Some(self.limit)),
+            }
+        }
+    }
+
+    pin_project! {
+        struct Limited<F> {
+            #[pin]
+            inner: F,
+            timeout: CallTimeout,
+        }
+    }
+
+    impl<F: Future<Output = Result<T, BoxError>>, T> Future for Limited<F> {
+        type Output = Result<T, BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.project();
+            let inner = this.inner;
+            this.timeout
+                .poll(cx, |cx| inner.poll(cx))
+                .map(|result| result.map_err(Into::into).and_then(|output| output))
+        }
+    }
 
     /// A call that answers `n` after `delay`, counted from its first poll.
     fn slow(

@@ -348,14 +348,51 @@ where
                 ));
             }
         }
-        let call = own.call(request);
-        let inner = match admitted {
-            Some((breaker, word)) => CallInner::AdmittedDirect {
+        let word = admitted.map(|(_, word)| word);
+        Ok(Self::direct(endpoint, copy, classifier, word, request))
+    }
+
+    /// The hot path of [`new`](Self::new), asked before the request moves: whether the
+    /// handle's copy of `endpoint` takes a call now, with no ejection breaker (`Some(None)`)
+    /// or admitted by a closed one (`Some(Some(word))`); `None` when `new` has to decide (an
+    /// open or half-open breaker, a copy not ready, whose readiness `new` asks again; a copy
+    /// whose readiness failed is dropped first).
+    #[inline(always)]
+    pub(crate) fn ready_now(endpoint: &Guarded<S>, copy: &mut Option<S>) -> Option<Option<u64>> {
+        let (service, word) = match &endpoint.0 {
+            Kind::Plain(service) => (service, None),
+            Kind::Breaker(breaker) => (breaker.get_ref(), Some(breaker.admit_closed()?)),
+        };
+        let own = copy.get_or_insert_with(|| service.clone());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match own.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Some(word),
+            Poll::Pending => None,
+            Poll::Ready(Err(_)) => {
+                *copy = None;
+                None
+            }
+        }
+    }
+
+    /// The call through the handle's `copy`, which is ready: admitted under `word` by the
+    /// endpoint's closed ejection breaker, or past it (`None`).
+    #[inline(always)]
+    pub(crate) fn direct(
+        endpoint: &Guarded<S>,
+        copy: &mut Option<S>,
+        classifier: &EjectionClassifier,
+        word: Option<u64>,
+        request: Req,
+    ) -> Self {
+        let call = copy.as_mut().expect("a ready copy").call(request);
+        let inner = match (&endpoint.0, word) {
+            (Kind::Breaker(breaker), Some(word)) => CallInner::AdmittedDirect {
                 call: breaker.admitted(call, word, classifier.clone()),
             },
-            None => CallInner::Direct { call },
+            _ => CallInner::Direct { call },
         };
-        Ok(Self { inner })
+        Self { inner }
     }
 
     /// The handle's copy was not ready: the call goes through `service`, readied as the call

@@ -511,6 +511,24 @@ where
         }
     }
 
+    /// The picked endpoint `index` does not take the call at once: it decides (a half-open
+    /// ejection breaker's probe), or, as tower's balancers dispatch only to ready services,
+    /// another endpoint whose copy is ready takes it (see [`call_elsewhere`]).
+    #[cold]
+    #[inline(never)]
+    fn call_slow(
+        &mut self,
+        index: usize,
+        request: Req,
+        steered: bool,
+        balancer: usize,
+    ) -> (usize, GuardedCall<S, Req>) {
+        match self.try_endpoint(index, request, false) {
+            Ok(call) => (index, call),
+            Err(request) => self.call_elsewhere(index, request, steered, balancer),
+        }
+    }
+
     /// The call to endpoint `index` through the handle's copy of it (see
     /// [`GuardedCall::new`]): `Err` gives the request back when the copy is not ready and
     /// the call may not `wait`.
@@ -606,18 +624,23 @@ where
                 &mut self.state,
             );
         }
-        let mut tried = crate::tried::key(balancer, view.keys[index]);
-        let call = match self.try_endpoint(index, request, false) {
-            Ok(call) => call,
-            // Tower's balancers dispatch only to ready services: so does this one, when
-            // another endpoint's copy is ready.
-            Err(request) => {
-                let (ready, call) = self.call_elsewhere(index, request, steered, balancer);
-                index = ready;
-                tried = crate::tried::key(balancer, self.view.keys[index]);
+        // Asked before the request moves: the request is moved once, into the call.
+        let call = match GuardedCall::ready_now(&self.view.services[index], &mut self.copies[index])
+        {
+            Some(word) => GuardedCall::direct(
+                &self.view.services[index],
+                &mut self.copies[index],
+                &self.classifier,
+                word,
+                request,
+            ),
+            None => {
+                let (called, call) = self.call_slow(index, request, steered, balancer);
+                index = called;
                 call
             }
         };
+        let tried = crate::tried::key(balancer, self.view.keys[index]);
         if steered {
             crate::tried::report_sent(tried);
         }

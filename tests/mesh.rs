@@ -785,6 +785,26 @@ async fn shutdown_waits_for_calls_in_flight() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_call_dropped_on_another_thread_after_its_client_is_counted_out() {
+    let config =
+        MeshConfig::from_toml("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }")
+            .unwrap();
+    let mesh = Mesh::builder().config(config).build().unwrap();
+    mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
+        .await
+        .unwrap()
+        .forget();
+    let mut client = answers_in_5s(&mesh, "slow");
+    let call = client.ready().await.unwrap().call(7);
+    drop(client);
+    // A thread that never saw this mesh: the call finds the mesh's lifecycle from there.
+    std::thread::spawn(move || drop(call)).join().unwrap();
+    let started = tokio::time::Instant::now();
+    assert!(mesh.shutdown().await, "nothing left in flight");
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_mesh_sees_only_its_own_system_events() {
     use futures::FutureExt;
     use meshkit::events::system::{self, SystemEvent};

@@ -13,8 +13,8 @@
 //! futures tolerate. A task's calls one after another take back the timer the last one
 //! returned: still registered with that task's waker and not fired, it is not even polled.
 //!
-//! Pooled timers belong to the runtime that made them (a timer a task takes back is on the
-//! task's runtime: no check). When a thread takes a timer while running another runtime, every pooled timer of other runtimes is dropped, so a service
+//! Pooled timers belong to the runtime that made them. When a thread takes a timer while
+//! running another runtime, every pooled timer of other runtimes is dropped, so a service
 //! moved between runtimes keeps timing out; until then, up to [`POOL`] timers per thread keep
 //! their runtime's timer driver (and the waker of the task that last waited) alive.
 //!
@@ -37,9 +37,6 @@ const POOL: usize = 32;
 /// A timer and the runtime whose timer wheel it is registered with.
 struct Armed {
     runtime: Id,
-    /// The task that last took it, if it was taken in one: a later call of that task runs on
-    /// the same runtime (a task never moves to another), which then needs no check.
-    task: Option<task::Id>,
     sleep: Pin<Box<Sleep>>,
     /// The waker the `Sleep` was last polled with, while that registration stands (cleared
     /// when it fires or is moved): a call polled with the same waker finds itself already
@@ -96,11 +93,7 @@ impl Timer {
     /// A timer that fires at `deadline`.
     #[inline]
     pub(crate) fn at(deadline: Instant) -> Self {
-        let task = task::try_id();
-        let mut armed = match own_pooled(task) {
-            Some(armed) => armed,
-            None => pooled_or_new(deadline),
-        };
+        let mut armed = pooled_or_new(deadline);
         // A pooled timer set to fire before `deadline` is left as it is: when it fires,
         // `poll_elapsed` moves it on to `deadline`. Most calls answer long before that, and
         // pay nothing for it.
@@ -108,7 +101,6 @@ impl Timer {
             armed.sleep.as_mut().reset(deadline);
             armed.waker = None;
         }
-        armed.task = task;
         Self {
             deadline,
             armed: Some(armed),
@@ -136,7 +128,12 @@ impl Timer {
             return Poll::Pending;
         }
         loop {
-            if armed.sleep.as_mut().poll(cx).is_pending() {
+            // Outside the task's budget: once a task has used up its budget, tokio answers
+            // `Pending` without registering the timer (it only asks for another poll), and a
+            // call polled again with the same waker would then take the timer as registered.
+            // A timer's poll ends a wait or registers one: it cannot keep a task busy.
+            let polled = Pin::new(&mut task::coop::unconstrained(armed.sleep.as_mut())).poll(cx);
+            if polled.is_pending() {
                 if !armed
                     .waker
                     .as_ref()
@@ -157,24 +154,7 @@ impl Timer {
     }
 }
 
-/// The timer on top of this thread's pool if the task `task` returned it: no runtime check
-/// needed.
-#[inline]
-fn own_pooled(task: Option<task::Id>) -> Option<Armed> {
-    task?;
-    IDLE.try_with(|idle| {
-        let mut idle = idle.borrow_mut();
-        match idle.last() {
-            Some(armed) if armed.task == task => idle.pop(),
-            _ => None,
-        }
-    })
-    .ok()
-    .flatten()
-}
-
 /// A pooled timer of the current runtime, or a new one for `deadline`.
-#[inline(never)]
 fn pooled_or_new(deadline: Instant) -> Armed {
     let runtime = Handle::current().id();
     let (pooled, stale) = IDLE
@@ -200,7 +180,6 @@ fn pooled_or_new(deadline: Instant) -> Armed {
     drop(stale);
     pooled.unwrap_or_else(|| Armed {
         runtime,
-        task: None,
         sleep: Box::pin(sleep_until(deadline)),
         waker: None,
     })
@@ -312,6 +291,26 @@ pub(crate) mod tests {
             let mut second = take_pooled(Instant::now() + Duration::from_secs(1));
             elapsed(&mut second).await;
             assert_eq!(start.elapsed(), Duration::from_millis(1_500));
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_first_polled_by_a_task_out_of_budget_still_wakes_it() {
+        in_task(async {
+            let start = Instant::now();
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for n in 0..1_000 {
+                tx.send(n).unwrap();
+            }
+            let mut timer = Timer::at(start + Duration::from_secs(1));
+            std::future::poll_fn(|cx| {
+                // A channel that always has a message uses up the task's budget.
+                while rx.poll_recv(cx).is_ready() {}
+                timer.poll_elapsed(cx)
+            })
+            .await;
+            assert_eq!(start.elapsed(), Duration::from_secs(1));
         })
         .await;
     }

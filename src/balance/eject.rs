@@ -273,6 +273,17 @@ pin_project! {
     }
 }
 
+/// What [`GuardedCall::ready_now`] found.
+pub(crate) enum Readiness {
+    /// The copy is ready: the call is admitted under this word by the endpoint's closed
+    /// ejection breaker, or the endpoint has none (`None`).
+    Ready(Option<u64>),
+    /// The copy is not ready now (or its readiness failed): it was dropped.
+    NotReady,
+    /// The ejection breaker is open or half-open: [`GuardedCall::new`] decides.
+    Decide,
+}
+
 impl<S, Req> GuardedCall<S, Req>
 where
     S: Service<Req> + Clone,
@@ -352,25 +363,30 @@ where
         Ok(Self::direct(endpoint, copy, classifier, word, request))
     }
 
-    /// The hot path of [`new`](Self::new), asked before the request moves: whether the
-    /// handle's copy of `endpoint` takes a call now, with no ejection breaker (`Some(None)`)
-    /// or admitted by a closed one (`Some(Some(word))`); `None` when `new` has to decide (an
-    /// open or half-open breaker, a copy not ready, whose readiness `new` asks again; a copy
-    /// whose readiness failed is dropped first).
+    /// The hot path of [`new`](Self::new) for a call that may not wait, asked before the
+    /// request moves: whether the handle's copy of `endpoint` takes a call now, with no
+    /// ejection breaker or admitted by a closed one ([`Readiness::Ready`]); not ready, or its
+    /// readiness failed, the copy dropped as `new` drops it ([`Readiness::NotReady`]: the
+    /// call goes elsewhere); or an open or half-open ejection breaker, which `new` decides
+    /// ([`Readiness::Decide`]).
     #[inline(always)]
-    pub(crate) fn ready_now(endpoint: &Guarded<S>, copy: &mut Option<S>) -> Option<Option<u64>> {
+    pub(crate) fn ready_now(endpoint: &Guarded<S>, copy: &mut Option<S>) -> Readiness {
         let (service, word) = match &endpoint.0 {
             Kind::Plain(service) => (service, None),
-            Kind::Breaker(breaker) => (breaker.get_ref(), Some(breaker.admit_closed()?)),
+            Kind::Breaker(breaker) => match breaker.admit_closed() {
+                Some(word) => (breaker.get_ref(), Some(word)),
+                None => return Readiness::Decide,
+            },
         };
         let own = copy.get_or_insert_with(|| service.clone());
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match own.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => Some(word),
-            Poll::Pending => None,
-            Poll::Ready(Err(_)) => {
+            Poll::Ready(Ok(())) => Readiness::Ready(word),
+            Poll::Pending | Poll::Ready(Err(_)) => {
+                // As in `new`: the copy goes, with whatever place in a queue its readiness
+                // took, which it would otherwise hold with no one to wake it.
                 *copy = None;
-                None
+                Readiness::NotReady
             }
         }
     }

@@ -1,7 +1,7 @@
 //! [`Balance`]: a `Clone` balancer whose handles pick from a shared, immutable snapshot.
 
 use super::config::{BalanceConfig, ConfiguredPicker};
-use super::eject::{EjectionClassifier, EjectionConfig, Guarded, GuardedCall};
+use super::eject::{EjectionClassifier, EjectionConfig, Guarded, GuardedCall, Readiness};
 use super::error::NoEndpoints;
 use super::picker::Picker;
 use super::picker::RoundRobin;
@@ -511,22 +511,29 @@ where
         }
     }
 
-    /// The picked endpoint `index` does not take the call at once: it decides (a half-open
-    /// ejection breaker's probe), or, as tower's balancers dispatch only to ready services,
-    /// another endpoint whose copy is ready takes it (see [`call_elsewhere`]).
+    /// The picked endpoint `index` does not take the call at once. Its open or half-open
+    /// ejection breaker decides when `decide` (a probe slot it grants takes the call);
+    /// otherwise, or when it refuses, another endpoint whose copy is ready takes it, as
+    /// tower's balancers dispatch only to ready services (see [`call_elsewhere`]).
     #[cold]
     #[inline(never)]
     fn call_slow(
         &mut self,
         index: usize,
         request: Req,
+        decide: bool,
         steered: bool,
         balancer: usize,
     ) -> (usize, GuardedCall<S, Req>) {
-        match self.try_endpoint(index, request, false) {
-            Ok(call) => (index, call),
-            Err(request) => self.call_elsewhere(index, request, steered, balancer),
-        }
+        let request = if decide {
+            match self.try_endpoint(index, request, false) {
+                Ok(call) => return (index, call),
+                Err(request) => request,
+            }
+        } else {
+            request
+        };
+        self.call_elsewhere(index, request, steered, balancer)
     }
 
     /// The call to endpoint `index` through the handle's copy of it (see
@@ -627,15 +634,16 @@ where
         // Asked before the request moves: the request is moved once, into the call.
         let call = match GuardedCall::ready_now(&self.view.services[index], &mut self.copies[index])
         {
-            Some(word) => GuardedCall::direct(
+            Readiness::Ready(word) => GuardedCall::direct(
                 &self.view.services[index],
                 &mut self.copies[index],
                 &self.classifier,
                 word,
                 request,
             ),
-            None => {
-                let (called, call) = self.call_slow(index, request, steered, balancer);
+            readiness => {
+                let decide = matches!(readiness, Readiness::Decide);
+                let (called, call) = self.call_slow(index, request, decide, steered, balancer);
                 index = called;
                 call
             }

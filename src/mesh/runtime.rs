@@ -435,8 +435,9 @@ impl Mesh {
 /// The retry settings a client's retry layer runs with under the whole-call `timeout`: a
 /// server's `Retry-After` at least as long as the call may last is not waited for (the call
 /// would end in a timeout, the server's answer lost), but returned at once. Once the call has
-/// waited, the `Timeout` above tells the retry layer its deadline (`timer::call_deadline`),
-/// which then also refuses shorter waits that would outlast what is left.
+/// waited, the client's `CallTimeout` tells the retry layer its deadline
+/// (`timer::call_deadline`), which then also refuses shorter waits that would outlast what is
+/// left.
 fn within(retry: &RetryConfig, timeout: Option<Duration>) -> RetryConfig {
     let mut retry = retry.clone();
     if let Some(timeout) = timeout {

@@ -805,6 +805,38 @@ async fn a_call_dropped_on_another_thread_after_its_client_is_counted_out() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_of_many_meshes_on_one_thread_are_each_counted_out() {
+    // More meshes than a thread keeps track of at once, their calls in turn: every call still
+    // counts out of its own mesh.
+    let mut meshes = Vec::new();
+    for _ in 0..7 {
+        let mesh = Mesh::builder()
+            .config(MeshConfig::from_toml("[services.slow]\nretry = { max_attempts = 1 }").unwrap())
+            .build()
+            .unwrap();
+        mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
+            .await
+            .unwrap()
+            .forget();
+        let client = answers_in_5s(&mesh, "slow");
+        meshes.push((mesh, client));
+    }
+    for _ in 0..3 {
+        let calls = meshes
+            .iter_mut()
+            .map(|(_, client)| client.clone().oneshot(7));
+        for answer in futures::future::join_all(calls).await {
+            assert_eq!(answer.unwrap(), 7);
+        }
+    }
+    let started = tokio::time::Instant::now();
+    for (mesh, _) in &meshes {
+        assert!(mesh.shutdown().await, "nothing left in flight");
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_mesh_sees_only_its_own_system_events() {
     use futures::FutureExt;
     use meshkit::events::system::{self, SystemEvent};

@@ -31,12 +31,20 @@ impl<S: Clone> LazyClone<S> {
 
     #[inline]
     fn live(&mut self) -> &mut S {
-        let prototype = &mut self.prototype;
-        self.live.get_or_insert_with(|| {
-            // From here on, this instance's spare copies share a hold of its own.
-            *prototype = prototype.fork();
-            Box::new(S::clone(prototype))
-        })
+        if self.live.is_none() {
+            self.make_live();
+        }
+        self.live.as_mut().expect("made live above")
+    }
+
+    /// This instance's first use: its own copy of the service. Out of line: every later call
+    /// only checks that it is there.
+    #[cold]
+    #[inline(never)]
+    fn make_live(&mut self) {
+        // From here on, this instance's spare copies share a hold of its own.
+        self.prototype = self.prototype.fork();
+        self.live = Some(Box::new(S::clone(&self.prototype)));
     }
 }
 

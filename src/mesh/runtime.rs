@@ -14,8 +14,10 @@ use crate::discovery::{
 use crate::events::system::{self, Sink, SystemEvent};
 use crate::events::EventBus;
 use crate::padded::Hold;
+use crate::registry::Registry as Ids;
 use crate::retry::{Replay, RetryConfig, RetryLayer};
 use crate::striped::StripedCounter;
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,7 +100,7 @@ impl MeshBuilder {
                 config,
                 source: Mutex::new(None),
                 registered: Mutex::new(Vec::new()),
-                lifecycle: Arc::new(Lifecycle::default()),
+                lifecycle: Lifecycle::new(),
             }),
         })
     }
@@ -477,17 +479,18 @@ impl fmt::Debug for Mesh {
 
 /// Whether the mesh is open, and its calls in flight (counted on per-thread stripes: no line
 /// shared between cores on the call path).
-#[derive(Default)]
 pub(crate) struct Lifecycle {
+    /// In [`LIFECYCLES`]: a call's [`InFlight`] holds only this id.
+    id: u64,
     closed: AtomicBool,
     started: StripedCounter,
     finished: StripedCounter,
     idle: Notify,
 }
 
-/// One client clone's hold on the mesh's [`Lifecycle`]. Each call's [`InFlight`] clones it:
-/// a reference count that only that clone's calls write, where the mesh's own `Arc` would be
-/// written by every client on every core.
+/// One client clone's hold on the mesh's [`Lifecycle`]: a reference count of its own, so that
+/// clones made and dropped on one core do not write the line the mesh's `Arc` shares with
+/// the lifecycle's flag, which every call on every core reads.
 #[derive(Clone)]
 pub(crate) struct LifecycleHold(Hold<Lifecycle>);
 
@@ -500,7 +503,7 @@ impl LifecycleHold {
             return None;
         }
         lifecycle.started.increment();
-        Some(InFlight(self.clone()))
+        Some(InFlight(lifecycle.id))
     }
 
     /// Whether the mesh was shut down.
@@ -514,7 +517,40 @@ impl LifecycleHold {
     }
 }
 
+/// Every live mesh's lifecycle, for calls in flight that hold only its id.
+static LIFECYCLES: Ids<Lifecycle> = Ids::new();
+
+/// Lifecycles this thread's calls counted out recently: few meshes are used at once.
+const COUNTED: usize = 4;
+
+thread_local! {
+    static RECENT: RefCell<[Option<Arc<Lifecycle>>; COUNTED]> =
+        const { RefCell::new([const { None }; COUNTED]) };
+}
+
 impl Lifecycle {
+    pub(crate) fn new() -> Arc<Self> {
+        let id = LIFECYCLES.next_id();
+        let lifecycle = Arc::new(Self {
+            id,
+            closed: AtomicBool::new(false),
+            started: StripedCounter::default(),
+            finished: StripedCounter::default(),
+            idle: Notify::new(),
+        });
+        LIFECYCLES.insert(id, Arc::downgrade(&lifecycle));
+        lifecycle
+    }
+
+    /// Counts a call out.
+    #[inline]
+    fn finish(&self) {
+        self.finished.increment();
+        if self.closed.load(Ordering::Relaxed) {
+            self.idle.notify_waiters();
+        }
+    }
+
     /// A hold for one client clone.
     pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
         LifecycleHold(Hold::new(self.clone()))
@@ -539,15 +575,56 @@ impl Lifecycle {
     }
 }
 
-/// A call in flight; counted out when dropped.
-pub(crate) struct InFlight(LifecycleHold);
+impl Drop for Lifecycle {
+    fn drop(&mut self) {
+        LIFECYCLES.remove(self.id);
+    }
+}
+
+/// A call in flight, counted out when dropped. It holds the lifecycle's id, not a reference:
+/// a reference count written by every call would cost two locked instructions per call. The
+/// dropping thread finds the lifecycle among those it counted out recently or, the first
+/// time, in the registry, where it is as long as the mesh or one of its clients lives; it
+/// then keeps it among its recent ones (a few per thread, which stay alive until replaced).
+pub(crate) struct InFlight(u64);
 
 impl Drop for InFlight {
+    #[inline]
     fn drop(&mut self) {
-        let lifecycle = self.0.lifecycle();
-        lifecycle.finished.increment();
-        if lifecycle.closed.load(Ordering::Relaxed) {
-            lifecycle.idle.notify_waiters();
+        let id = self.0;
+        let counted = RECENT
+            .try_with(|recent| {
+                let recent = recent.try_borrow().ok()?;
+                let lifecycle = recent
+                    .iter()
+                    .flatten()
+                    .find(|lifecycle| lifecycle.id == id)?;
+                lifecycle.finish();
+                Some(())
+            })
+            .ok()
+            .flatten();
+        if counted.is_none() {
+            count_out(id);
         }
     }
+}
+
+/// A call's lifecycle is not among this thread's recent ones: found in the registry (if the
+/// mesh or a client still lives: else no one waits for the call), counted out, and kept.
+#[cold]
+#[inline(never)]
+fn count_out(id: u64) {
+    let Some(lifecycle) = LIFECYCLES.get(id) else {
+        return;
+    };
+    lifecycle.finish();
+    let replaced = RECENT.try_with(|recent| {
+        let mut recent = recent.try_borrow_mut().ok()?;
+        // The newest first; the oldest goes.
+        recent.rotate_right(1);
+        recent[0].replace(lifecycle)
+    });
+    // Dropped outside the borrow: a lifecycle's drop does not come back here, but keep it so.
+    drop(replaced);
 }

@@ -14,10 +14,9 @@ use crate::discovery::{
 use crate::events::system::{self, Sink, SystemEvent};
 use crate::events::EventBus;
 use crate::padded::Hold;
-use crate::registry::Registry as Ids;
+use crate::registry::{with_recent, Keyed, Recent, Registry as Ids};
 use crate::retry::{Replay, RetryConfig, RetryLayer};
 use crate::striped::StripedCounter;
-use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -520,12 +519,15 @@ impl LifecycleHold {
 /// Every live mesh's lifecycle, for calls in flight that hold only its id.
 static LIFECYCLES: Ids<Lifecycle> = Ids::new();
 
-/// Lifecycles this thread's calls counted out recently: few meshes are used at once.
-const COUNTED: usize = 4;
-
 thread_local! {
-    static RECENT: RefCell<[Option<Arc<Lifecycle>>; COUNTED]> =
-        const { RefCell::new([const { None }; COUNTED]) };
+    /// The lifecycles this thread's calls counted out last: few meshes are used at once.
+    static RECENT: Recent<Lifecycle> = const { Recent::new() };
+}
+
+impl Keyed for Lifecycle {
+    fn key(&self) -> u64 {
+        self.id
+    }
 }
 
 impl Lifecycle {
@@ -583,48 +585,14 @@ impl Drop for Lifecycle {
 
 /// A call in flight, counted out when dropped. It holds the lifecycle's id, not a reference:
 /// a reference count written by every call would cost two locked instructions per call. The
-/// dropping thread finds the lifecycle among those it counted out recently or, the first
-/// time, in the registry, where it is as long as the mesh or one of its clients lives; it
-/// then keeps it among its recent ones (a few per thread, which stay alive until replaced).
+/// dropping thread finds the lifecycle among those it counted out last or, the first time,
+/// in the registry, where it is as long as the mesh or one of its clients lives (if neither
+/// does, no one waits for the call).
 pub(crate) struct InFlight(u64);
 
 impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
-        let id = self.0;
-        let counted = RECENT
-            .try_with(|recent| {
-                let recent = recent.try_borrow().ok()?;
-                let lifecycle = recent
-                    .iter()
-                    .flatten()
-                    .find(|lifecycle| lifecycle.id == id)?;
-                lifecycle.finish();
-                Some(())
-            })
-            .ok()
-            .flatten();
-        if counted.is_none() {
-            count_out(id);
-        }
+        let _ = with_recent(&RECENT, &LIFECYCLES, self.0, Lifecycle::finish);
     }
-}
-
-/// A call's lifecycle is not among this thread's recent ones: found in the registry (if the
-/// mesh or a client still lives: else no one waits for the call), counted out, and kept.
-#[cold]
-#[inline(never)]
-fn count_out(id: u64) {
-    let Some(lifecycle) = LIFECYCLES.get(id) else {
-        return;
-    };
-    lifecycle.finish();
-    let replaced = RECENT.try_with(|recent| {
-        let mut recent = recent.try_borrow_mut().ok()?;
-        // The newest first; the oldest goes.
-        recent.rotate_right(1);
-        recent[0].replace(lifecycle)
-    });
-    // Dropped outside the borrow: a lifecycle's drop does not come back here, but keep it so.
-    drop(replaced);
 }

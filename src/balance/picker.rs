@@ -37,13 +37,14 @@ pub trait Picker<Req>: Send + Sync + 'static {
     ) -> usize;
 
     /// Whether picks read in-flight counts (the balancer then maintains them; otherwise
-    /// calls skip that bookkeeping).
+    /// calls skip that bookkeeping). A snapshot of one endpoint leaves nothing to choose:
+    /// its calls are not counted (a new snapshot starts its counts afresh anyway).
     fn tracks_load(&self) -> bool {
         false
     }
 
-    /// Whether picks read latencies (the balancer then times every call; implies
-    /// `tracks_load`).
+    /// Whether picks read latencies (the balancer then times every call of a snapshot of
+    /// more than one endpoint; implies `tracks_load`).
     fn tracks_latency(&self) -> bool {
         false
     }

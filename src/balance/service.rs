@@ -652,7 +652,10 @@ where
         if steered {
             crate::tried::report_sent(tried);
         }
-        if self.picker.tracks_load() || self.picker.tracks_latency() {
+        // One endpoint: nothing to choose, nothing to count (each snapshot starts its loads
+        // afresh, so a second endpoint finds them consistent).
+        let tracks = self.picker.tracks_load() || self.picker.tracks_latency();
+        if tracks && self.view.services.len() > 1 {
             self.loads.start(index);
             let sent = self.picker.tracks_latency().then(|| self.loads.now());
             ResponseFuture::tracked(call, tried, self.loads.clone(), index, sent)

@@ -52,14 +52,15 @@ pub(crate) trait Keyed {
     fn key(&self) -> u64;
 }
 
-/// States of one kind a thread used last (the newest first).
+/// States of one kind a thread keeps.
 const RECENT: usize = 4;
 
-/// The few states of one kind a thread used last, for calls that hold only a state's id and
-/// find it again when they finish: no reference count is written per call (an `Arc` cloned
-/// and dropped per call costs two locked instructions). Meant for kinds of which a thread
-/// uses few at once (a mesh's lifecycle, a balancer's classifier). The states stay alive
-/// while a thread keeps them, until newer ones replace them.
+/// The last few states of one kind a thread had to look up in their registry, for calls that
+/// hold only a state's id and find it again when they finish: no reference count is written
+/// per call (an `Arc` cloned and dropped per call costs two locked instructions). Meant for
+/// kinds of which a thread uses few at once (a mesh's lifecycle): a thread that uses more
+/// in turn goes to the registry (a lock) each time. The states stay alive while a thread
+/// keeps them, until later lookups replace them (the oldest first).
 pub(crate) struct Recent<T>(RefCell<[Option<Arc<T>>; RECENT]>);
 
 impl<T> Recent<T> {

@@ -38,7 +38,8 @@
 //!
 //! In-flight counts and latencies are kept per handle ([`EndpointLoads`]), as Envoy keeps
 //! them per worker thread: a call only touches counters of its own handle, so handles on
-//! different cores never contend. Clone a handle per task.
+//! different cores never contend. Clone a handle per task. A snapshot of one endpoint leaves
+//! nothing to choose: its calls are not counted (each snapshot starts its loads afresh).
 //!
 //! ## Outlier ejection
 //!

@@ -78,7 +78,7 @@ struct Shared<Req, Res> {
 /// [`MeshClosed`].
 pub struct MeshClient<Req, Res> {
     shared: Arc<Shared<Req, Res>>,
-    /// This clone's own hold on the mesh's lifecycle, cloned by each call.
+    /// The mesh's lifecycle, which each call counts in to (and out of, by its id).
     lifecycle: LifecycleHold,
     config: watch::Receiver<Arc<(u64, MeshConfig)>>,
     /// This clone's receiver of the `reload_from` channel, if one was given before the

@@ -13,7 +13,6 @@ use crate::discovery::{
 };
 use crate::events::system::{self, Sink, SystemEvent};
 use crate::events::EventBus;
-use crate::padded::Hold;
 use crate::registry::{with_recent, Keyed, Recent, Registry as Ids};
 use crate::retry::{Replay, RetryConfig, RetryLayer};
 use crate::striped::StripedCounter;
@@ -487,11 +486,9 @@ pub(crate) struct Lifecycle {
     idle: Notify,
 }
 
-/// One client clone's hold on the mesh's [`Lifecycle`]: a reference count of its own, so that
-/// clones made and dropped on one core do not write the line the mesh's `Arc` shares with
-/// the lifecycle's flag, which every call on every core reads.
-#[derive(Clone)]
-pub(crate) struct LifecycleHold(Hold<Lifecycle>);
+/// One client clone's reference to the mesh's [`Lifecycle`]: its calls count in through it
+/// and hold only the lifecycle's id ([`InFlight`]).
+pub(crate) struct LifecycleHold(Arc<Lifecycle>);
 
 impl LifecycleHold {
     /// Counts a call in, unless the mesh is closed.
@@ -555,7 +552,7 @@ impl Lifecycle {
 
     /// A hold for one client clone.
     pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
-        LifecycleHold(Hold::new(self.clone()))
+        LifecycleHold(self.clone())
     }
 
     fn in_flight(&self) -> u64 {

@@ -762,16 +762,23 @@ async fn shutdown_deregisters_and_refuses_new_calls() {
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
-#[tokio::test(start_paused = true)]
-async fn shutdown_waits_for_calls_in_flight() {
-    let config =
-        MeshConfig::from_toml("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }")
-            .unwrap();
-    let mesh = Mesh::builder().config(config).build().unwrap();
+/// A mesh configured by `toml` with one instance of "slow" (never connected to: its clients
+/// answer in process).
+async fn slow_mesh(toml: &str) -> Mesh {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml(toml).unwrap())
+        .build()
+        .unwrap();
     mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
         .await
         .unwrap()
         .forget();
+    mesh
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_calls_in_flight() {
+    let mesh = slow_mesh("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }").await;
     let mut client = answers_in_5s(&mesh, "slow");
     let call = client.ready().await.unwrap().call(7);
     let in_flight = tokio::spawn(call);
@@ -786,14 +793,7 @@ async fn shutdown_waits_for_calls_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_dropped_on_another_thread_after_its_client_is_counted_out() {
-    let config =
-        MeshConfig::from_toml("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }")
-            .unwrap();
-    let mesh = Mesh::builder().config(config).build().unwrap();
-    mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
-        .await
-        .unwrap()
-        .forget();
+    let mesh = slow_mesh("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }").await;
     let mut client = answers_in_5s(&mesh, "slow");
     let call = client.ready().await.unwrap().call(7);
     drop(client);
@@ -810,14 +810,7 @@ async fn calls_of_many_meshes_on_one_thread_are_each_counted_out() {
     // counts out of its own mesh.
     let mut meshes = Vec::new();
     for _ in 0..7 {
-        let mesh = Mesh::builder()
-            .config(MeshConfig::from_toml("[services.slow]\nretry = { max_attempts = 1 }").unwrap())
-            .build()
-            .unwrap();
-        mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
-            .await
-            .unwrap()
-            .forget();
+        let mesh = slow_mesh("[services.slow]\nretry = { max_attempts = 1 }").await;
         let client = answers_in_5s(&mesh, "slow");
         meshes.push((mesh, client));
     }

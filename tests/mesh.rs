@@ -762,25 +762,26 @@ async fn shutdown_deregisters_and_refuses_new_calls() {
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
-/// A mesh configured by `toml` with one instance of "slow" (never connected to: its clients
-/// answer in process).
-async fn slow_mesh(toml: &str) -> Mesh {
-    let mesh = Mesh::builder()
-        .config(MeshConfig::from_toml(toml).unwrap())
-        .build()
-        .unwrap();
-    mesh.register(Instance::builder("slow", "127.0.0.1", 9).build().unwrap())
-        .await
-        .unwrap()
-        .forget();
-    mesh
+/// A mesh whose "slow" service answers in 5 s (1 h timeout, no retries), its client, and
+/// one call made and not yet polled.
+async fn a_call_answered_in_5s() -> (
+    Mesh,
+    meshkit::MeshClient<u32, u32>,
+    meshkit::mesh::ResponseFuture<u32>,
+) {
+    let mesh = support::mesh_of(
+        "[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }",
+        [support::instance("slow", "127.0.0.1", 9)],
+    )
+    .await;
+    let mut client = answers_in_5s(&mesh, "slow");
+    let call = client.ready().await.unwrap().call(7);
+    (mesh, client, call)
 }
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_calls_in_flight() {
-    let mesh = slow_mesh("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }").await;
-    let mut client = answers_in_5s(&mesh, "slow");
-    let call = client.ready().await.unwrap().call(7);
+    let (mesh, _client, call) = a_call_answered_in_5s().await;
     let in_flight = tokio::spawn(call);
     let started = tokio::time::Instant::now();
     assert!(mesh.shutdown().await);
@@ -793,9 +794,7 @@ async fn shutdown_waits_for_calls_in_flight() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_dropped_on_another_thread_after_its_client_is_counted_out() {
-    let mesh = slow_mesh("[services.slow]\ntimeout = \"1h\"\nretry = { max_attempts = 1 }").await;
-    let mut client = answers_in_5s(&mesh, "slow");
-    let call = client.ready().await.unwrap().call(7);
+    let (mesh, client, call) = a_call_answered_in_5s().await;
     drop(client);
     // A thread that never saw this mesh: the call finds the mesh's lifecycle from there.
     std::thread::spawn(move || drop(call)).join().unwrap();
@@ -810,7 +809,11 @@ async fn calls_of_many_meshes_on_one_thread_are_each_counted_out() {
     // counts out of its own mesh.
     let mut meshes = Vec::new();
     for _ in 0..7 {
-        let mesh = slow_mesh("[services.slow]\nretry = { max_attempts = 1 }").await;
+        let mesh = support::mesh_of(
+            "[services.slow]\nretry = { max_attempts = 1 }",
+            [support::instance("slow", "127.0.0.1", 9)],
+        )
+        .await;
         let client = answers_in_5s(&mesh, "slow");
         meshes.push((mesh, client));
     }

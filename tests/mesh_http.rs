@@ -411,27 +411,40 @@ timeout = \"10s\"",
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+/// A leaf that answers 503 with `Retry-After: retry_after` after 3 s, counting its calls.
+fn unavailable_after_3s(
+    retry_after: &'static str,
+    calls: Arc<AtomicUsize>,
+) -> impl Service<
+    http::Request<()>,
+    Response = http::Response<()>,
+    Error = std::io::Error,
+    Future: Send,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |_: http::Request<()>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, std::io::Error>(
+                http::Response::builder()
+                    .status(503)
+                    .header("retry-after", retry_after)
+                    .body(())
+                    .unwrap(),
+            )
+        }
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_retry_after_longer_than_what_is_left_of_the_timeout_returns_the_response_then() {
     // The answer takes 3 s and asks for 8 s more: under a 10 s timeout the retry could not
     // finish, so the 503 is returned when it comes, not a 504 seven seconds later.
     let calls = Arc::new(AtomicUsize::new(0));
-    let leaf = {
-        let calls = calls.clone();
-        tower::service_fn(move |_: http::Request<()>| {
-            calls.fetch_add(1, Ordering::SeqCst);
-            async {
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                Ok::<_, std::io::Error>(
-                    http::Response::builder()
-                        .status(503)
-                        .header("retry-after", "8")
-                        .body(())
-                        .unwrap(),
-                )
-            }
-        })
-    };
+    let leaf = unavailable_after_3s("8", calls.clone());
     let mesh = mesh_with("[services.users]\ntimeout = \"10s\"", &[9]).await;
     let mut users = mesh.client("users", leaf).unwrap();
     let started = tokio::time::Instant::now();
@@ -447,16 +460,7 @@ async fn a_retry_after_longer_than_what_is_left_of_the_timeout_returns_the_respo
         &[9],
     )
     .await;
-    let quick = tower::service_fn(|_: http::Request<()>| async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        Ok::<_, std::io::Error>(
-            http::Response::builder()
-                .status(503)
-                .header("retry-after", "2")
-                .body(())
-                .unwrap(),
-        )
-    });
+    let quick = unavailable_after_3s("2", Arc::default());
     let mut users = mesh.client("users", quick).unwrap();
     let started = tokio::time::Instant::now();
     let request = http::Request::get("http://users/users/1").body(()).unwrap();

@@ -1,7 +1,8 @@
 //! meshkit's metrics through the `metrics` facade, read back from a Prometheus recorder.
 
-use meshkit::discovery::Instance;
-use meshkit::{Mesh, MeshConfig};
+mod support;
+
+use meshkit::Mesh;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tower::{Service, ServiceExt};
 
@@ -81,21 +82,10 @@ async fn clients_and_system_events_are_counted_under_the_documented_names() {
 
 /// A mesh configured by `config` (TOML) with an instance of each of `services`.
 async fn mesh_of(config: &str, services: &[&str]) -> Mesh {
-    let mesh = Mesh::builder()
-        .config(MeshConfig::from_toml(config).unwrap())
-        .build()
-        .unwrap();
-    for service in services {
-        mesh.register(
-            Instance::builder(*service, "10.0.0.7", 8080)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
-    }
-    mesh
+    let instances = services
+        .iter()
+        .map(|service| support::instance(service, "10.0.0.7", 8080));
+    support::mesh_of(config, instances).await
 }
 
 /// A leaf that answers every request with `status`.

@@ -213,22 +213,33 @@ pub async fn next_health(watch: &mut meshkit::discovery::Watch, want: meshkit::d
     }
 }
 
-/// A mesh configured by `config` (TOML) with an instance of "users" on 127.0.0.1 at each of
-/// `ports`.
-pub async fn mesh_with(config: &str, ports: &[u16]) -> meshkit::Mesh {
+/// A mesh configured by `config` (TOML) with `instances` registered (for good).
+pub async fn mesh_of(
+    config: &str,
+    instances: impl IntoIterator<Item = meshkit::discovery::Instance>,
+) -> meshkit::Mesh {
     let mesh = meshkit::Mesh::builder()
         .config(meshkit::MeshConfig::from_toml(config).unwrap())
         .build()
         .unwrap();
-    for port in ports {
-        mesh.register(
-            meshkit::discovery::Instance::builder("users", "127.0.0.1", *port)
-                .build()
-                .unwrap(),
-        )
-        .await
-        .unwrap()
-        .forget();
+    for instance in instances {
+        mesh.register(instance).await.unwrap().forget();
     }
     mesh
+}
+
+/// An instance of `service` at `host`:`port`.
+pub fn instance(service: &str, host: &str, port: u16) -> meshkit::discovery::Instance {
+    meshkit::discovery::Instance::builder(service, host, port)
+        .build()
+        .unwrap()
+}
+
+/// A mesh configured by `config` (TOML) with an instance of "users" on 127.0.0.1 at each of
+/// `ports`.
+pub async fn mesh_with(config: &str, ports: &[u16]) -> meshkit::Mesh {
+    let users = ports
+        .iter()
+        .map(|&port| instance("users", "127.0.0.1", port));
+    mesh_of(config, users).await
 }

@@ -279,20 +279,26 @@ pub(crate) mod tests {
         task.await.unwrap().expect("a timer never woke its task");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_task_that_takes_back_its_own_timer_is_woken_at_its_new_deadline() {
-        in_task(async {
+    /// In a task: a timer due in 1 s, registered with the task's waker and returned to the
+    /// pool; `idle` later, a timer due 1 s from then, taken back from the pool and awaited,
+    /// must fire `fires_at` after the start.
+    async fn take_back_after(idle: Duration, fires_at: Duration) {
+        in_task(async move {
             let start = Instant::now();
             let mut first = Timer::at(start + Duration::from_secs(1));
             register(&mut first).await;
             drop(first);
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            // Still registered with this task's waker, due at 1 s: taken back as it is.
-            let mut second = take_pooled(Instant::now() + Duration::from_secs(1));
-            elapsed(&mut second).await;
-            assert_eq!(start.elapsed(), Duration::from_millis(1_500));
+            tokio::time::sleep(idle).await;
+            elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(1))).await;
+            assert_eq!(start.elapsed(), fires_at);
         })
         .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_takes_back_its_own_timer_is_woken_at_its_new_deadline() {
+        // Still registered with this task's waker, due at 1 s: taken back as it is.
+        take_back_after(Duration::from_millis(500), Duration::from_millis(1_500)).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -334,17 +340,8 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_task_whose_timer_fired_while_pooled_is_woken_at_its_new_deadline() {
-        in_task(async {
-            let start = Instant::now();
-            let mut first = Timer::at(start + Duration::from_secs(1));
-            register(&mut first).await;
-            drop(first);
-            // The pooled timer fires (a spurious wake-up) while no call waits on it.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            elapsed(&mut take_pooled(Instant::now() + Duration::from_secs(1))).await;
-            assert_eq!(start.elapsed(), Duration::from_secs(3));
-        })
-        .await;
+        // The pooled timer fires (a spurious wake-up) while no call waits on it.
+        take_back_after(Duration::from_secs(2), Duration::from_secs(3)).await;
     }
 
     #[tokio::test(start_paused = true)]

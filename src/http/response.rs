@@ -142,9 +142,11 @@ mod with_axum {
         }
     }
 
+    /// Transparent: it shows as the error it wraps, and its source is that error's source
+    /// (an error report does not print the same message twice).
     impl Error for MeshError {
         fn source(&self) -> Option<&(dyn Error + 'static)> {
-            Some(&*self.0)
+            self.0.source()
         }
     }
 
@@ -305,6 +307,31 @@ mod tests {
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
         let served = service.ready().await.unwrap().call(()).await.unwrap();
         assert_eq!(served.status(), StatusCode::OK);
+    }
+
+    #[cfg(feature = "axum")]
+    #[test]
+    fn a_mesh_error_shows_as_the_error_it_wraps() {
+        /// An error of the user's, caused by the breaker's refusal.
+        #[derive(Debug)]
+        struct CallFailed(CircuitOpen);
+        impl std::fmt::Display for CallFailed {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the call failed")
+            }
+        }
+        impl Error for CallFailed {
+            fn source(&self) -> Option<&(dyn Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let open = CircuitOpen::new(BreakerState::Open, Duration::from_secs(2));
+        let wrapped: tower::BoxError = Box::new(CallFailed(open));
+        let message = wrapped.to_string();
+        let error = MeshError::from(wrapped);
+        assert_eq!(error.to_string(), message);
+        let source = error.source().expect("the wrapped error's source");
+        assert!(source.is::<CircuitOpen>(), "{source}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! [`MeshClient`]: a service's whole client stack, rebuilt when its policies are reloaded.
 
 use super::observe::{ClassifyResult, Observation, Observer};
-use super::runtime::Lifecycle;
+use super::runtime::{Lifecycle, LifecycleHold};
 use super::timeout::CallTimeout;
 use super::MeshConfig;
 use crate::breaker::BreakerHandle;
@@ -47,6 +47,7 @@ struct Shared<Req, Res> {
     build: BuildPolicy<Req, Res>,
     /// The policies built for the newest config seen, and that config's version.
     current: Mutex<(u64, Arc<Policy<Req, Res>>)>,
+    lifecycle: Arc<Lifecycle>,
     observer: Arc<Observer<Res>>,
     /// Applies what this client's copy of the `reload_from` channel receives.
     apply: Option<Apply>,
@@ -78,7 +79,7 @@ struct Shared<Req, Res> {
 pub struct MeshClient<Req, Res> {
     shared: Arc<Shared<Req, Res>>,
     /// The mesh's lifecycle, which each call counts in to (and out of, by its id).
-    lifecycle: Arc<Lifecycle>,
+    lifecycle: LifecycleHold,
     config: watch::Receiver<Arc<(u64, MeshConfig)>>,
     /// This clone's receiver of the `reload_from` channel, if one was given before the
     /// client was built.
@@ -106,10 +107,11 @@ where
         let stack = (policy.stack)();
         let (source, apply) = source.unzip();
         Ok(Self {
-            lifecycle,
+            lifecycle: lifecycle.hold(),
             shared: Arc::new(Shared {
                 build,
                 current: Mutex::new((current.0, policy.clone())),
+                lifecycle,
                 observer: Observer::new(&service, classify),
                 service,
                 apply,
@@ -184,7 +186,7 @@ impl<Req, Res> Clone for MeshClient<Req, Res> {
     fn clone(&self) -> Self {
         Self {
             shared: self.shared.clone(),
-            lifecycle: self.lifecycle.clone(),
+            lifecycle: self.shared.lifecycle.hold(),
             config: self.config.clone(),
             source: self.source.clone(),
             version: self.version,

@@ -486,6 +486,33 @@ pub(crate) struct Lifecycle {
     idle: Notify,
 }
 
+/// One client clone's reference to the mesh's [`Lifecycle`]: its calls count in through it
+/// and hold only the lifecycle's id ([`InFlight`]).
+pub(crate) struct LifecycleHold(Arc<Lifecycle>);
+
+impl LifecycleHold {
+    /// Counts a call in, unless the mesh is closed.
+    #[inline]
+    pub(crate) fn enter(&self) -> Option<InFlight> {
+        let lifecycle = self.lifecycle();
+        if lifecycle.closed.load(Ordering::Relaxed) {
+            return None;
+        }
+        lifecycle.started.increment();
+        Some(InFlight(lifecycle.id))
+    }
+
+    /// Whether the mesh was shut down.
+    #[inline]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lifecycle().closed.load(Ordering::Relaxed)
+    }
+
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.0
+    }
+}
+
 /// Every live mesh's lifecycle, for calls in flight that hold only its id.
 static LIFECYCLES: Ids<Lifecycle> = Ids::new();
 
@@ -523,20 +550,9 @@ impl Lifecycle {
         }
     }
 
-    /// Counts a call in, unless the mesh is closed.
-    #[inline]
-    pub(crate) fn enter(&self) -> Option<InFlight> {
-        if self.closed.load(Ordering::Relaxed) {
-            return None;
-        }
-        self.started.increment();
-        Some(InFlight(self.id))
-    }
-
-    /// Whether the mesh was shut down.
-    #[inline]
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Relaxed)
+    /// A hold for one client clone.
+    pub(crate) fn hold(self: &Arc<Self>) -> LifecycleHold {
+        LifecycleHold(self.clone())
     }
 
     fn in_flight(&self) -> u64 {

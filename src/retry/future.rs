@@ -461,20 +461,27 @@ fn schedule<T>(
         }
         delay = delay.max(round_up_to_millis(hint));
     }
-    // The retry must start, and have at least a timer tick to run, before this layer's
-    // deadline and before the whole-call time limit above (a mesh client's `timeout`, whose
-    // cut would end the call with a timeout, the last answer lost): else that answer now.
-    let limits = [
-        (crate::timer::call_deadline(), "the call's timeout"),
-        (deadline_at, "deadline"),
-    ];
-    for (at, limit) in limits {
-        if at.is_some_and(|at| delay + MIN_TRY >= at.saturating_duration_since(Instant::now())) {
+    if let Some(at) = crate::timer::call_deadline() {
+        // A whole-call time limit above (a mesh client's `timeout`): a wait it would cut
+        // short ends the call with a timeout, the last answer lost. Return that answer now.
+        if delay + MIN_TRY >= at.saturating_duration_since(Instant::now()) {
             tracing::info!(
                 service,
                 attempt = attempt + 1,
                 ?delay,
-                "{limit} leaves no time for a retry"
+                "the call's timeout leaves no time for a retry"
+            );
+            return None;
+        }
+    }
+    if let Some(at) = deadline_at {
+        // The retry must start, and have at least a timer tick to run, before the deadline.
+        if delay + MIN_TRY >= at.saturating_duration_since(Instant::now()) {
+            tracing::info!(
+                service,
+                attempt = attempt + 1,
+                ?delay,
+                "deadline leaves no time for a retry"
             );
             return None;
         }

@@ -2,6 +2,7 @@
 
 use super::observe::{ClassifyResult, Observation, Observer};
 use super::runtime::{Lifecycle, LifecycleHold};
+use super::stack::Stack;
 use super::timeout::CallTimeout;
 use super::MeshConfig;
 use crate::breaker::BreakerHandle;
@@ -16,12 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::watch;
-use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service};
 use tracing::instrument::{Instrument, Instrumented};
-
-/// A service's stack above its balancer, type-erased.
-pub(crate) type Stack<Req, Res> = BoxCloneSyncService<Req, Res, BoxError>;
 
 /// Builds the layers for one version of the service's policies; `None` when the service's
 /// own policies are those of the last version built (another service's changed).

@@ -49,6 +49,7 @@ mod http;
 mod lazy;
 mod observe;
 mod runtime;
+mod stack;
 mod timeout;
 
 pub use client::{MeshClient, MeshClosed, ResponseFuture};

@@ -1,8 +1,9 @@
 //! [`Mesh`]: the registry, the system events and every service's client stack, from one
 //! configuration.
 
-use super::client::{BuildPolicy, MeshClient, Policy, Stack};
+use super::client::{BuildPolicy, MeshClient, Policy};
 use super::lazy::LazyClone;
+use super::stack::Stack;
 use super::{MeshConfig, MeshConfigError, ServiceConfig};
 use crate::balance::{Balance, ConfiguredPicker};
 use crate::breaker::{BreakerConfig, CircuitBreakerLayer};
@@ -21,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
-use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Layer, Service};
 
 /// An in-process service mesh: a registry with health checks, the system event bus, and a
@@ -389,9 +389,7 @@ impl Mesh {
             // The whole-call timeout is kept by the client's response future, above this stack
             // (`CallTimeout`): one future fewer for every call.
             let stack = move || -> Stack<Req, S::Response> {
-                BoxCloneSyncService::new(
-                    retry.layer(LazyClone::new(breaker.layer(balance.clone()))),
-                )
+                Stack::new(retry.layer(LazyClone::new(breaker.layer(balance.clone()))))
             };
             Ok(Some(Policy {
                 stack: Box::new(stack),

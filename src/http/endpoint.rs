@@ -1,7 +1,9 @@
 //! [`Endpoint`]: sends each request to one instance, by rewriting its URI's authority (and
 //! scheme, when the instance names one).
 
+use super::intern::intern;
 use crate::discovery::Instance;
+use bytes::Bytes;
 use http::header::{HeaderValue, HOST};
 use http::uri::{Authority, InvalidUri, Scheme, Uri};
 use http::{Request, Version};
@@ -128,7 +130,7 @@ pub struct Endpoint<S> {
     service: Option<Arc<str>>,
     /// The `Host` for requests without one: `None` on the default ports (where it depends
     /// on the request's scheme) and for an authority without a port.
-    host: Option<HeaderValue>,
+    host: Option<HostValue>,
 }
 
 impl<S: Clone> Clone for Endpoint<S> {
@@ -138,30 +140,74 @@ impl<S: Clone> Clone for Endpoint<S> {
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),
             service: self.service.clone(),
-            // Each copy its own bytes: every request clones the value, and the reference
-            // count it writes is then this copy's, not one shared by the copies that
-            // other handles (on other cores) use.
-            host: self.host.as_ref().map(own_copy),
+            host: self.host.clone(),
         }
     }
 }
 
 /// The header value HTTP/1 clients derive from an authority with a non-default port.
-fn host_value(authority: &Authority) -> Option<HeaderValue> {
-    match authority.port_u16() {
-        None | Some(80 | 443) => None,
-        Some(port) => HeaderValue::try_from(format!("{}:{port}", authority.host())).ok(),
+#[derive(Debug)]
+struct HostValue {
+    value: HeaderValue,
+    /// On interned static bytes: copies count no references.
+    interned: bool,
+}
+
+impl Clone for HostValue {
+    fn clone(&self) -> Self {
+        Self {
+            // Not interned, each copy gets bytes of its own: every request clones the value,
+            // and the reference count it writes is then this copy's, not one shared by the
+            // copies that other handles (on other cores) use.
+            value: if self.interned {
+                self.value.clone()
+            } else {
+                // The bytes came from a valid value: they make one again.
+                HeaderValue::from_bytes(self.value.as_bytes())
+                    .unwrap_or_else(|_| self.value.clone())
+            },
+            interned: self.interned,
+        }
     }
 }
 
-fn own_copy(value: &HeaderValue) -> HeaderValue {
-    // The bytes came from a valid value: they make one again.
-    HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
+fn host_value(authority: &Authority) -> Option<HostValue> {
+    let port = match authority.port_u16() {
+        None | Some(80 | 443) => return None,
+        Some(port) => port,
+    };
+    let text = format!("{}:{port}", authority.host());
+    if let Some(value) = intern(&text)
+        .and_then(|kept| HeaderValue::from_maybe_shared(Bytes::from_static(kept.as_bytes())).ok())
+    {
+        return Some(HostValue {
+            value,
+            interned: true,
+        });
+    }
+    let value = HeaderValue::try_from(text).ok()?;
+    Some(HostValue {
+        value,
+        interned: false,
+    })
+}
+
+/// `authority` on interned static bytes (see [`super::intern`]), or as it is once the
+/// interned addresses are at their limit.
+fn interned(authority: Authority) -> Authority {
+    intern(authority.as_str())
+        .and_then(|kept| Authority::from_maybe_shared(Bytes::from_static(kept.as_bytes())).ok())
+        .unwrap_or(authority)
 }
 
 impl<S> Endpoint<S> {
     /// Sends requests to `authority` through `inner`.
+    ///
+    /// The address is interned: kept for the life of the process, once per distinct
+    /// address (up to 10 000 of them), so that the copies each request and the client take
+    /// of it count no references.
     pub fn new(inner: S, authority: Authority) -> Self {
+        let authority = interned(authority);
         Self {
             inner,
             scheme: None,
@@ -231,7 +277,7 @@ where
     fn call(&mut self, mut request: R) -> Self::Future {
         request.route_to(self.scheme.as_ref(), &self.authority);
         if let Some(host) = &self.host {
-            request.set_default_host(host);
+            request.set_default_host(&host.value);
         }
         // The level check inline (a static load): no call at all when nothing records
         // debug spans.
@@ -278,8 +324,9 @@ mod tests {
     /// An endpoint at `authority` over a client that answers with the request it got.
     fn echo(
         authority: &str,
-    ) -> Endpoint<impl Service<Request<()>, Response = Request<()>, Error = std::convert::Infallible>>
-    {
+    ) -> Endpoint<
+        impl Service<Request<()>, Response = Request<()>, Error = std::convert::Infallible> + Clone,
+    > {
         let client = tower::service_fn(|request: Request<()>| async move {
             Ok::<_, std::convert::Infallible>(request)
         });
@@ -302,6 +349,26 @@ mod tests {
         assert_eq!(sent.headers()[HOST], "10.0.0.7:8080");
         let ipv6 = routed("[::1]:8080", Request::get("/a").body(()).unwrap());
         assert_eq!(ipv6.headers()[HOST], "[::1]:8080");
+    }
+
+    #[test]
+    fn endpoints_at_one_address_send_requests_with_its_interned_bytes() {
+        // Two endpoints made apart (as two discoveries of one instance would make them) and a
+        // clone: every request they route points at the same bytes, kept for the process,
+        // whose copies count no references.
+        let mut first = echo("10.0.0.9:8080");
+        let mut second = echo("10.0.0.9:8080");
+        let mut clone = first.clone();
+        let sent: Vec<Request<()>> = [&mut first, &mut second, &mut clone]
+            .into_iter()
+            .map(|endpoint| send(endpoint, Request::get("http://users/a").body(()).unwrap()))
+            .collect();
+        let kept = intern("10.0.0.9:8080").unwrap().as_ptr();
+        for request in &sent {
+            assert_eq!(request.uri(), "http://10.0.0.9:8080/a");
+            assert_eq!(request.uri().authority().unwrap().as_str().as_ptr(), kept);
+            assert_eq!(request.headers()[HOST].as_bytes().as_ptr(), kept);
+        }
     }
 
     #[test]
@@ -370,13 +437,25 @@ mod tests {
         let endpoint = Endpoint::new((), "10.0.0.7:8080".parse().unwrap());
         let copy = endpoint.clone();
         let (theirs, ours) = (endpoint.host.unwrap(), copy.host.unwrap());
-        assert_eq!(ours, theirs);
+        assert_eq!(ours.value, theirs.value);
+        assert!(ours.interned, "the address is interned");
+        assert_eq!(copy.authority, endpoint.authority);
+    }
+
+    #[test]
+    fn a_copy_of_a_host_value_not_interned_has_bytes_of_its_own() {
+        // As endpoints made once the interned addresses are at their limit hold it.
+        let theirs = HostValue {
+            value: HeaderValue::from_bytes(b"10.0.0.7:8080").unwrap(),
+            interned: false,
+        };
+        let ours = theirs.clone();
+        assert_eq!(ours.value, theirs.value);
         assert_ne!(
-            ours.as_bytes().as_ptr(),
-            theirs.as_bytes().as_ptr(),
+            ours.value.as_bytes().as_ptr(),
+            theirs.value.as_bytes().as_ptr(),
             "a copy has bytes of its own"
         );
-        assert_eq!(copy.authority, endpoint.authority);
     }
 
     #[tokio::test]

@@ -56,6 +56,7 @@
 mod body;
 mod classify;
 mod endpoint;
+mod intern;
 mod replay;
 mod response;
 mod retry_after;

@@ -44,6 +44,16 @@ struct Armed {
     waker: Option<Waker>,
 }
 
+impl Armed {
+    /// Whether the `Sleep`'s standing registration is with `waker`.
+    #[inline]
+    fn registered_with(&self, waker: &Waker) -> bool {
+        self.waker
+            .as_ref()
+            .is_some_and(|kept| kept.will_wake(waker))
+    }
+}
+
 thread_local! {
     static IDLE: RefCell<Vec<Armed>> = const { RefCell::new(Vec::new()) };
     /// The deadline of the whole call being polled on this thread, if a time limit above it
@@ -119,12 +129,7 @@ impl Timer {
         // Registered with this very waker and not fired: it wakes this call when it fires
         // (no later than this call's deadline), so there is nothing to poll. A task's calls
         // one after another take back the timer the last one returned, as it is.
-        if armed
-            .waker
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-            && !armed.sleep.is_elapsed()
-        {
+        if armed.registered_with(cx.waker()) && !armed.sleep.is_elapsed() {
             return Poll::Pending;
         }
         loop {
@@ -134,11 +139,7 @@ impl Timer {
             // A timer's poll ends a wait or registers one: it cannot keep a task busy.
             let polled = Pin::new(&mut task::coop::unconstrained(armed.sleep.as_mut())).poll(cx);
             if polled.is_pending() {
-                if !armed
-                    .waker
-                    .as_ref()
-                    .is_some_and(|waker| waker.will_wake(cx.waker()))
-                {
+                if !armed.registered_with(cx.waker()) {
                     armed.waker = Some(cx.waker().clone());
                 }
                 return Poll::Pending;

@@ -474,6 +474,20 @@ fn users_with_attempts(mesh: &Mesh, attempts: u32) -> MeshConfig {
     config
 }
 
+/// A mesh of failing "users" (its calls counted) that reloads from a watch channel, whose
+/// first value gives 2 attempts.
+async fn reloaded_from_a_channel() -> (
+    Mesh,
+    Arc<AtomicUsize>,
+    tokio::sync::watch::Sender<MeshConfig>,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let (updates, receiver) = tokio::sync::watch::channel(users_with_attempts(&mesh, 2));
+    mesh.reload_from(receiver);
+    (mesh, calls, updates)
+}
+
 /// Sends one call that fails; the tries it made, counted in `calls` (then reset).
 async fn tries(client: &mut meshkit::MeshClient<u32, u32>, calls: &AtomicUsize) -> usize {
     assert!(client.ready().await.unwrap().call(1).await.is_err());
@@ -482,11 +496,8 @@ async fn tries(client: &mut meshkit::MeshClient<u32, u32>, calls: &AtomicUsize) 
 
 #[tokio::test(start_paused = true)]
 async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let (mesh, calls, updates) = reloaded_from_a_channel().await;
     let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
-    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
-    mesh.reload_from(receiver);
     assert_eq!(
         mesh.config().service("users").retry.max_attempts,
         2,
@@ -508,11 +519,8 @@ async fn a_config_sent_on_the_watch_channel_applies_to_the_very_next_call() {
 
 #[tokio::test(start_paused = true)]
 async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let (mesh, calls, updates) = reloaded_from_a_channel().await;
     let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
-    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
-    mesh.reload_from(receiver);
     let mut first = refused_users(&mesh, calls.clone());
     updates.send(with_attempts(3)).unwrap();
     assert_eq!(tries(&mut first, &calls).await, 3);
@@ -527,11 +535,8 @@ async fn a_client_built_later_does_not_apply_an_old_value_of_the_watch_channel()
 
 #[tokio::test(start_paused = true)]
 async fn a_client_built_right_after_a_send_runs_under_the_sent_config() {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let (mesh, _) = mesh_with_failing_users(calls.clone()).await;
+    let (mesh, calls, updates) = reloaded_from_a_channel().await;
     let with_attempts = |attempts| users_with_attempts(&mesh, attempts);
-    let (updates, receiver) = tokio::sync::watch::channel(with_attempts(2));
-    mesh.reload_from(receiver);
     updates.send(with_attempts(3)).unwrap();
     // Built before the mesh's task has run.
     let mut client = refused_users(&mesh, calls.clone());

@@ -715,6 +715,76 @@ async fn reloading_breaker_thresholds_gives_a_breaker_under_the_new_ones() {
     assert_eq!(calls.load(Ordering::SeqCst), 0, "the new breaker refuses");
 }
 
+#[tokio::test(start_paused = true)]
+async fn reloading_ejection_thresholds_applies_to_clients_built_before() {
+    let config = MeshConfig::from_toml(
+        r#"
+        [services.users]
+        balance = { picker = "round_robin", ejection = { consecutive_failures = 1000 } }
+        breaker = { minimum_calls = 100 }
+        retry = { max_attempts = 1 }
+        "#,
+    )
+    .unwrap();
+    let mesh = Mesh::builder().config(config).build().unwrap();
+    for port in [1, 2] {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    // Instance 1 fails every call; 2 answers with its port.
+    let mut client = mesh
+        .client_with(
+            "users",
+            |instance: &Instance| {
+                let port = instance.port;
+                tower::service_fn(move |_: u32| async move {
+                    match port {
+                        1 => Err::<u16, BoxError>("down".into()),
+                        _ => Ok(port),
+                    }
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    async fn failures(client: &mut meshkit::MeshClient<u32, u16>, calls: usize) -> usize {
+        let mut failed = 0;
+        for _ in 0..calls {
+            failed += client.ready().await.unwrap().call(0).await.is_err() as usize;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        failed
+    }
+    assert_eq!(
+        failures(&mut client, 20).await,
+        10,
+        "no ejection under 1000"
+    );
+
+    reload_users(&mesh, |users| {
+        users
+            .balance
+            .ejection
+            .as_mut()
+            .unwrap()
+            .consecutive_failures = Some(2);
+    });
+    let warm_up = failures(&mut client, 10).await;
+    assert!(warm_up <= 2, "ejected after two failures, got {warm_up}");
+    assert_eq!(
+        failures(&mut client, 20).await,
+        0,
+        "instance 1 ejected under the reloaded threshold"
+    );
+}
+
 /// A client of `service` whose instances answer each call with its number after 5 s.
 fn answers_in_5s(mesh: &Mesh, service: &str) -> meshkit::MeshClient<u32, u32> {
     mesh.client_with(

@@ -231,6 +231,71 @@ async fn the_retried_statuses_come_from_the_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_retry_statuses_apply_to_a_client_built_before() {
+    // Every other request gets a 408: retried once the reloaded config lists it.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let port = every_other(
+        "/users/{id}",
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::OK,
+        &calls,
+    )
+    .await;
+    let mesh = mesh_with(RETRY_ONCE, &[port]).await;
+    let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
+    let response = users.ready().await.unwrap().call(get_user()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(calls.swap(0, Ordering::SeqCst), 1, "408 is not retried");
+
+    let mut config = mesh.config();
+    config
+        .services
+        .get_mut("users")
+        .unwrap()
+        .http
+        .retry_statuses = Some(vec![408, 503]);
+    mesh.reload(config).unwrap();
+    let response = users.ready().await.unwrap().call(get_user()).await.unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "retried after the reload"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reloaded_body_limit_applies_to_a_buffered_client_built_before() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mesh = flaky_users_with_a_body_limit(&calls).await;
+    let hyper_client: hyper_util::client::legacy::Client<_, ReplayBody<Full<Bytes>>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut users = mesh.buffered_client("users", hyper_client).unwrap();
+    let put = || {
+        http::Request::put("http://users/users/1")
+            .body(Full::new(Bytes::from(vec![b'x'; 4096])))
+            .unwrap()
+    };
+    let response = users.ready().await.unwrap().call(put()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        calls.swap(0, Ordering::SeqCst),
+        1,
+        "over 1 024 bytes: sent once"
+    );
+
+    let mut config = mesh.config();
+    config.services.get_mut("users").unwrap().http.body_limit = 8192;
+    mesh.reload(config).unwrap();
+    let response = users.ready().await.unwrap().call(put()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK, "held and sent again");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 4096);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn posts_are_retried_only_when_the_config_allows_every_method() {
     let calls = Arc::new(AtomicUsize::new(0));
     let port = every_other(

@@ -107,42 +107,61 @@ fn a_call_opens_a_request_span_an_endpoint_span_per_try_and_a_retry_span_per_ret
 }
 
 #[test]
-fn a_reload_of_balance_settings_says_they_apply_to_clients_built_afterwards() {
+fn a_client_says_when_it_takes_reloaded_policies() {
     let events = Arc::new(Mutex::new(Vec::new()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
     tracing::subscriber::with_default(Spans(Arc::default(), events.clone()), || {
-        let mesh = Mesh::builder()
-            .config(MeshConfig::from_toml("[services.users]\ntimeout = \"2s\"").unwrap())
-            .build()
-            .unwrap();
-        let mut config = mesh.config();
-        config.services.get_mut("users").unwrap().timeout = None;
-        mesh.reload(config).unwrap();
-        let warned = |events: &[String]| events.iter().any(|e| e.starts_with("WARN"));
-        assert!(
-            !warned(&events.lock().unwrap()),
-            "a timeout reloads in place"
-        );
-
-        let mut config = mesh.config();
-        config.services.get_mut("users").unwrap().http.body_limit = 1;
-        mesh.reload(config).unwrap();
-        {
-            let events = events.lock().unwrap();
-            assert!(warned(&events), "{events:?}");
-            assert!(
-                events.iter().any(|e| e.contains("service=users")),
-                "{events:?}"
-            );
-        }
-
-        // Services without a table of their own use the defaults.
-        let mut config = mesh.config();
-        config.defaults.balance.failfast_after = std::time::Duration::from_secs(5);
-        mesh.reload(config).unwrap();
-        let events = events.lock().unwrap();
-        assert!(
-            events.iter().any(|e| e.contains("service=(defaults)")),
-            "{events:?}"
-        );
+        runtime.block_on(async {
+            let mesh = Mesh::builder().build().unwrap();
+            mesh.register(
+                Instance::builder("users", "10.0.0.7", 8080)
+                    .build()
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .forget();
+            let leaf = tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::io::Error>(http::Response::new(()))
+            });
+            let mut users = mesh.client("users", leaf).unwrap();
+            let taken = |events: &Mutex<Vec<String>>| {
+                let events = events.lock().unwrap();
+                assert!(!events.iter().any(|e| e.starts_with("WARN")), "{events:?}");
+                events
+                    .iter()
+                    .filter(|e| e.contains("client policies reloaded"))
+                    .count()
+            };
+            // Each section, the balancer's and the http one's included, reloads in place.
+            for edit in [
+                |users: &mut meshkit::mesh::ServiceConfig| users.timeout = None,
+                |users: &mut meshkit::mesh::ServiceConfig| users.http.body_limit = 1,
+                |users: &mut meshkit::mesh::ServiceConfig| {
+                    users.balance.failfast_after = std::time::Duration::from_secs(5)
+                },
+            ] {
+                let before = taken(&events);
+                let mut config = mesh.config();
+                let mut section = config.service("users").clone();
+                edit(&mut section);
+                config.services.insert("users".into(), section);
+                mesh.reload(config).unwrap();
+                let request = http::Request::get("http://users/").body(()).unwrap();
+                users.ready().await.unwrap().call(request).await.unwrap();
+                assert_eq!(taken(&events), before + 1);
+            }
+        })
     });
+    let events = events.lock().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("INFO") && e.contains("service=users")),
+        "{events:?}"
+    );
 }

@@ -8,6 +8,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
@@ -192,7 +194,7 @@ impl<S> Layer<S> for BufferBodyLayer {
     fn layer(&self, inner: S) -> BufferBody<S> {
         BufferBody {
             inner,
-            limit: self.limit,
+            limit: Limit::Fixed(self.limit),
         }
     }
 }
@@ -201,7 +203,25 @@ impl<S> Layer<S> for BufferBodyLayer {
 #[derive(Clone, Debug)]
 pub struct BufferBody<S> {
     inner: S,
-    limit: usize,
+    limit: Limit,
+}
+
+/// A [`BufferBody`]'s limit: its own, or one its owner changes (a mesh client's, which a
+/// reload sets).
+#[derive(Clone, Debug)]
+enum Limit {
+    Fixed(usize),
+    Shared(Arc<AtomicUsize>),
+}
+
+impl<S> BufferBody<S> {
+    /// Keeps bodies of at most what `limit` holds when a request is called.
+    pub(crate) fn with_shared_limit(inner: S, limit: Arc<AtomicUsize>) -> Self {
+        Self {
+            inner,
+            limit: Limit::Shared(limit),
+        }
+    }
 }
 
 crate::macros::inner_accessors!(BufferBody);
@@ -222,7 +242,10 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let limit = self.limit as u64;
+        let limit = match &self.limit {
+            Limit::Fixed(limit) => *limit,
+            Limit::Shared(limit) => limit.load(Ordering::Relaxed),
+        } as u64;
         let (parts, body) = request.into_parts();
         if body.size_hint().lower() > limit {
             // Known to be too large: never read ahead, and call now.

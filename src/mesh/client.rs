@@ -65,12 +65,15 @@ struct Shared<Req, Res> {
 /// share no written cache line), and its first call makes its own copy of the stack below
 /// the retry layer (a balancer handle with its own loads). Cloning per request works, at
 /// that cost on each request. When the mesh's policies are reloaded
-/// ([`Mesh::reload`](super::Mesh::reload)) with new `breaker`, `retry` or `timeout` settings
-/// for this service, the next `poll_ready` of each clone switches to a stack built from the
-/// new values. The balancer and its endpoints stay. A breaker whose settings changed starts
-/// afresh (closed) under the new thresholds; an unchanged one keeps its state and counts.
-/// The retry budget is kept unless its own terms changed. A reload that changes only other
-/// services' settings changes nothing here. After
+/// ([`Mesh::reload`](super::Mesh::reload)) with new settings for this service, the next
+/// `poll_ready` of each clone switches to a stack built from the new values, keeping each
+/// layer whose settings did not change. A balancer whose `balance` settings (or, for an HTTP
+/// client, `http` settings) changed is made anew over the registry's instances, its loads and
+/// ejections afresh; otherwise it keeps its endpoints. A breaker whose settings changed
+/// starts afresh (closed) under the new thresholds; an unchanged one keeps its state and
+/// counts. The retry budget is kept unless its own terms changed. Calls already sent finish
+/// on the stack they started on. A reload that changes only other services' settings changes
+/// nothing here. After
 /// [`Mesh::shutdown`](super::Mesh::shutdown), `poll_ready` and calls fail at once with
 /// [`MeshClosed`].
 pub struct MeshClient<Req, Res> {

@@ -61,11 +61,11 @@ pub struct MeshConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// Picker, fail-fast and outlier ejection (read when the client is built: a reload
-    /// applies them to clients built afterwards). Default: [`BalanceConfig`]'s defaults,
-    /// except that a mesh ejects outliers unless told not to: `ejection` defaults to
-    /// [`EjectionConfig`](crate::balance::EjectionConfig)'s defaults (5 failures in a row),
-    /// and `ejection = "none"` turns it off.
+    /// Picker, fail-fast and outlier ejection (reloads: a change gives the service's clients
+    /// a new balancer, endpoints rediscovered and loads and ejections started afresh).
+    /// Default: [`BalanceConfig`]'s defaults, except that a mesh ejects outliers unless told
+    /// not to: `ejection` defaults to [`EjectionConfig`](crate::balance::EjectionConfig)'s
+    /// defaults (5 failures in a row), and `ejection = "none"` turns it off.
     pub balance: BalanceConfig,
     /// The breaker over the balanced endpoints (reloads: a change gives the service a new
     /// breaker).
@@ -84,12 +84,12 @@ pub struct ServiceConfig {
     /// comes, rather than a timeout that loses it.
     #[serde(with = "crate::duration::option")]
     pub timeout: Option<Duration>,
-    /// What HTTP clients may send again.
+    /// What HTTP clients may send again (reloads: a change gives the service's HTTP clients a
+    /// new balancer, as their endpoints are made from it, and new retry rules).
     pub http: HttpConfig,
 }
 
-/// What an HTTP client of the mesh may send again, and how it addresses instances (read when
-/// the client is built).
+/// What an HTTP client of the mesh may send again, and how it addresses instances.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {

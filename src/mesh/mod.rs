@@ -36,11 +36,11 @@
 //! ## Reloading
 //!
 //! [`Mesh::reload`] (or a `watch` channel given to [`Mesh::reload_from`]) replaces the
-//! policies at run time. A new config is checked first; a service's clients switch at their
-//! next `poll_ready` when its `breaker`, `retry` or `timeout` settings changed. Endpoints and
-//! their balancer stay. A breaker starts afresh only when its own settings changed, a retry
-//! budget only when its terms did; the `balance` and `http` sections apply to clients built
-//! after the reload.
+//! policies at run time. A new config is checked first; each client of a service whose
+//! settings changed switches at its next `poll_ready`. A client keeps each layer whose
+//! settings did not change: its balancer with its endpoints, loads and ejections (unless the
+//! `balance` section changed, or for an HTTP client the `http` one), its breaker with its
+//! state (unless the `breaker` section changed) and its retry budget (unless its terms did).
 
 mod client;
 mod config;

@@ -4,8 +4,8 @@
 use super::client::{BuildPolicy, MeshClient, Policy};
 use super::lazy::LazyClone;
 use super::stack::Stack;
-use super::{MeshConfig, MeshConfigError, ServiceConfig};
-use crate::balance::{Balance, ConfiguredPicker};
+use super::{HttpConfig, MeshConfig, MeshConfigError, ServiceConfig};
+use crate::balance::{Balance, BalanceConfig, ConfiguredPicker};
 use crate::breaker::{BreakerConfig, CircuitBreakerLayer};
 use crate::classify::{Classify, ClassifyRetry};
 use crate::discovery::{
@@ -150,39 +150,18 @@ impl Mesh {
         Ok(registration)
     }
 
-    /// Replaces the policies: checked first, then each client whose service's `breaker`,
-    /// `retry` or `timeout` settings changed switches to them at its next `poll_ready` (no
-    /// restart, no lost endpoint). A client keeps each layer whose settings did not change:
-    /// its breaker (state and counts), or its retry budget when only the budget's terms are
-    /// unchanged. Clients of services whose settings did not change keep everything.
-    ///
-    /// The `balance` and `http` sections are read when a client is built: a reload that
-    /// changes them applies to clients built afterwards, and says so in a `warn` event.
+    /// Replaces the policies: checked first, then each client whose service's settings
+    /// changed switches to them at its next `poll_ready`, with no restart. A client keeps
+    /// each layer whose settings did not change: its balancer (endpoints, loads, ejections)
+    /// unless the `balance` section changed (or, for an HTTP client, the `http` section, which
+    /// its endpoints are made from), its breaker (state and counts) unless the `breaker`
+    /// section did, and its retry budget unless the budget's terms did. Clients of services
+    /// whose settings did not change keep everything.
     ///
     /// # Errors
     /// The new configuration is invalid; the old one stays.
     pub fn reload(&self, config: MeshConfig) -> Result<(), MeshConfigError> {
         config.validate()?;
-        let previous = self.inner.config.borrow().clone();
-        /// The sections a client reads when it is built.
-        fn sections<'a>(
-            config: &'a MeshConfig,
-            name: Option<&str>,
-        ) -> (&'a crate::balance::BalanceConfig, &'a super::HttpConfig) {
-            let service = name.map_or(&config.defaults, |name| config.service(name));
-            (&service.balance, &service.http)
-        }
-        // `None`: the defaults, which services without a table of their own use.
-        let names = previous.1.services.keys().chain(config.services.keys());
-        let names = names.map(|name| Some(name.as_str())).chain([None]);
-        for name in names.collect::<std::collections::BTreeSet<_>>() {
-            if sections(&previous.1, name) != sections(&config, name) {
-                tracing::warn!(
-                    service = %name.unwrap_or("(defaults)"),
-                    "reloaded balance or http settings apply to clients built from now on"
-                );
-            }
-        }
         self.inner.config.send_modify(|current| {
             *current = Arc::new((current.0 + 1, config));
         });
@@ -305,40 +284,99 @@ impl Mesh {
             + 'static,
         K: Replay<Req> + Clone + Send + Sync + 'static,
     {
-        // A value sent on the `reload_from` channel and not applied yet: this client's
-        // balance and http sections are read now.
+        // A balancer rebuilt by a reload makes its endpoints with the same function.
+        let make_endpoint = Arc::new(Mutex::new(make_endpoint));
+        self.client_from(service, false, move |_: &HttpConfig| {
+            let make_endpoint = make_endpoint.clone();
+            Parts {
+                make_endpoint: move |instance: &Instance| {
+                    (make_endpoint.lock().unwrap_or_else(|p| p.into_inner()))(instance)
+                },
+                classifier: classifier.clone(),
+                replay: replay.clone(),
+            }
+        })
+    }
+
+    /// [`client_with`](Self::client_with), with the endpoints, classifier and replay made by
+    /// `parts` from the service's `http` section: again whenever a reload changes that
+    /// section, when `reads_http`.
+    pub(crate) fn client_from<S, Req, F, C, K>(
+        &self,
+        service: &str,
+        reads_http: bool,
+        parts: impl Fn(&HttpConfig) -> Parts<F, C, K> + Send + Sync + 'static,
+    ) -> Result<MeshClient<Req, S::Response>, MeshConfigError>
+    where
+        F: FnMut(&Instance) -> S + Send + 'static,
+        S: Service<Req> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send,
+        S::Response: Send + 'static,
+        Req: Send + 'static,
+        C: Classify<S::Response, BoxError>
+            + ClassifyRetry<S::Response, BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        K: Replay<Req> + Clone + Send + Sync + 'static,
+    {
+        // A value sent on the `reload_from` channel and not applied yet: this client starts
+        // under it.
         self.apply_latest();
-        let config = self.config();
-        let settings = &config.service(service).balance;
-        let endpoints = discover(&self.inner.registry, service, make_endpoint);
-        let mut balance = Balance::builder_from_config(endpoints, settings)
-            .map_err(|e| MeshConfigError::Invalid(e.at(&format!("services.{service}.balance"))))?
-            .name(service.to_string())
-            .weights(weights(&self.inner.registry, service))
-            .events(self.sink())
-            .classify::<Req, _>(classifier.clone());
-        if let Some(zone) = &settings.zone {
-            balance = balance.zones(
-                zone.clone(),
-                settings.min_local_endpoints as usize,
-                zones(&self.inner.registry, service),
-            );
-        }
-        let balance: Balance<S, Req, ConfiguredPicker> = balance.build();
-        let outcome_classifier = classifier.clone();
+        let registry = self.inner.registry.clone();
         let name = service.to_string();
         let sink = self.sink();
+        // What a call's outcome was (for the client's metrics and events), as the classifier
+        // of the parts the client starts with says: those a reload makes differ only in what
+        // they retry.
+        let outcome_classifier = parts(&self.config().service(service).http).classifier;
         // The layers of the last policies built, with the settings they were built from: a
-        // reload keeps each layer whose settings did not change (a breaker its state, a retry
-        // layer its budget), and the whole policy when none did.
-        let last: Mutex<Option<Built<C, K>>> = Mutex::new(None);
+        // reload keeps each layer whose settings did not change (a balancer its endpoints, a
+        // breaker its state, a retry layer its budget), and the whole policy when none did.
+        let last: Mutex<Option<Built<S, Req, C, K>>> = Mutex::new(None);
         let build: BuildPolicy<Req, S::Response> = Box::new(move |config: &MeshConfig| {
             let settings = config.service(&name);
+            let http = reads_http.then(|| settings.http.clone());
             let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-            if last.as_ref().is_some_and(|last| last.builds(settings)) {
+            let last = &mut *last;
+            if last
+                .as_ref()
+                .is_some_and(|last| last.builds(settings, &http))
+            {
                 return Ok(None);
             }
+            let Parts {
+                make_endpoint,
+                classifier,
+                replay,
+            } = parts(&settings.http);
+            let balance = match last.as_ref() {
+                Some(last) if last.balance_settings == settings.balance && last.http == http => {
+                    last.balance.clone()
+                }
+                _ => {
+                    let endpoints = discover(&registry, &name, make_endpoint);
+                    let mut balance = Balance::builder_from_config(endpoints, &settings.balance)
+                        .map_err(|e| e.at("balance"))?
+                        .name(name.clone())
+                        .weights(weights(&registry, &name))
+                        .events(sink.clone())
+                        .classify::<Req, _>(classifier.clone());
+                    if let Some(zone) = &settings.balance.zone {
+                        balance = balance.zones(
+                            zone.clone(),
+                            settings.balance.min_local_endpoints as usize,
+                            zones(&registry, &name),
+                        );
+                    }
+                    balance.build()
+                }
+            };
             let breaker = match last.as_ref() {
+                // Kept with the classifier it was built with: those a reload makes differ
+                // only in what they retry, not in what fails.
                 Some(last) if last.breaker_settings == settings.breaker => last.breaker.clone(),
                 _ => {
                     // Its state gauge from the start (0, closed), not only from its first
@@ -355,7 +393,8 @@ impl Mesh {
             let retry = match last.as_ref() {
                 Some(last)
                     if last.retry_settings == settings.retry
-                        && last.timeout == settings.timeout =>
+                        && last.timeout == settings.timeout
+                        && last.http == http =>
                 {
                     last.retry.clone()
                 }
@@ -364,11 +403,11 @@ impl Mesh {
                         .map_err(|e| e.at("retry"))?
                         .name(name.clone())
                         .events(sink.clone())
-                        .classify(classifier.clone())
-                        .replay(replay.clone());
+                        .classify(classifier)
+                        .replay(replay);
                     match last.as_ref() {
-                        // Attempts or backoff changed, the budget's terms did not: it keeps
-                        // what it has counted.
+                        // Attempts, backoff or what is retried changed, the budget's terms did
+                        // not: it keeps what it has counted.
                         Some(last) if last.retry_settings.budget == settings.retry.budget => {
                             retry.with_budget(last.retry.budget().clone())
                         }
@@ -379,13 +418,15 @@ impl Mesh {
             let (handle, budget) = (breaker.handle(), retry.budget().clone());
             let timeout = settings.timeout;
             *last = Some(Built {
+                balance_settings: settings.balance.clone(),
+                http,
+                balance: balance.clone(),
                 breaker_settings: settings.breaker.clone(),
                 breaker: breaker.clone(),
                 retry_settings: settings.retry.clone(),
                 retry: retry.clone(),
                 timeout,
             });
-            let balance = balance.clone();
             // The whole-call timeout is kept by the client's response future, above this stack
             // (`CallTimeout`): one future fewer for every call.
             let stack = move || -> Stack<Req, S::Response> {
@@ -447,7 +488,11 @@ fn within(retry: &RetryConfig, timeout: Option<Duration>) -> RetryConfig {
 }
 
 /// The layers of a client's last policies and the settings they were built from.
-struct Built<C, K> {
+struct Built<S, Req, C, K> {
+    balance_settings: BalanceConfig,
+    /// The `http` section the parts were made from, for a client that reads it.
+    http: Option<HttpConfig>,
+    balance: Balance<S, Req, ConfiguredPicker>,
     breaker_settings: BreakerConfig,
     breaker: CircuitBreakerLayer<C>,
     retry_settings: RetryConfig,
@@ -455,13 +500,24 @@ struct Built<C, K> {
     timeout: Option<Duration>,
 }
 
-impl<C, K> Built<C, K> {
-    /// Whether `settings` would build these same policies.
-    fn builds(&self, settings: &ServiceConfig) -> bool {
-        self.breaker_settings == settings.breaker
+impl<S, Req, C, K> Built<S, Req, C, K> {
+    /// Whether `settings` (and `http`, the section the client reads) would build these same
+    /// policies.
+    fn builds(&self, settings: &ServiceConfig, http: &Option<HttpConfig>) -> bool {
+        self.balance_settings == settings.balance
+            && self.http == *http
+            && self.breaker_settings == settings.breaker
             && self.retry_settings == settings.retry
             && self.timeout == settings.timeout
     }
+}
+
+/// What a client's stack is made of besides its policies: an endpoint for each instance, the
+/// classifier of outcomes and what may be sent again.
+pub(crate) struct Parts<F, C, K> {
+    pub(crate) make_endpoint: F,
+    pub(crate) classifier: C,
+    pub(crate) replay: K,
 }
 
 impl fmt::Debug for Mesh {

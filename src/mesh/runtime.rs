@@ -18,7 +18,7 @@ use crate::registry::{with_recent, Keyed, Recent, Registry as Ids};
 use crate::retry::{Replay, RetryConfig, RetryLayer};
 use crate::striped::StripedCounter;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -231,6 +231,8 @@ impl Mesh {
     /// flight to finish. Returns whether they all did.
     pub async fn shutdown(&self) -> bool {
         self.inner.lifecycle.closed.store(true, Ordering::SeqCst);
+        // Between closing and counting what is in flight (see `LifecycleHold::enter`).
+        fence(Ordering::SeqCst);
         let registered = std::mem::take(
             &mut *self
                 .inner
@@ -546,13 +548,20 @@ pub(crate) struct LifecycleHold(Arc<Lifecycle>);
 
 impl LifecycleHold {
     /// Counts a call in, unless the mesh is closed.
+    ///
+    /// Counted first, checked after, with a full fence between, as `shutdown` closes, fences,
+    /// then counts: either this call sees the mesh closed (and counts itself out), or
+    /// shutdown's count sees this call and waits for it. Checked first, a call could pass the
+    /// check, then count in after shutdown had found nothing in flight.
     #[inline]
     pub(crate) fn enter(&self) -> Option<InFlight> {
         let lifecycle = self.lifecycle();
+        lifecycle.started.increment();
+        fence(Ordering::SeqCst);
         if lifecycle.closed.load(Ordering::Relaxed) {
+            lifecycle.finish();
             return None;
         }
-        lifecycle.started.increment();
         Some(InFlight(lifecycle.id))
     }
 
@@ -645,5 +654,49 @@ impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
         let _ = with_recent(&RECENT, &LIFECYCLES, self.0, Lifecycle::finish);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Threads keep entering while the mesh shuts down: once shutdown has found nothing in
+    /// flight, no thread may hold a call it was let in for.
+    #[test]
+    fn no_call_is_let_in_after_shutdown_found_none_in_flight() {
+        for _ in 0..200 {
+            let lifecycle = Lifecycle::new();
+            let drained = Arc::new(AtomicBool::new(false));
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    let (hold, drained) = (lifecycle.hold(), drained.clone());
+                    std::thread::spawn(move || {
+                        while !drained.load(Ordering::SeqCst) {
+                            if let Some(call) = hold.enter() {
+                                assert!(
+                                    !drained.load(Ordering::SeqCst),
+                                    "a call let in after shutdown found none in flight"
+                                );
+                                drop(call);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            std::thread::yield_now();
+            // As `Mesh::shutdown` does, without its wait.
+            lifecycle.closed.store(true, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            while lifecycle.in_flight() != 0 {
+                std::hint::spin_loop();
+            }
+            drained.store(true, Ordering::SeqCst);
+            for thread in threads {
+                thread.join().unwrap();
+            }
+            assert!(lifecycle.hold().enter().is_none(), "closed");
+            assert_eq!(lifecycle.in_flight(), 0, "a refused call counts itself out");
+        }
     }
 }

@@ -823,6 +823,49 @@ async fn calls_return_to_an_endpoint_once_it_is_ready_again() {
     assert!(["a", "b", "c"].contains(&call.await.unwrap()));
 }
 
+#[tokio::test(start_paused = true)]
+async fn consistent_hash_sends_the_keys_of_an_endpoint_not_ready_where_they_would_go_without_it() {
+    let gates = ["a", "b", "c", "d", "e"].map(Gate::new);
+    let over = |gates: &[Gate]| {
+        let discover = futures::stream::iter(
+            gates
+                .iter()
+                .map(|gate| Ok::<_, Infallible>(Change::Insert(gate.name, gate.clone())))
+                .collect::<Vec<_>>(),
+        );
+        Balance::new(discover, ConsistentHash::new(|user: &u64| *user))
+    };
+    let (mut all, mut without_a) = (over(&gates), over(&gates[1..]));
+    all.ready().await.unwrap();
+    without_a.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut owners = BTreeMap::new();
+    for user in 0..300u64 {
+        owners.insert(user, all.ready().await.unwrap().call(user).await.unwrap());
+    }
+
+    gates[0].set_open(false);
+    let mut moved_to = BTreeMap::new();
+    for (&user, &owner) in &owners {
+        let now = tokio::time::timeout(Duration::from_secs(5), async {
+            all.ready().await.unwrap().call(user).await.unwrap()
+        })
+        .await
+        .expect("a call waited for the endpoint that is not ready");
+        if owner == "a" {
+            let without = without_a.ready().await.unwrap().call(user).await.unwrap();
+            assert_eq!(now, without, "user {user}: where it goes without a");
+            *moved_to.entry(now).or_insert(0) += 1;
+        } else {
+            assert_eq!(now, owner, "user {user}: only a's keys move");
+        }
+    }
+    assert!(
+        moved_to.len() > 1,
+        "a's keys spread round the ring: {moved_to:?}"
+    );
+}
+
 /// A round-robin balancer, started, over "a" and "b": each takes one call at a time, and
 /// answers call 0 after 100 ms, any other after 10 ms.
 async fn two_limited_endpoints(

@@ -61,8 +61,9 @@
 //! A background task applies discovery changes and drives endpoints that are not ready even
 //! when no request arrives; an endpoint whose readiness fails is polled again a second later
 //! rather than dropped. A call goes to an endpoint that is ready: when the picked one is not
-//! (at its concurrency limit, reconnecting), the handle picks again, and the call waits for
-//! its pick only when no other endpoint it looks at is ready. When no endpoint is ready for `failfast_after`, calls fail at once
+//! (at its concurrency limit, reconnecting), the handle picks again ([`ConsistentHash`]: takes
+//! the key's next owner round the ring, where the key would go without the endpoint), and the
+//! call waits for its pick only when no other endpoint it looks at is ready. When no endpoint is ready for `failfast_after`, calls fail at once
 //! with [`NoEndpoints`] instead of hanging, and resume as soon as one is ready.
 
 mod config;

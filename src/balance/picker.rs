@@ -36,6 +36,35 @@ pub trait Picker<Req>: Send + Sync + 'static {
         state: &mut Self::State,
     ) -> usize;
 
+    /// Where a call goes instead when the handle's copy of the endpoint picked for
+    /// `request`, `picked`, cannot take it at once (at its concurrency limit, reconnecting):
+    /// writes the endpoints to try, best first, into `into` and returns how many it wrote
+    /// (the balancer passes over `picked` and repeats, and takes the first that is ready).
+    /// The default picks twice more, as the picker spreads calls, then takes the endpoints
+    /// after `picked` in the set's order. [`ConsistentHash`] gives the key's next owners
+    /// round the ring instead, so that the keys of an endpoint that is not ready go where
+    /// they would go without it.
+    fn fallbacks(
+        &self,
+        request: &Req,
+        endpoints: &EndpointLoads,
+        prepared: &Self::Prepared,
+        state: &mut Self::State,
+        picked: usize,
+        into: &mut [usize],
+    ) -> usize {
+        let count = endpoints.len();
+        let picks = into.len().min(2);
+        for slot in &mut into[..picks] {
+            *slot = self.pick(request, endpoints, prepared, state);
+        }
+        let after = (into.len() - picks).min(count.saturating_sub(1));
+        for (step, slot) in into[picks..picks + after].iter_mut().enumerate() {
+            *slot = (picked + 1 + step) % count;
+        }
+        picks + after
+    }
+
     /// Whether picks read in-flight counts (the balancer then maintains them; otherwise
     /// calls skip that bookkeeping). A snapshot of one endpoint leaves nothing to choose:
     /// its calls are not counted (a new snapshot starts its counts afresh anyway).
@@ -356,7 +385,9 @@ impl<Req> Picker<Req> for PeakEwma {
 
 /// The same request key to the same endpoint: a ring with 100 virtual nodes per endpoint,
 /// flattened into a table (one lookup per request), over a key the user extracts from the
-/// request. When one of N endpoints leaves, only its keys (about 1/N) move.
+/// request. When one of N endpoints leaves, only its keys (about 1/N) move; while one is not
+/// ready at once (at a concurrency limit, say), its keys go where they would go if it had
+/// left (each to its next owner round the ring), and the others stay.
 pub struct ConsistentHash<F> {
     key: F,
 }
@@ -392,6 +423,20 @@ where
     fn pick(&self, request: &Req, _: &EndpointLoads, ring: &HashRing, _: &mut ()) -> usize {
         ring.lookup(stable_hash(&(self.key)(request)))
             .expect("the ring of a non-empty set has owners")
+    }
+
+    /// The key's next owners round the ring, nearest first: the endpoint that would own it
+    /// if its owner left, then the one after, and so on.
+    fn fallbacks(
+        &self,
+        request: &Req,
+        _: &EndpointLoads,
+        ring: &HashRing,
+        _: &mut (),
+        _: usize,
+        into: &mut [usize],
+    ) -> usize {
+        ring.successors(stable_hash(&(self.key)(request)), into)
     }
 }
 

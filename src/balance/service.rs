@@ -115,9 +115,10 @@ impl<S, T> Drop for Shared<S, T> {
 /// tonic clients are). Calls go only to copies that are ready, as with tower's balancers:
 /// when the picked endpoint's copy is not ready at once (a concurrency limit reached, a
 /// channel reconnecting), the handle picks again, twice, then takes the first of the next
-/// eight endpoints whose copy is ready. Only when none is does the call wait for the picked copy, readied as the
-/// call is polled (the handle makes a new copy next time). The task stops when the last
-/// handle is dropped.
+/// eight endpoints whose copy is ready (the picker decides: see [`Picker::fallbacks`];
+/// [`ConsistentHash`](super::ConsistentHash) goes round its ring). Only when none is does
+/// the call wait for the picked copy, readied as the call is polled (the handle makes a new
+/// copy next time). The task stops when the last handle is dropped.
 ///
 /// When no endpoint is ready for `failfast_after`, `poll_ready` stops waiting and calls fail
 /// at once with [`NoEndpoints`]; they resume as soon as an endpoint is ready.
@@ -468,10 +469,11 @@ where
     S::Response: 'static,
 {
     /// The handle's copy of endpoint `pending` is not ready: the call goes to another
-    /// endpoint whose copy is, if there is one that a steered try does not avoid. Picks twice
-    /// more, as the picker spreads calls, then takes the first ready one of the [`SCAN`]
-    /// endpoints after `pending` (a bounded cost, whatever the endpoint count); else the
-    /// call waits for `pending`'s copy. Returns the endpoint's index and the call.
+    /// endpoint whose copy is, if there is one that a steered try does not avoid: the first
+    /// ready one of the picker's [`fallbacks`](Picker::fallbacks) (two more picks, then the
+    /// [`SCAN`] endpoints after `pending`, by default: a bounded cost, whatever the endpoint
+    /// count); else the call waits for `pending`'s copy. Returns the endpoint's index and the
+    /// call.
     /// A copy passed over is dropped (with whatever place in a queue its readiness took); the
     /// next call that picks the endpoint makes a new one.
     #[cold]
@@ -484,20 +486,28 @@ where
         balancer: usize,
     ) -> (usize, GuardedCall<S, Req>) {
         let prepared = self.view.prepared.as_ref().expect("checked by call");
+        let mut candidates = [0; 2 + SCAN];
+        let written = self.picker.fallbacks(
+            &request,
+            &self.loads,
+            prepared,
+            &mut self.state,
+            pending,
+            &mut candidates,
+        );
         let count = self.view.services.len();
-        let mut picks = [0; 2];
-        for pick in &mut picks {
-            *pick = self
-                .picker
-                .pick(&request, &self.loads, prepared, &mut self.state);
-        }
-        let candidates = picks
-            .into_iter()
-            .chain((1..count.min(1 + SCAN)).map(|step| (pending + step) % count));
-        for index in candidates {
+        for (n, &index) in candidates[..written.min(candidates.len())]
+            .iter()
+            .enumerate()
+        {
             let avoided =
                 || crate::tried::avoids(crate::tried::key(balancer, self.view.keys[index]));
-            if index == pending || (steered && avoided()) {
+            // A picker's own may name an endpoint twice, or one past the set: passed over.
+            if index >= count
+                || index == pending
+                || candidates[..n].contains(&index)
+                || (steered && avoided())
+            {
                 continue;
             }
             request = match self.try_endpoint(index, request, false) {

@@ -233,6 +233,111 @@ fn a_service_table_lies_over_the_defaults_key_by_key() {
 }
 
 #[test]
+fn infinite_and_nan_values_are_named_by_their_path_and_range() {
+    for (toml, message) in [
+        (
+            "[services.users.breaker]\nfailure_rate = inf",
+            "services.users.breaker.failure_rate: must be in (0, 1], got inf",
+        ),
+        (
+            "[services.users.breaker]\nfailure_rate = nan",
+            "services.users.breaker.failure_rate: must be in (0, 1], got NaN",
+        ),
+        (
+            "[defaults.balance.ejection]\npanic_threshold = -inf",
+            "defaults.balance.ejection.panic_threshold: must be in [0, 1], got -inf",
+        ),
+    ] {
+        assert_eq!(error_of(toml), message);
+    }
+    // Where a whole number is wanted, serde's own words, with the value as written.
+    let error = error_at(
+        "[services.users.retry]\nmax_attempts = inf",
+        "services.users.retry.max_attempts",
+    );
+    assert!(error.to_string().contains("inf"), "{error}");
+    assert!(!error.to_string().contains("123456789"), "{error}");
+    // From the environment too.
+    let error = MeshConfig::from_toml_with_env(
+        "",
+        [("MESHKIT_SERVICES__USERS__BREAKER__SLOW_CALL_RATE", "nan")],
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "services.users.breaker.slow_call_rate: must be in (0, 1], got NaN"
+    );
+}
+
+#[test]
+fn an_unknown_key_in_a_breaker_window_is_named_by_its_path() {
+    error_at(
+        "[services.users.breaker.window]\nkind = \"count\"\nsizee = 3",
+        "services.users.breaker.window.sizee",
+    );
+    // A key of the other kind is unknown to this one.
+    error_at(
+        "[services.users.breaker.window]\nkind = \"count\"\nduration = \"30s\"",
+        "services.users.breaker.window.duration",
+    );
+    error_at(
+        "[defaults.breaker.window]\nkind = \"time\"\nsize = 3",
+        "defaults.breaker.window.size",
+    );
+}
+
+#[test]
+fn a_breaker_window_without_a_kind_takes_it_from_its_fields() {
+    use meshkit::breaker::WindowConfig;
+    let window = |toml: &str| {
+        MeshConfig::from_toml(toml)
+            .unwrap()
+            .service("users")
+            .breaker
+            .window
+    };
+    assert_eq!(
+        window("[services.users.breaker]\nwindow = { size = 50 }"),
+        WindowConfig::Count { size: 50 }
+    );
+    assert_eq!(
+        window("[services.users.breaker]\nwindow = { duration = \"30s\" }"),
+        WindowConfig::Time {
+            duration: Duration::from_secs(30)
+        }
+    );
+    assert_eq!(
+        window("[services.users.breaker]\nwindow = { kind = \"count\" }"),
+        WindowConfig::default()
+    );
+    // A service's window replaces the defaults' whole, whatever its kind.
+    assert_eq!(
+        window(
+            "[defaults.breaker]\nwindow = { kind = \"time\", duration = \"30s\" }\n\
+             [services.users.breaker]\nwindow = { size = 50 }"
+        ),
+        WindowConfig::Count { size: 50 }
+    );
+    let config = MeshConfig::from_toml_with_env(
+        "[defaults.breaker]\nwindow = { kind = \"time\", duration = \"30s\" }",
+        [("MESHKIT_SERVICES__USERS__BREAKER__WINDOW__SIZE", "50")],
+    )
+    .unwrap();
+    assert_eq!(
+        config.service("users").breaker.window,
+        WindowConfig::Count { size: 50 }
+    );
+    assert!(
+        error_of("[services.users.breaker]\nwindow = { size = 5, duration = \"1s\" }")
+            .contains("not both")
+    );
+    assert!(
+        error_of("[services.users.breaker]\nwindow = { kind = \"time\" }")
+            .contains("missing field `duration`")
+    );
+}
+
+#[test]
 fn environment_variables_override_the_file() {
     let env = [
         ("MESHKIT_SERVICES__USERS__RETRY__MAX_ATTEMPTS", "5"),

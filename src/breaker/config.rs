@@ -91,8 +91,13 @@ impl Default for BreakerConfig {
 }
 
 /// The sliding window over which failure and slow-call rates are computed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+///
+/// Read from a table tagged by its `kind` (`{ kind = "count", size = 50 }`, `{ kind = "time",
+/// duration = "30s" }`). The `kind` may be left out where the fields say it: `{ size = 50 }`
+/// is a count window, `{ duration = "30s" }` a time window, and `{}` the default (a count
+/// window of 100 calls), as is `{ kind = "count" }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum WindowConfig {
     /// The last `size` recorded calls, `size` in `[1, 1000000]`.
     Count {
@@ -117,7 +122,61 @@ pub enum WindowConfig {
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        WindowConfig::Count { size: 100 }
+        WindowConfig::Count {
+            size: DEFAULT_WINDOW_SIZE,
+        }
+    }
+}
+
+/// Calls in the default count window.
+const DEFAULT_WINDOW_SIZE: u32 = 100;
+
+impl<'de> Deserialize<'de> for WindowConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+
+        #[derive(Deserialize)]
+        #[serde(rename_all = "lowercase")]
+        enum Kind {
+            Count,
+            Time,
+        }
+        /// Every field of every kind, each checked against the kind below.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            kind: Option<Kind>,
+            size: Option<u32>,
+            #[serde(default, deserialize_with = "some_duration")]
+            duration: Option<Duration>,
+        }
+        fn some_duration<'de, D: serde::Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            crate::duration::deserialize(deserializer).map(Some)
+        }
+
+        let Fields {
+            kind,
+            size,
+            duration,
+        } = Fields::deserialize(deserializer)?;
+        match (kind, size, duration) {
+            (Some(Kind::Count), _, Some(_)) => {
+                Err(D::Error::unknown_field("duration", &["kind", "size"]))
+            }
+            (Some(Kind::Time), Some(_), _) => {
+                Err(D::Error::unknown_field("size", &["kind", "duration"]))
+            }
+            (Some(Kind::Time), None, None) => Err(D::Error::missing_field("duration")),
+            (None, Some(_), Some(_)) => Err(D::Error::custom(
+                "a window has a `size` (a count window) or a `duration` (a time window), not both",
+            )),
+            (Some(Kind::Time) | None, None, Some(duration)) => Ok(WindowConfig::Time { duration }),
+            (Some(Kind::Count) | None, size, None) => Ok(WindowConfig::Count {
+                size: size.unwrap_or(DEFAULT_WINDOW_SIZE),
+            }),
+        }
     }
 }
 

@@ -58,7 +58,12 @@
 //! fails with [`Overloaded`]. Readiness errors pass through. It only helps above a service
 //! that applies backpressure through `poll_ready`: a `Buffer`, tower's waiting
 //! `ConcurrencyLimit`, a gate-mode [`CircuitBreaker`](crate::breaker::CircuitBreaker), a
-//! balancer.
+//! balancer. On an axum `Router`, that backpressure must be shared by every service the
+//! layer builds: served without `with_state`, a `Router` applies its layers to each handler
+//! again for each connection, so tower's `ConcurrencyLimitLayer` would give every connection
+//! a semaphore of its own. Put tower's `GlobalConcurrencyLimitLayer` (one semaphore for all)
+//! under `LoadShedLayer`, or use this module's [`ConcurrencyLimitLayer`], whose limit every
+//! service it builds shares.
 //!
 //! ## Rejections
 //!

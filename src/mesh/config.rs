@@ -249,9 +249,22 @@ impl MeshConfig {
             let path = &name.as_ref()["MESHKIT_".len()..];
             set_path(&mut root, path, value.as_ref())?;
         }
+        // JSON, which the config passes through, has no infinity or NaN: each such value
+        // (TOML's `inf`, `nan`) is read as a stand-in, and put back in the error that names it.
+        let mut non_finite = Vec::new();
+        take_non_finite(&mut root, "", &mut non_finite);
         let root =
             serde_json::to_value(root).map_err(|e| MeshConfigError::Syntax(e.to_string()))?;
-        Self::from_value(root)
+        match (Self::from_value(root), non_finite.first()) {
+            (Ok(config), None) => Ok(config),
+            // A stand-in within its field's range (no field has one that wide): refused
+            // all the same.
+            (Ok(_), Some((path, value))) => Err(MeshConfigError::Parse {
+                path: path.clone(),
+                message: format!("must be a finite number, got {value}"),
+            }),
+            (Err(error), _) => Err(restore_non_finite(error, &non_finite)),
+        }
     }
 
     /// Lays the services over the defaults, reads the fields (naming the path of a bad one),
@@ -265,9 +278,12 @@ impl MeshConfig {
         let fields = serde_path_to_error::Deserializer::new(root, &mut track);
         // The fields as they are, derived (`remote = "Self"`): this type's own `Deserialize`
         // is this function.
-        let config = MeshConfig::deserialize(fields).map_err(|e| MeshConfigError::Parse {
-            path: track.path().to_string(),
-            message: e.to_string(),
+        let config = MeshConfig::deserialize(fields).map_err(|e| {
+            let message = e.to_string();
+            MeshConfigError::Parse {
+                path: with_unknown_field(track.path().to_string(), &message),
+                message,
+            }
         })?;
         config.validate()?;
         Ok(config)
@@ -298,6 +314,89 @@ impl MeshConfig {
             env.push((name.to_string(), value.to_string()));
         }
         Self::from_toml_with_env(&text, env)
+    }
+}
+
+/// What stands in for a non-finite float on its way through JSON: negative, so out of every
+/// field's range, with a short rendering to find in the error.
+const NON_FINITE: f64 = -123_456_789.25;
+
+/// Replaces each non-finite float under `table` (at `path`) with [`NON_FINITE`], noting its
+/// path and value in `found`.
+fn take_non_finite(table: &mut toml::Table, path: &str, found: &mut Vec<(String, f64)>) {
+    fn visit(value: &mut toml::Value, path: String, found: &mut Vec<(String, f64)>) {
+        match value {
+            toml::Value::Float(float) if !float.is_finite() => {
+                found.push((path, *float));
+                *float = NON_FINITE;
+            }
+            toml::Value::Table(table) => take_non_finite(table, &path, found),
+            toml::Value::Array(items) => {
+                for (index, item) in items.iter_mut().enumerate() {
+                    visit(item, format!("{path}[{index}]"), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    for (key, value) in table.iter_mut() {
+        let path = match path {
+            "" => key.clone(),
+            parent => format!("{parent}.{key}"),
+        };
+        visit(value, path, found);
+    }
+}
+
+/// `error` with the non-finite value it names written back in place of [`NON_FINITE`].
+fn restore_non_finite(error: MeshConfigError, found: &[(String, f64)]) -> MeshConfigError {
+    let stand_in = NON_FINITE.to_string();
+    // The value of the path named, or (a `defaults` value laid over a service) of the one
+    // whose path ends as the named one's does after its service.
+    let value = |path: &str| {
+        let own = |candidate: &str| candidate.splitn(3, '.').nth(2).map(str::to_owned);
+        found
+            .iter()
+            .find(|(at, _)| at == path)
+            .or_else(|| {
+                found
+                    .iter()
+                    .find(|(at, _)| own(at).is_some() && own(at) == own(path))
+            })
+            .or(found.first())
+            .map(|(_, value)| value.to_string())
+    };
+    match error {
+        MeshConfigError::Invalid(e) if e.got() == stand_in => match value(e.field()) {
+            Some(got) => MeshConfigError::Invalid(ConfigError::new(e.field(), e.expected(), got)),
+            None => MeshConfigError::Invalid(e),
+        },
+        MeshConfigError::Parse { path, message } if message.contains(&stand_in) => {
+            let got = value(&path).unwrap_or_default();
+            MeshConfigError::Parse {
+                message: message.replace(&stand_in, &got),
+                path,
+            }
+        }
+        error => error,
+    }
+}
+
+/// The path of an error about an unknown key: serde names the key in its message but, inside
+/// a table read as a whole (a breaker window, tagged by its `kind`), tracks only the table.
+fn with_unknown_field(path: String, message: &str) -> String {
+    let Some(field) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    else {
+        return path;
+    };
+    if path == field || path.ends_with(&format!(".{field}")) {
+        path
+    } else if path.is_empty() || path == "." {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
     }
 }
 
@@ -489,8 +588,10 @@ fn lay_services_over_defaults(root: &mut Table) {
 fn merge(base: &mut Table, over: Table) {
     for (key, value) in over {
         match (base.get_mut(&key), value) {
+            // A breaker window's fields belong to one kind each (`size`, `duration`): a
+            // window always replaces the base's whole.
             (Some(serde_json::Value::Object(inner)), serde_json::Value::Object(value))
-                if !value.contains_key("kind") =>
+                if !value.contains_key("kind") && key != "window" =>
             {
                 merge(inner, value)
             }

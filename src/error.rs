@@ -69,19 +69,65 @@ pub fn is_rejection(err: &(dyn Error + 'static)) -> bool {
 /// they cannot ask an arbitrary `E` for its `source()` chain.
 pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
     let any: &dyn Any = err;
+    as_error(any).map_or_else(|| is_rejection_type(any), is_rejection)
+}
+
+/// Whether `err` (or an error in its chain) says that the request was never sent, so that
+/// sending it again cannot repeat its effect, whatever its method: a connection that could
+/// not be made (refused, host or network unreachable, no local address; with the `reqwest`
+/// feature, any of reqwest's connect errors, DNS and connect timeouts included), an endpoint
+/// ejected, or a meshkit rejection (see [`is_rejection`]).
+///
+/// A retry layer sends a request its [`Replay`](crate::retry::Replay) would not copy (a
+/// `POST`) again after such an error, as Finagle requeues requests that were never written.
+pub fn is_unsent(err: &(dyn Error + 'static)) -> bool {
+    chain(err).any(|err| {
+        is_rejection_type(err) || err.is::<crate::balance::EndpointEjected>() || is_connect(err)
+    })
+}
+
+/// [`is_unsent`] for an error of any type, as [`is_rejection_value`] is for `is_rejection`.
+pub fn is_unsent_value<E: 'static>(err: &E) -> bool {
+    let any: &dyn Any = err;
+    match as_error(any) {
+        Some(err) => is_unsent(err),
+        None => is_rejection_type(any) || any.is::<crate::balance::EndpointEjected>(),
+    }
+}
+
+/// A connection that was never made.
+fn is_connect(err: &(dyn Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    if let Some(io) = err.downcast_ref::<std::io::Error>() {
+        return matches!(
+            io.kind(),
+            ErrorKind::ConnectionRefused
+                | ErrorKind::HostUnreachable
+                | ErrorKind::NetworkUnreachable
+                | ErrorKind::AddrNotAvailable
+        );
+    }
+    #[cfg(feature = "reqwest")]
+    if let Some(reqwest) = err.downcast_ref::<reqwest::Error>() {
+        return reqwest.is_connect();
+    }
+    false
+}
+
+/// `any` as an error whose chain can be walked, when it is a boxed error or an `io::Error`
+/// (as tower stacks pass them); `None` for any other type.
+fn as_error(any: &dyn Any) -> Option<&(dyn Error + 'static)> {
     if let Some(boxed) = any.downcast_ref::<BoxError>() {
-        return is_rejection(&**boxed);
+        return Some(&**boxed);
     }
     if let Some(boxed) = any.downcast_ref::<Box<dyn Error + Send + 'static>>() {
-        return is_rejection(&**boxed);
+        return Some(&**boxed);
     }
     if let Some(boxed) = any.downcast_ref::<Box<dyn Error + 'static>>() {
-        return is_rejection(&**boxed);
+        return Some(&**boxed);
     }
-    if let Some(io) = any.downcast_ref::<std::io::Error>() {
-        return io.get_ref().is_some_and(|inner| is_rejection(inner));
-    }
-    is_rejection_type(any)
+    any.downcast_ref::<std::io::Error>()
+        .map(|io| io as &(dyn Error + 'static))
 }
 
 /// Whether `value` itself (not its chain) is one of meshkit's rejection errors. The one list

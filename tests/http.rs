@@ -142,3 +142,78 @@ async fn requests_fail_over_to_a_live_instance_when_one_dies() {
         assert_eq!(response.text().await.unwrap(), "b");
     }
 }
+
+/// A port of 127.0.0.1 that refuses connections: bound, then let go.
+async fn refusing_port() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_refused_a_connection_is_sent_to_another_instance_once() {
+    let posts = Arc::new(AtomicUsize::new(0));
+    let counted = posts.clone();
+    let app = axum::Router::new().route(
+        "/orders",
+        post(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                (StatusCode::CREATED, "created")
+            }
+        }),
+    );
+    let (live, _server) = serve(app).await;
+    let dead = refusing_port().await;
+    let registry = MemoryRegistry::new();
+    let mut registrations = Vec::new();
+    for port in [dead, live] {
+        let instance = Instance::builder("orders", "127.0.0.1", port)
+            .build()
+            .unwrap();
+        registrations.push(registry.register(instance).await.unwrap());
+    }
+    let client = reqwest::Client::new();
+    let endpoints = discover(&registry, "orders", move |instance: &Instance| {
+        Endpoint::for_instance(client.clone(), instance).unwrap()
+    });
+    let mut orders = ServiceBuilder::new()
+        .layer(retry())
+        .service(Balance::new(endpoints, RoundRobin));
+    let create = || {
+        let mut request = reqwest::Request::new(
+            reqwest::Method::POST,
+            "http://orders/orders".parse().unwrap(),
+        );
+        *request.body_mut() = Some("{}".into());
+        request
+    };
+    for _ in 0..10 {
+        let response = orders.ready().await.unwrap().call(create()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    // Half of them went first to the dead instance: never sent there, sent once to the live one.
+    assert_eq!(
+        posts.load(Ordering::SeqCst),
+        10,
+        "each POST created one order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_recognised_as_never_sent() {
+    let dead = refusing_port().await;
+    let mut client = ServiceBuilder::new()
+        .layer(retry())
+        .service(reqwest::Client::new());
+    let url = format!("http://127.0.0.1:{dead}/orders").parse().unwrap();
+    let error = client
+        .ready()
+        .await
+        .unwrap()
+        .call(reqwest::Request::new(reqwest::Method::POST, url))
+        .await
+        .unwrap_err();
+    assert!(error.is_connect(), "{error}");
+    assert!(meshkit::error::is_unsent(&error));
+}

@@ -554,3 +554,33 @@ async fn a_rejection_wrapped_in_an_io_error_is_not_retried() {
         .unwrap_err();
     assert_eq!(tries.count(), 1);
 }
+
+/// Tries of one `POST` through a retry layer with HTTP's replay and classifier, whose
+/// backend fails every try with an I/O error of `kind`.
+async fn posts_failing_with(kind: std::io::ErrorKind) -> (usize, BoxError) {
+    let tries = Tries::default();
+    let backend = {
+        let tries = tries.clone();
+        tower::service_fn(move |_: http::Request<String>| {
+            tries.record();
+            async move { Err::<http::Response<String>, BoxError>(std::io::Error::from(kind).into()) }
+        })
+    };
+    let mut service = layer(config(3, no_jitter(BackoffKind::Constant, ms(1), ms(1))))
+        .classify(meshkit::http::HttpClassifier::default())
+        .replay(meshkit::http::HttpReplay::default())
+        .layer(backend);
+    let post = http::Request::post("http://orders/orders")
+        .body("{}".to_string())
+        .unwrap();
+    let error = service.ready().await.unwrap().call(post).await.unwrap_err();
+    (tries.count(), error)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_post_that_was_never_sent_is_retried_and_one_that_may_have_been_is_not() {
+    let (tries, error) = posts_failing_with(std::io::ErrorKind::ConnectionRefused).await;
+    assert_eq!(tries, 3, "refused: never sent, so tried again ({error})");
+    let (tries, error) = posts_failing_with(std::io::ErrorKind::ConnectionReset).await;
+    assert_eq!(tries, 1, "reset: it may have been received ({error})");
+}

@@ -33,7 +33,9 @@
 //!
 //! [`HttpReplay`] lets retries and hedges repeat only idempotent methods, and only bodies held
 //! whole: [`BufferBodyLayer`] keeps bodies up to a size in memory ([`ReplayBody`]); larger ones
-//! stream through once.
+//! stream through once. A retry also sends a request of any other method again when its try
+//! never left (a refused connection: [`crate::error::is_unsent`]), as Finagle requeues
+//! requests that were never written.
 //!
 //! ## Where a request goes
 //!

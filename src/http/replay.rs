@@ -65,7 +65,9 @@ cloned_bodies!(
 /// Replays HTTP requests for retries and hedges: by default only idempotent methods (see
 /// [`is_idempotent`]) and only bodies held whole (see
 /// [`BufferBodyLayer`](super::BufferBodyLayer)), of any size unless a
-/// [`body_limit`](Self::body_limit) is set; any other request is sent once.
+/// [`body_limit`](Self::body_limit) is set; any other request is sent once, except that a
+/// retry sends a request of any method again when its try was never sent (a refused
+/// connection: see [`Replay::replay_unsent`]).
 ///
 /// ```
 /// use meshkit::retry::Replay;
@@ -125,22 +127,37 @@ impl HttpReplay {
 
 impl<B: ReplayableBody> Replay<Request<B>> for HttpReplay {
     fn replay(&self, request: &Request<B>) -> Option<Request<B>> {
-        if !self.allows(request.method()) || self.too_long(request.body().known_len()) {
+        if !self.allows(request.method()) {
             return None;
         }
-        let mut copy = Request::new(request.body().try_clone_body()?);
-        *copy.method_mut() = request.method().clone();
-        *copy.uri_mut() = request.uri().clone();
-        *copy.version_mut() = request.version();
-        // The copy starts with empty headers and extensions: copied only when there are some.
-        if !request.headers().is_empty() {
-            *copy.headers_mut() = request.headers().clone();
-        }
-        if !request.extensions().is_empty() {
-            *copy.extensions_mut() = request.extensions().clone();
-        }
-        Some(copy)
+        copy(self, request)
     }
+
+    /// Every method's requests: one that was never sent can be sent elsewhere.
+    fn replay_unsent(&self, request: &Request<B>) -> Option<Request<B>> {
+        copy(self, request)
+    }
+}
+
+/// A copy of `request` for another try, unless its body cannot be copied or is over the
+/// limit.
+#[inline]
+fn copy<B: ReplayableBody>(replay: &HttpReplay, request: &Request<B>) -> Option<Request<B>> {
+    if replay.too_long(request.body().known_len()) {
+        return None;
+    }
+    let mut copy = Request::new(request.body().try_clone_body()?);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    // The copy starts with empty headers and extensions: copied only when there are some.
+    if !request.headers().is_empty() {
+        *copy.headers_mut() = request.headers().clone();
+    }
+    if !request.extensions().is_empty() {
+        *copy.extensions_mut() = request.extensions().clone();
+    }
+    Some(copy)
 }
 
 #[cfg(feature = "reqwest")]
@@ -148,10 +165,18 @@ impl Replay<reqwest::Request> for HttpReplay {
     /// Streaming reqwest bodies cannot be cloned: those requests are sent once, as are
     /// bodies over the limit.
     fn replay(&self, request: &reqwest::Request) -> Option<reqwest::Request> {
+        if !self.allows(request.method()) {
+            return None;
+        }
+        self.replay_unsent(request)
+    }
+
+    /// Every method's requests: one that was never sent can be sent elsewhere.
+    fn replay_unsent(&self, request: &reqwest::Request) -> Option<reqwest::Request> {
         let len = request
             .body()
             .map_or(Some(0), |body| body.as_bytes().map(|b| b.len() as u64));
-        if !self.allows(request.method()) || self.too_long(len) {
+        if self.too_long(len) {
             return None;
         }
         request.try_clone()

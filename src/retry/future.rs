@@ -5,7 +5,7 @@ use super::replay::Replay;
 use super::service::{find, Shared};
 use super::TimedOut;
 use crate::classify::{ClassifyRetry, RetryDecision};
-use crate::error::is_rejection_value;
+use crate::error::{is_rejection_value, is_unsent_value};
 use pin_project_lite::pin_project;
 use std::fmt;
 use std::future::Future;
@@ -34,6 +34,8 @@ pin_project! {
         // The service retries are sent through, and the copy of the request they send.
         service: Option<S>,
         spare: Option<Req>,
+        // The spare may be sent only if the try never was (`Replay::replay_unsent`).
+        unsent_only: bool,
         classifier: C,
         replay: K,
         // The retry service's shared state, found again by id on the slow path.
@@ -182,7 +184,7 @@ where
     pub(crate) fn new(
         call: S::Future,
         service: Option<S>,
-        spare: Option<Req>,
+        (spare, unsent_only): (Option<Req>, bool),
         classifier: C,
         replay: K,
         id: u64,
@@ -192,6 +194,7 @@ where
             call: Some(call),
             service,
             spare,
+            unsent_only,
             classifier,
             replay,
             id,
@@ -290,6 +293,14 @@ where
             service,
             attempt = attempt + 1,
             "request cannot be replayed; not retried"
+        );
+        return finish(this, result);
+    }
+    if *this.unsent_only && !matches!(&result, Err(error) if is_unsent_value(error)) {
+        tracing::debug!(
+            service,
+            attempt = attempt + 1,
+            "request may have been sent and may be replayed only if not; not retried"
         );
         return finish(this, result);
     }
@@ -403,7 +414,10 @@ where
                 let request = this.spare.take().expect("a retry has a request");
                 slow.attempt += 1;
                 if slow.attempt < slow.max_attempts {
-                    *this.spare = this.replay.replay(&request);
+                    *this.spare = match *this.unsent_only {
+                        false => this.replay.replay(&request),
+                        true => this.replay.replay_unsent(&request),
+                    };
                 }
                 // The retry's own span: whatever the service opens while sending it (an
                 // endpoint's span, say) sits under it, with the try's number. The first try

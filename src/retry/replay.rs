@@ -9,6 +9,14 @@
 pub trait Replay<Req> {
     /// A copy of `request` to send as another try, or `None` if it must not be repeated.
     fn replay(&self, request: &Req) -> Option<Req>;
+
+    /// A copy of a `request` that [`replay`](Self::replay) would not copy, to send again
+    /// only if its try fails before anything is sent (see [`crate::error::is_unsent`]): a
+    /// `POST` refused a connection, say. `None` (the default): such requests are sent once.
+    fn replay_unsent(&self, request: &Req) -> Option<Req> {
+        let _ = request;
+        None
+    }
 }
 
 /// Replays a request by cloning it.
@@ -53,6 +61,14 @@ where
     fn replay(&self, request: &Req) -> Option<Req> {
         if (self.predicate)(request) {
             self.replay.replay(request)
+        } else {
+            None
+        }
+    }
+
+    fn replay_unsent(&self, request: &Req) -> Option<Req> {
+        if (self.predicate)(request) {
+            self.replay.replay_unsent(request)
         } else {
             None
         }

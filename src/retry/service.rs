@@ -171,11 +171,14 @@ where
         shared.budget.deposit();
         let limits = shared.limits;
         let spare = if limits.max_attempts > 1 {
-            self.replay.replay(&request)
+            match self.replay.replay(&request) {
+                Some(copy) => (Some(copy), false),
+                None => (self.replay.replay_unsent(&request), true),
+            }
         } else {
-            None
+            (None, false)
         };
-        let service = spare.as_ref().map(|_| self.inner.clone());
+        let service = spare.0.as_ref().map(|_| self.inner.clone());
         let call = self.inner.call(request);
         let timeouts = if limits.timed {
             Some(self.timeouts::<S::Error>())

@@ -120,6 +120,8 @@ impl Backoff {
         let grown = match self.kind {
             BackoffKind::Constant => self.base,
             BackoffKind::Linear => self.base.saturating_mul(n),
+            // No growth from nothing (`0 × ∞` would read as past `max`).
+            BackoffKind::Exponential if self.base.is_zero() => Duration::ZERO,
             BackoffKind::Exponential => {
                 let exponent = i32::try_from(n - 1).unwrap_or(i32::MAX);
                 let seconds = self.base.as_secs_f64() * self.multiplier.powi(exponent);
@@ -231,6 +233,17 @@ mod tests {
             backoff(BackoffKind::Linear, Jitter::None).growth(u32::MAX),
             ms(1000)
         );
+    }
+
+    #[test]
+    fn a_zero_base_stays_zero_however_many_attempts() {
+        let b = Backoff {
+            base: Duration::ZERO,
+            ..backoff(BackoffKind::Exponential, Jitter::None)
+        };
+        assert_eq!(b.growth(1), Duration::ZERO);
+        assert_eq!(b.growth(1_025), Duration::ZERO);
+        assert_eq!(b.growth(u32::MAX), Duration::ZERO);
     }
 
     #[test]

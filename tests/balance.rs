@@ -866,6 +866,52 @@ async fn consistent_hash_sends_the_keys_of_an_endpoint_not_ready_where_they_woul
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn round_robins_stay_even_over_the_ready_endpoints_when_one_is_not_ready() {
+    use meshkit::balance::WeightedRoundRobin;
+    for endpoints in [3, 4, 5] {
+        let gates: Vec<Gate> = ["a", "b", "c", "d", "e"][..endpoints]
+            .iter()
+            .map(|name| Gate::new(name))
+            .collect();
+        let discover = futures::stream::iter(
+            gates
+                .iter()
+                .map(|gate| Ok::<_, Infallible>(Change::Insert(gate.name, gate.clone())))
+                .collect::<Vec<_>>(),
+        );
+        let mut balance = Balance::new(discover, RoundRobin);
+        balance.ready().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        gates[0].set_open(false);
+        let calls = 60 * (endpoints as u64 - 1);
+        let counts = tally(&mut balance, calls).await;
+        assert_eq!(counts.get("a"), None);
+        for gate in &gates[1..] {
+            assert_eq!(counts[gate.name], 60, "{endpoints} endpoints: {counts:?}");
+        }
+    }
+
+    // Weights 1, 2, 1 with the first not ready: the other two keep their 2 : 1.
+    let gates = ["a", "b", "c"].map(Gate::new);
+    let discover = futures::stream::iter(
+        gates
+            .iter()
+            .map(|gate| Ok::<_, Infallible>(Change::Insert(gate.name, gate.clone())))
+            .collect::<Vec<_>>(),
+    );
+    let weights = |name: &&'static str| if *name == "b" { 2 } else { 1 };
+    let mut balance = Balance::builder(discover, WeightedRoundRobin)
+        .weights(weights)
+        .build();
+    balance.ready().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    gates[0].set_open(false);
+    let counts = tally(&mut balance, 300).await;
+    assert_eq!(counts.get("a"), None);
+    assert_eq!((counts["b"], counts["c"]), (200, 100), "{counts:?}");
+}
+
 /// A round-robin balancer, started, over "a" and "b": each takes one call at a time, and
 /// answers call 0 after 100 ms, any other after 10 ms.
 async fn two_limited_endpoints(

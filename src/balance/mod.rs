@@ -79,7 +79,8 @@ pub use config::{BalanceConfig, ConfiguredPicker, PickerKind};
 pub use eject::EjectionConfig;
 pub use error::{EndpointEjected, NoEndpoints};
 pub use picker::{
-    ConsistentHash, Cursor, LeastRequests, PeakEwma, Picker, Random, RoundRobin, WeightedRoundRobin,
+    ConsistentHash, Cursor, LeastRequests, PeakEwma, Picker, Random, RoundRobin,
+    WeightedRoundRobin, FALLBACKS,
 };
 pub use ring::HashRing;
 pub use service::{Balance, BalanceBuilder, Endpoints, ResponseFuture};

@@ -38,31 +38,29 @@ pub trait Picker<Req>: Send + Sync + 'static {
 
     /// Where a call goes instead when the handle's copy of the endpoint picked for
     /// `request`, `picked`, cannot take it at once (at its concurrency limit, reconnecting):
-    /// writes the endpoints to try, best first, into `into` and returns how many it wrote
-    /// (the balancer passes over `picked` and repeats, and takes the first that is ready).
-    /// The default picks twice more, as the picker spreads calls, then takes the endpoints
-    /// after `picked` in the set's order. [`ConsistentHash`] gives the key's next owners
-    /// round the ring instead, so that the keys of an endpoint that is not ready go where
-    /// they would go without it.
-    fn fallbacks(
+    /// the `attempt`-th endpoint to try (from 0), or `None` for no more. The balancer asks
+    /// for one after another until one is ready (passing over `picked` and repeats), at most
+    /// [`FALLBACKS`] times, so a picker that moves on with each pick (a round robin) moves on
+    /// only as far as the endpoints it skips. The default picks again for the first two, as
+    /// the picker spreads calls, then takes the endpoints after `picked` in the set's order.
+    /// [`ConsistentHash`] gives the key's next owners round the ring instead, so that the
+    /// keys of an endpoint that is not ready go where they would go without it.
+    fn fallback(
         &self,
         request: &Req,
         endpoints: &EndpointLoads,
         prepared: &Self::Prepared,
         state: &mut Self::State,
         picked: usize,
-        into: &mut [usize],
-    ) -> usize {
-        let count = endpoints.len();
-        let picks = into.len().min(2);
-        for slot in &mut into[..picks] {
-            *slot = self.pick(request, endpoints, prepared, state);
+        attempt: usize,
+    ) -> Option<usize> {
+        match attempt {
+            0 | 1 => Some(self.pick(request, endpoints, prepared, state)),
+            _ => {
+                let step = attempt - 1;
+                (step < endpoints.len()).then(|| (picked + step) % endpoints.len())
+            }
         }
-        let after = (into.len() - picks).min(count.saturating_sub(1));
-        for (step, slot) in into[picks..picks + after].iter_mut().enumerate() {
-            *slot = (picked + 1 + step) % count;
-        }
-        picks + after
     }
 
     /// Whether picks read in-flight counts (the balancer then maintains them; otherwise
@@ -78,6 +76,10 @@ pub trait Picker<Req>: Send + Sync + 'static {
         false
     }
 }
+
+/// Most endpoints a call tries when the one picked for it is not ready at once (see
+/// [`Picker::fallback`]): a bounded cost, whatever the endpoint count.
+pub const FALLBACKS: usize = 10;
 
 /// Gives handles different starting points and seeds.
 fn next_handle() -> u64 {
@@ -427,16 +429,19 @@ where
 
     /// The key's next owners round the ring, nearest first: the endpoint that would own it
     /// if its owner left, then the one after, and so on.
-    fn fallbacks(
+    fn fallback(
         &self,
         request: &Req,
         _: &EndpointLoads,
         ring: &HashRing,
         _: &mut (),
         _: usize,
-        into: &mut [usize],
-    ) -> usize {
-        ring.successors(stable_hash(&(self.key)(request)), into)
+        attempt: usize,
+    ) -> Option<usize> {
+        let mut successors = [0; FALLBACKS];
+        let wanted = successors.get_mut(..=attempt)?;
+        let found = ring.successors(stable_hash(&(self.key)(request)), wanted);
+        (found > attempt).then(|| successors[attempt])
     }
 }
 

@@ -3,8 +3,8 @@
 use super::config::{BalanceConfig, ConfiguredPicker};
 use super::eject::{EjectionClassifier, EjectionConfig, Guarded, GuardedCall, Readiness};
 use super::error::NoEndpoints;
-use super::picker::Picker;
 use super::picker::RoundRobin;
+use super::picker::{Picker, FALLBACKS};
 use super::stats::EndpointLoads;
 use super::worker;
 use crate::classify::Classify;
@@ -115,7 +115,7 @@ impl<S, T> Drop for Shared<S, T> {
 /// tonic clients are). Calls go only to copies that are ready, as with tower's balancers:
 /// when the picked endpoint's copy is not ready at once (a concurrency limit reached, a
 /// channel reconnecting), the handle picks again, twice, then takes the first of the next
-/// eight endpoints whose copy is ready (the picker decides: see [`Picker::fallbacks`];
+/// eight endpoints whose copy is ready (the picker decides: see [`Picker::fallback`];
 /// [`ConsistentHash`](super::ConsistentHash) goes round its ring). Only when none is does
 /// the call wait for the picked copy, readied as the call is polled (the handle makes a new
 /// copy next time). The task stops when the last handle is dropped.
@@ -173,9 +173,6 @@ impl<D> Endpoints for D where
         + 'static
 {
 }
-
-/// Endpoints after a picked one that is not ready that a call looks at for a ready one.
-const SCAN: usize = 8;
 
 impl<S, Req, P> Balance<S, Req, P>
 where
@@ -470,10 +467,9 @@ where
 {
     /// The handle's copy of endpoint `pending` is not ready: the call goes to another
     /// endpoint whose copy is, if there is one that a steered try does not avoid: the first
-    /// ready one of the picker's [`fallbacks`](Picker::fallbacks) (two more picks, then the
-    /// [`SCAN`] endpoints after `pending`, by default: a bounded cost, whatever the endpoint
-    /// count); else the call waits for `pending`'s copy. Returns the endpoint's index and the
-    /// call.
+    /// ready one of the picker's [`fallback`](Picker::fallback)s, asked one at a time (two
+    /// more picks, then the endpoints after `pending`, by default; at most [`FALLBACKS`]);
+    /// else the call waits for `pending`'s copy. Returns the endpoint's index and the call.
     /// A copy passed over is dropped (with whatever place in a queue its readiness took); the
     /// next call that picks the endpoint makes a new one.
     #[cold]
@@ -485,29 +481,30 @@ where
         steered: bool,
         balancer: usize,
     ) -> (usize, GuardedCall<S, Req>) {
-        let prepared = self.view.prepared.as_ref().expect("checked by call");
-        let mut candidates = [0; 2 + SCAN];
-        let written = self.picker.fallbacks(
-            &request,
-            &self.loads,
-            prepared,
-            &mut self.state,
-            pending,
-            &mut candidates,
-        );
-        let count = self.view.services.len();
-        for (n, &index) in candidates[..written.min(candidates.len())]
-            .iter()
-            .enumerate()
-        {
+        // The snapshot's own reference: the picks below borrow it while calls borrow the handle.
+        let view = self.view.clone();
+        let prepared = view.prepared.as_ref().expect("checked by call");
+        let count = view.services.len();
+        let mut looked = [pending; FALLBACKS];
+        for attempt in 0..FALLBACKS {
+            let Some(index) = self.picker.fallback(
+                &request,
+                &self.loads,
+                prepared,
+                &mut self.state,
+                pending,
+                attempt,
+            ) else {
+                break;
+            };
             let avoided =
                 || crate::tried::avoids(crate::tried::key(balancer, self.view.keys[index]));
-            // A picker's own may name an endpoint twice, or one past the set: passed over.
-            if index >= count
-                || index == pending
-                || candidates[..n].contains(&index)
-                || (steered && avoided())
-            {
+            // Named again (or, by a picker of one's own, past the set): passed over.
+            if index >= count || looked[..attempt].contains(&index) || index == pending {
+                continue;
+            }
+            looked[attempt] = index;
+            if steered && avoided() {
                 continue;
             }
             request = match self.try_endpoint(index, request, false) {

@@ -58,6 +58,7 @@
 pub mod backoff;
 pub mod balance;
 pub mod breaker;
+mod cancel;
 pub mod classify;
 pub mod config;
 pub mod discovery;

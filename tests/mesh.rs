@@ -890,6 +890,92 @@ async fn reloading_ejection_thresholds_applies_to_clients_built_before() {
     );
 }
 
+/// A mesh configured by `toml` over "users" instances on ports 1 and 2, and a client whose
+/// instance 1 never answers while 2 answers at once with its port.
+async fn one_instance_hangs(toml: &str) -> (Mesh, meshkit::MeshClient<u32, u16>) {
+    let mesh = Mesh::builder()
+        .config(MeshConfig::from_toml(toml).unwrap())
+        .build()
+        .unwrap();
+    for port in [1, 2] {
+        mesh.register(
+            Instance::builder("users", "127.0.0.1", port)
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .forget();
+    }
+    let client = mesh
+        .client_with(
+            "users",
+            |instance: &Instance| {
+                let port = instance.port;
+                tower::service_fn(move |_: u32| async move {
+                    if port == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<u16, BoxError>(port)
+                })
+            },
+            DefaultClassifier,
+            CloneRequest,
+        )
+        .unwrap();
+    (mesh, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_cut_short_by_the_timeout_open_the_breaker_over_a_backend_that_hangs() {
+    let (_mesh, mut client) = one_instance_hangs(
+        r#"
+        [services.users]
+        timeout = "100ms"
+        balance = { picker = "round_robin", ejection = "none" }
+        breaker = { failure_rate = 0.4, minimum_calls = 10 }
+        retry = { max_attempts = 1 }
+        "#,
+    )
+    .await;
+    for _ in 0..10 {
+        let _ = client.ready().await.unwrap().call(0).await;
+    }
+    assert_eq!(
+        client.breaker().state(),
+        BreakerState::Open,
+        "5 of 10 calls timed out: {:?}",
+        client.breaker().metrics()
+    );
+    let error = client.ready().await.unwrap().call(0).await.unwrap_err();
+    assert!(meshkit::error::is::<CircuitOpen>(&*error), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_whose_tries_time_out_is_ejected() {
+    let (_mesh, mut client) = one_instance_hangs(
+        r#"
+        [services.users]
+        balance = { picker = "round_robin", ejection = { consecutive_failures = 2 } }
+        breaker = { minimum_calls = 100 }
+        [services.users.retry]
+        max_attempts = 2
+        per_try_timeout = "100ms"
+        backoff = { kind = "constant", base = "1ms", jitter = "none" }
+        "#,
+    )
+    .await;
+    for _ in 0..6 {
+        assert_eq!(client.ready().await.unwrap().call(0).await.unwrap(), 2);
+    }
+    // Ejected: no call waits out a try on it any more.
+    let started = tokio::time::Instant::now();
+    for _ in 0..20 {
+        assert_eq!(client.ready().await.unwrap().call(0).await.unwrap(), 2);
+    }
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
 /// A client of `service` whose instances answer each call with its number after 5 s.
 fn answers_in_5s(mesh: &Mesh, service: &str) -> meshkit::MeshClient<u32, u32> {
     mesh.client_with(

@@ -14,13 +14,54 @@ pin_project! {
     /// Response future of [`CircuitBreaker`](super::CircuitBreaker): the inner call, whose
     /// outcome is recorded when it finishes, or an immediate [`CircuitOpen`] rejection.
     ///
-    /// Dropping it before it finishes records nothing (a probe's slot is given back). It holds
-    /// no reference to the breaker in the closed state, only its id.
+    /// Dropping it before it finishes records nothing (a probe's slot is given back), unless
+    /// a meshkit timeout cut the call short (a retry's `per_try_timeout` or `deadline`, a
+    /// mesh client's `timeout`): that counts as a failure, so that a backend that hangs
+    /// trips the breaker. It holds no reference to the breaker in the closed state, only its
+    /// id.
     pub struct ResponseFuture<F, C> {
         #[pin]
         kind: Kind<F>,
         classifier: C,
         count_rejections: bool,
+    }
+
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            if crate::cancel::is_timing_out() {
+                timed_out(this.project().kind.project());
+            }
+        }
+    }
+}
+
+/// A call a timeout cut short: a failure (and slow, when slow calls are tracked).
+#[cold]
+#[inline(never)]
+fn timed_out<F>(kind: KindProjection<'_, F>) {
+    match kind {
+        KindProjection::Closed {
+            breaker, admitted, ..
+        } => finish_closed(*breaker, *admitted, Outcome::Failure, false),
+        KindProjection::ClosedTimed {
+            breaker,
+            admitted,
+            slow_at,
+            ..
+        } => finish_closed(
+            *breaker,
+            *admitted,
+            Outcome::Failure,
+            Instant::now() >= *slow_at,
+        ),
+        KindProjection::Probe {
+            permit, slow_at, ..
+        } => {
+            if let Some(permit) = permit.take() {
+                permit.finish(Some(true), is_slow(*slow_at));
+            }
+        }
+        KindProjection::Rejected { .. } | KindProjection::Unrecorded { .. } => {}
     }
 }
 

@@ -53,13 +53,14 @@
 //!   others are rejected. Once the probes' failures (or slow calls) reach a threshold of
 //!   `half_open_calls` the breaker re-opens; when every probe has finished below it, it closes.
 //!   A probe still running after `half_open_timeout` re-opens it. A probe that is cancelled
-//!   (its future dropped) gives its slot back and is not counted.
+//!   (its future dropped) gives its slot back and is not counted, unless a meshkit timeout cut
+//!   it short (see below): then it failed.
 //! - **ForcedOpen** and **Disabled**: set by an operator through [`BreakerHandle`]; the first
 //!   rejects everything, the second passes everything and records nothing.
 //!   [`BreakerHandle::reset`] returns to a fresh `Closed`.
 //!
 //! Calls classified [`Outcome::Ignored`](crate::classify::Outcome::Ignored) and cancelled calls
-//! are never counted. Errors made by meshkit's own layers (another breaker's [`CircuitOpen`])
+//! are never counted, except calls that one of meshkit's timeouts cut short (see below). Errors made by meshkit's own layers (another breaker's [`CircuitOpen`])
 //! are ignored unless [`CircuitBreakerLayer::count_rejections`] says otherwise. Failures and
 //! probes admitted before a transition do not count after it.
 //!
@@ -75,9 +76,14 @@
 //!
 //! ## Where it goes in a stack
 //!
-//! Put timeouts *inside* the breaker, so that a call that times out is a failure the breaker
-//! sees: `ServiceBuilder::new().layer(breaker).timeout(limit).service(client)`. A timeout
-//! outside it cancels the call, and cancelled calls are never counted.
+//! A call that times out is a failure, as a Resilience4j `TimeLimiter` inside a breaker makes
+//! it, so that a backend that hangs trips the breaker. Timeouts inside the breaker return an
+//! error it sees: `ServiceBuilder::new().layer(breaker).timeout(limit).service(client)`.
+//! meshkit's own timeouts above it (a [`RetryLayer`](crate::retry::RetryLayer)'s
+//! `per_try_timeout` and `deadline`, a mesh client's `timeout`) drop the call they cut short
+//! in a way the breaker recognises, and it counts the call as failed (and slow, when slow
+//! calls are tracked). Any other timeout outside it, tower's `Timeout` say, only cancels the
+//! call, which is not counted.
 //!
 //! ## Runtime
 //!

@@ -287,20 +287,22 @@ impl<Res> Future for ResponseFuture<Res> {
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.inner.as_pin_mut() {
-            Some(inner) => {
-                let result = match std::task::ready!(this.timeout.poll(cx, |cx| inner.poll(cx))) {
-                    Ok(result) => result,
-                    Err(elapsed) => Err(elapsed.into()),
-                };
-                if let Some(observation) = this.observation.as_mut() {
-                    observation.finish(&result);
-                }
-                Poll::Ready(result)
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(Err(MeshClosed.into()));
+        };
+        let result = match std::task::ready!(this.timeout.poll(cx, |cx| inner.poll(cx))) {
+            Ok(result) => result,
+            Err(elapsed) => {
+                // Cut short: the breakers below count the try in flight as failed.
+                crate::cancel::timed_out(|| this.inner.set(None));
+                Err(elapsed.into())
             }
-            None => Poll::Ready(Err(MeshClosed.into())),
+        };
+        if let Some(observation) = this.observation.as_mut() {
+            observation.finish(&result);
         }
+        Poll::Ready(result)
     }
 }
 

@@ -358,18 +358,24 @@ where
                 let mut slot = this.call.as_mut();
                 let call = slot.as_mut().as_pin_mut().expect("a try is in flight");
                 let result = match call.poll(cx) {
-                    Poll::Ready(result) => result,
+                    Poll::Ready(result) => {
+                        slot.set(None);
+                        result
+                    }
                     Poll::Pending => match slow.try_timer_fired(cx) {
                         None => return Poll::Pending,
+                        // Cut short: the breakers below count the try as failed.
                         Some(error) if error.is_deadline() => {
-                            slot.set(None);
+                            crate::cancel::timed_out(|| slot.set(None));
                             slow.phase = Phase::Done;
                             return Poll::Ready(Err(into_error(error)));
                         }
-                        Some(error) => Err(into_error(error)),
+                        Some(error) => {
+                            crate::cancel::timed_out(|| slot.set(None));
+                            Err(into_error(error))
+                        }
                     },
                 };
-                slot.set(None);
                 slow.timer = None;
                 slow.phase = Phase::Done;
                 let decision = this.classifier.classify_retry(&result);

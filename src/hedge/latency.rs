@@ -26,6 +26,10 @@ pub(crate) struct Latencies {
     min_samples: u64,
     half_window: Duration,
     rotation: Mutex<Instant>,
+    /// When the next rotation is due, in nanoseconds since `epoch`: a read after it rotates
+    /// first, so that latencies older than the window never decide a delay.
+    rotation_due: AtomicU64,
+    epoch: Instant,
     cached_nanos: AtomicU64,
     records: AtomicU64,
 }
@@ -71,13 +75,16 @@ fn upper_bound(bucket: usize) -> Duration {
 
 impl Latencies {
     pub(crate) fn new(quantile: f64, min_samples: u32, window: Duration) -> Self {
+        let now = Instant::now();
         Self {
             generations: [Generation::new(), Generation::new()],
             current: AtomicU64::new(0),
             quantile,
             min_samples: u64::from(min_samples),
             half_window: window / 2,
-            rotation: Mutex::new(Instant::now()),
+            rotation: Mutex::new(now),
+            rotation_due: AtomicU64::new(nanos(window / 2)),
+            epoch: now,
             cached_nanos: AtomicU64::new(NOT_ENOUGH),
             records: AtomicU64::new(0),
         }
@@ -94,8 +101,13 @@ impl Latencies {
         }
     }
 
-    /// The configured percentile of recent latencies; `None` until `min_samples` are recorded.
-    pub(crate) fn percentile(&self) -> Option<Duration> {
+    /// The configured percentile of the latencies recorded within the window (as of `now`);
+    /// `None` while fewer than `min_samples` are.
+    pub(crate) fn percentile(&self, now: Instant) -> Option<Duration> {
+        let since_epoch = nanos(now.saturating_duration_since(self.epoch));
+        if since_epoch >= self.rotation_due.load(Ordering::Relaxed) {
+            self.rotate_if_due(now);
+        }
         match self.cached_nanos.load(Ordering::Relaxed) {
             NOT_ENOUGH => None,
             nanos => Some(Duration::from_nanos(nanos)),
@@ -118,6 +130,8 @@ impl Latencies {
         self.generations[(current as usize + 1) % 2].clear();
         self.current.store(current + 1, Ordering::Release);
         *rotated = now;
+        let due = now.saturating_duration_since(self.epoch) + self.half_window;
+        self.rotation_due.store(nanos(due), Ordering::Relaxed);
         drop(rotated);
         self.refresh();
     }
@@ -146,6 +160,11 @@ impl Latencies {
     }
 }
 
+/// `duration` in whole nanoseconds, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,11 +180,11 @@ mod tests {
                 now,
             );
         }
-        assert_eq!(latencies.percentile(), None);
+        assert_eq!(latencies.percentile(now), None);
         for _ in 0..17 {
             latencies.record(Duration::from_millis(10), now);
         }
-        let p90 = latencies.percentile().expect("enough samples");
+        let p90 = latencies.percentile(now).expect("enough samples");
         assert!(
             p90 >= Duration::from_millis(10) && p90 <= Duration::from_micros(11_300),
             "{p90:?}"
@@ -183,7 +202,26 @@ mod tests {
         for _ in 0..32 {
             latencies.record(Duration::from_millis(5), later);
         }
-        assert!(latencies.percentile().unwrap() < Duration::from_millis(6));
+        assert!(latencies.percentile(later).unwrap() < Duration::from_millis(6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latencies_older_than_the_window_decide_nothing_even_unread_since() {
+        let latencies = Latencies::new(0.5, 5, Duration::from_secs(2));
+        let start = Instant::now();
+        for _ in 0..40 {
+            latencies.record(Duration::from_millis(20), start);
+        }
+        assert!(latencies.percentile(start).is_some());
+        // Within the window: still there.
+        assert!(latencies
+            .percentile(start + Duration::from_millis(1_500))
+            .is_some());
+        // An hour with no record: too few recent samples, so no hedge.
+        assert_eq!(
+            latencies.percentile(start + Duration::from_secs(3_600)),
+            None
+        );
     }
 
     proptest! {

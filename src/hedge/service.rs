@@ -27,7 +27,7 @@ impl Shared {
     pub(crate) fn delay(&self) -> Option<Duration> {
         match self.config.delay {
             HedgeDelay::Fixed(delay) => Some(delay),
-            HedgeDelay::Percentile(_) => self.latencies.percentile(),
+            HedgeDelay::Percentile(_) => self.latencies.percentile(Instant::now()),
         }
     }
 }

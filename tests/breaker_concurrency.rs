@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use support::{
-    backend, finishes_within, opens_on_second_failure, resets_the_breaker_when_it_opens, runtime,
-    send_n, Call, OnEvent,
+    backend, finishes_within, is_open, opens_on_second_failure, resets_the_breaker_when_it_opens,
+    runtime, send, send_n, Call, OnEvent,
 };
 use tower::{Layer, Service, ServiceExt};
 use tracing::Event;
@@ -180,6 +180,38 @@ fn a_gated_waiter_is_woken_after_the_drivers_runtime_shuts_down() {
         woke,
         "the gated task on runtime B was still pending 3 s after a 200 ms open period (state now {:?})",
         breaker.state()
+    );
+}
+
+/// In fail-fast mode, a call rejected on runtime B after the driver's runtime A shut down
+/// starts a driver on B, which ends the open period with no further call and announces it.
+#[test]
+fn a_rejected_call_on_the_next_runtime_takes_the_breaker_over() {
+    let layer = CircuitBreakerLayer::new(BreakerConfig {
+        window: WindowConfig::Count { size: 4 },
+        minimum_calls: 2,
+        open_for: Duration::from_millis(50),
+        ..BreakerConfig::default()
+    })
+    .unwrap();
+    let breaker = layer.handle();
+    let runtime_a = runtime();
+    let mut service = layer.layer(backend());
+    runtime_a.block_on(send_n(&mut service, Call::Fail, 2));
+    assert_eq!(breaker.state(), BreakerState::Open);
+    drop(runtime_a);
+
+    let mut transitions = breaker.subscribe();
+    let half_open = runtime().block_on(async {
+        assert!(is_open(&send(&mut service, Call::Succeed).await));
+        tokio::time::timeout(Duration::from_secs(3), transitions.recv())
+            .await
+            .map(|transition| transition.unwrap().to)
+    });
+    assert_eq!(
+        half_open.ok(),
+        Some(BreakerState::HalfOpen),
+        "no driver on the new runtime: nothing announced the end of the open period"
     );
 }
 

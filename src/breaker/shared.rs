@@ -199,7 +199,13 @@ impl Shared {
     #[cold]
     #[inline(never)]
     fn admit_rejecting(&self, word: u64) -> Admission {
-        match state_of(word) {
+        let state = state_of(word);
+        if matches!(state, BreakerState::Open | BreakerState::HalfOpen) {
+            // A driver ends the open period and times probes out, whether calls come or not;
+            // the one that ran may have gone with its runtime: this call's runtime takes over.
+            self.ensure_driver();
+        }
+        match state {
             BreakerState::ForcedOpen => Admission::Reject(CircuitOpen::new(
                 BreakerState::ForcedOpen,
                 self.settings.open_for,

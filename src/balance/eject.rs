@@ -23,8 +23,10 @@ use tower::{BoxError, Service};
 /// or a `failure_rate` of its last `failures` calls. By default only the first, at 5; a
 /// config that sets `failures` alone uses the rate rule alone (at the default rate, 1.0,
 /// that is `failures` in a row). Either rule ejects an endpoint for `base_ejection`, doubling
-/// with each ejection in a row up to `max_ejection`; after that, the next call to it is a
-/// probe, and its success re-admits the endpoint. Ejection never takes more than
+/// with each ejection in a row up to `max_ejection` (each ejection after the first jittered
+/// up to 10 % shorter, as a breaker's open periods are, so that endpoints ejected together
+/// do not come back together); after that, the next call to it is a probe, and its success
+/// re-admits the endpoint (and a later ejection starts again from `base_ejection`). Ejection never takes more than
 /// `max_ejection_percent` of the ready endpoints out (counted after the ejection it would
 /// cause), and when fewer than `panic_threshold` of them are healthy, the balancer uses all of
 /// them, calling the ejected ones past their breakers (a degraded service keeps serving).

@@ -18,9 +18,11 @@ use tower::discover::Change;
 ///
 /// The result implements `tower::discover::Discover`, so it feeds
 /// `tower::balance::p2c::Balance` or meshkit's own balancer. An instance that stops passing is
-/// removed; one that changes (address, weight, metadata) is replaced (tower balancers treat
-/// an `Insert` of a known key as a replacement). After a watcher falls behind, the fresh state is diffed
-/// against what was yielded, so no change is lost or repeated.
+/// removed. One registered again (with another address, weight or metadata, say) is removed
+/// and inserted anew, as the registry reports it; an update of an instance the stream already
+/// yielded, such as the fresh state after a watcher fell behind, is an `Insert` of its known
+/// key, which tower balancers take as a replacement. After a watcher falls behind, the fresh
+/// state is diffed against what was yielded, so no change is lost or repeated.
 ///
 /// ```
 /// use meshkit::discovery::{discover, Instance, MemoryRegistry, Registry};

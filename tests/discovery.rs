@@ -487,3 +487,57 @@ async fn discover_drives_p2c_over_tower_test_mocks() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_balancer_over_discover_reads_weights_and_zones_from_the_instances() {
+    use meshkit::balance::{Balance, BalanceConfig, PickerKind, WeightedRoundRobin};
+    let registry = MemoryRegistry::new();
+    let mut guards = Vec::new();
+    for (host, weight, zone) in [("10.0.0.1", 3, "eu-1a"), ("10.0.0.2", 1, "eu-1b")] {
+        let instance = Instance::builder("users", host, 80)
+            .weight(weight)
+            .zone(zone)
+            .build()
+            .unwrap();
+        guards.push(registry.register(instance).await.unwrap());
+    }
+    let answer = |instance: &Instance| {
+        let host = instance.host.clone();
+        tower::service_fn(move |_: ()| {
+            let host = host.clone();
+            async move { Ok::<_, tower::BoxError>(host) }
+        })
+    };
+    async fn tally<S>(mut balance: S) -> std::collections::BTreeMap<String, u32>
+    where
+        S: Service<(), Response = String, Error = tower::BoxError>,
+    {
+        balance.ready().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..400 {
+            let host = balance.ready().await.unwrap().call(()).await.unwrap();
+            *counts.entry(host).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    // No `.weights(..)`: the registered weights, 3 to 1.
+    let weighted = Balance::new(discover(&registry, "users", answer), WeightedRoundRobin);
+    let counts = tally(weighted).await;
+    assert_eq!(
+        (counts["10.0.0.1"], counts["10.0.0.2"]),
+        (300, 100),
+        "{counts:?}"
+    );
+
+    // A config's zone, with no `.zones(..)`: the registered zones.
+    let config = BalanceConfig {
+        picker: PickerKind::RoundRobin,
+        zone: Some("eu-1b".into()),
+        ..BalanceConfig::default()
+    };
+    let zoned = Balance::from_config(discover(&registry, "users", answer), &config).unwrap();
+    let counts = tally(zoned).await;
+    assert_eq!(counts.get("10.0.0.2"), Some(&400), "{counts:?}");
+}

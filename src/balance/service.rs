@@ -162,12 +162,15 @@ pub struct Balance<S, Req, P: Picker<Req>> {
 /// A discovery stream a balancer can run over: a tower [`Discover`] whose keys hash and
 /// whose errors box, that its worker task can own. Every such stream implements it.
 pub trait Endpoints:
-    Discover<Key: std::hash::Hash + Clone + Send, Error: Into<BoxError>> + Send + Unpin + 'static
+    Discover<Key: std::hash::Hash + Clone + Send + 'static, Error: Into<BoxError>>
+    + Send
+    + Unpin
+    + 'static
 {
 }
 
 impl<D> Endpoints for D where
-    D: Discover<Key: std::hash::Hash + Clone + Send, Error: Into<BoxError>>
+    D: Discover<Key: std::hash::Hash + Clone + Send + 'static, Error: Into<BoxError>>
         + Send
         + Unpin
         + 'static
@@ -216,9 +219,10 @@ impl<S, Req> Balance<S, Req, ConfiguredPicker>
 where
     S: Clone + Send + 'static,
 {
-    /// A balancer as `config` describes (picker, fail-fast and ejection). Zone-aware routing
-    /// also needs each endpoint's zone: add it with [`BalanceBuilder::zones`] (a `Mesh` does,
-    /// from the registry); here `zone` is not used.
+    /// A balancer as `config` describes (picker, fail-fast, ejection and, with `zone` set,
+    /// zone-aware routing over the zones of the instances a meshkit
+    /// [`discover`](crate::discovery::discover) stream yields; for other streams, give each
+    /// endpoint's zone with [`BalanceBuilder::zones`]).
     ///
     /// # Errors
     /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
@@ -239,15 +243,25 @@ impl Balance<(), (), RoundRobin> {
     ///
     /// # Errors
     /// A [`ConfigError`](crate::ConfigError) naming an invalid field.
-    pub fn builder_from_config<D: Discover>(
+    pub fn builder_from_config<D>(
         discover: D,
         config: &BalanceConfig,
-    ) -> Result<BalanceBuilder<D, ConfiguredPicker>, crate::ConfigError> {
+    ) -> Result<BalanceBuilder<D, ConfiguredPicker>, crate::ConfigError>
+    where
+        D: Discover<Key: 'static>,
+    {
         config.validate()?;
         let mut builder = Balance::builder(discover, ConfiguredPicker::new(config.picker))
             .failfast_after(config.failfast_after);
         if let Some(ejection) = &config.ejection {
             builder = builder.ejection(ejection.clone())?;
+        }
+        if let Some(zone) = &config.zone {
+            builder = builder.zones(
+                zone.clone(),
+                config.min_local_endpoints as usize,
+                discovered_zone,
+            );
         }
         Ok(builder)
     }
@@ -297,9 +311,9 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
         self
     }
 
-    /// Each endpoint's weight, from its key (read when it is inserted; 1 without this). With
-    /// meshkit discovery the key is the `InstanceId`: look the instance's `weight` up in the
-    /// registry.
+    /// Each endpoint's weight, from its key (read when it is inserted). Without this, an
+    /// endpoint from a meshkit [`discover`](crate::discovery::discover) stream weighs what
+    /// its instance was registered with, and any other 1.
     pub fn weights(mut self, weight: impl Fn(&D::Key) -> u32 + Send + Sync + 'static) -> Self {
         self.weight = Some(Arc::new(weight));
         self
@@ -308,7 +322,8 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
     /// Zone-aware routing: requests go only to endpoints in `local_zone` (each endpoint's
     /// zone read from its key by `zone_of` when it is inserted) while at least `min_local` of
     /// them are ready and not ejected; below that, to every endpoint. With meshkit discovery,
-    /// [`zones`](crate::discovery::zones) reads each instance's `zone` from the registry.
+    /// [`zones`](crate::discovery::zones) reads each instance's `zone` from the registry
+    /// (and [`Balance::from_config`] reads it from the instances the stream yields).
     pub fn zones(
         mut self,
         local_zone: impl Into<String>,
@@ -374,6 +389,7 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             classifier,
             sink,
         } = self;
+        let weight = weight.or_else(|| Some(Arc::new(discovered_weight)));
         // Handles need the classifier only for the calls ejection breakers admit.
         let handles_classifier = match ejection {
             Some(_) => classifier.clone(),
@@ -419,6 +435,17 @@ impl<D: Discover, P> BalanceBuilder<D, P> {
             waiting: None,
         }
     }
+}
+
+/// The weight its instance was registered with, for an endpoint a meshkit `discover` stream
+/// yielded; 1 for any other.
+fn discovered_weight<K: 'static>(key: &K) -> u32 {
+    crate::discovery::yielded(key).map_or(1, |instance| instance.weight)
+}
+
+/// The zone of its instance, for an endpoint a meshkit `discover` stream yielded.
+fn discovered_zone<K: 'static>(key: &K) -> Option<String> {
+    crate::discovery::yielded(key).and_then(|instance| instance.zone.clone())
 }
 
 impl<D: Discover, P> fmt::Debug for BalanceBuilder<D, P> {

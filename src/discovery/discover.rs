@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tower::discover::Change;
 
@@ -106,7 +106,11 @@ where
             // New, back to passing, or changed (address, weight, metadata): a fresh endpoint
             // replaces any old one (balancers treat an `Insert` of a known key so).
             (true, _) => {
-                self.yielded.insert(instance.id, instance.clone());
+                if self.yielded.insert(instance.id, instance.clone()).is_none() {
+                    hold(instance);
+                } else {
+                    replace(instance);
+                }
                 let endpoint = (self.make_endpoint)(instance);
                 self.pending
                     .push_back(Change::Insert(instance.id, endpoint));
@@ -118,6 +122,7 @@ where
 
     fn remove(&mut self, id: &InstanceId) {
         if self.yielded.remove(id).is_some() {
+            release(id);
             self.pending.push_back(Change::Remove(*id));
         }
     }
@@ -148,6 +153,59 @@ where
             Update::Remove { id, .. } => self.remove(id),
         }
     }
+}
+
+impl<F, S> Drop for Discovered<F, S> {
+    fn drop(&mut self) {
+        for id in self.yielded.keys() {
+            release(id);
+        }
+    }
+}
+
+/// The instances that `discover` streams have yielded and not removed, by id, each with the
+/// number of streams that hold it: a balancer over such a stream reads an endpoint's weight
+/// and zone here when it is not told how ([`yielded`]). Ids are unique in the process.
+static YIELDED: std::sync::LazyLock<Mutex<Held>> = std::sync::LazyLock::new(Mutex::default);
+
+/// Each yielded instance, and how many streams hold it.
+type Held = HashMap<InstanceId, (Arc<Instance>, usize)>;
+
+fn held() -> std::sync::MutexGuard<'static, Held> {
+    YIELDED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A stream yields `instance`.
+fn hold(instance: &Arc<Instance>) {
+    let mut held = held();
+    let entry = held.entry(instance.id).or_insert((instance.clone(), 0));
+    *entry = (instance.clone(), entry.1 + 1);
+}
+
+/// A stream yields `instance` again, changed.
+fn replace(instance: &Arc<Instance>) {
+    if let Some(entry) = held().get_mut(&instance.id) {
+        entry.0 = instance.clone();
+    }
+}
+
+/// A stream no longer holds instance `id`.
+fn release(id: &InstanceId) {
+    let mut held = held();
+    if let Some(entry) = held.get_mut(id) {
+        entry.1 -= 1;
+        if entry.1 == 0 {
+            held.remove(id);
+        }
+    }
+}
+
+/// The instance a `discover` stream yielded under the discovery key `key`, if `key` is an
+/// [`InstanceId`] such a stream holds: where a balancer built over the stream finds each
+/// endpoint's weight and zone by default.
+pub(crate) fn yielded<K: 'static>(key: &K) -> Option<Arc<Instance>> {
+    let id = (key as &dyn std::any::Any).downcast_ref::<InstanceId>()?;
+    held().get(id).map(|(instance, _)| instance.clone())
 }
 
 // Nothing in it is ever pinned in place: endpoints are only moved into `Change`s.

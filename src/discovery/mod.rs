@@ -56,6 +56,7 @@ mod instance;
 mod memory;
 mod registry;
 
+pub(crate) use discover::yielded;
 pub use discover::{discover, weights, zones, Discovered};
 pub use instance::{Health, HealthCheck, Instance, InstanceBuilder, InstanceId};
 pub use memory::MemoryRegistry;

@@ -590,3 +590,80 @@ async fn a_payload_that_does_not_fit_the_subscribers_type_is_an_error() {
     let received = subscription.recv().await.unwrap();
     assert!(received.decode::<Order>().is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn catch_up_after_a_stream_poll_that_gave_up_returns_at_once_and_loses_nothing() {
+    let bus = EventBus::new(8);
+    let store = MemoryEventStore::with_bus(bus.clone());
+    let mut subscription = bus.subscribe();
+    let event = |n: u64| Event::new("Counted", "counter", serde_json::json!(n));
+    store
+        .append("counter", ExpectedVersion::Any, vec![event(1)])
+        .await
+        .unwrap();
+    assert!(subscription.next().await.unwrap().is_ok());
+    // A `select!` or a timeout around `next()` that gives up leaves a receive half done.
+    let gave_up = tokio::time::timeout(Duration::from_millis(10), subscription.next()).await;
+    assert!(gave_up.is_err());
+    let caught_up = tokio::time::timeout(Duration::from_secs(1), subscription.catch_up(&store))
+        .await
+        .expect("nothing was missed: catch_up does not wait for the next event");
+    assert!(caught_up.is_empty());
+    // Receiving goes on, from the same place.
+    store
+        .append("counter", ExpectedVersion::Any, vec![event(2)])
+        .await
+        .unwrap();
+    let next = subscription.next().await.unwrap().unwrap();
+    assert_eq!(next.data, serde_json::json!(2));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_shutdown_call_waits_for_the_handlers_to_drain() {
+    let bus: EventBus<serde_json::Value> = EventBus::new(64);
+    let handled = Arc::new(AtomicU64::new(0));
+    let counted = handled.clone();
+    bus.handle("slow", move |_: Arc<Event>| {
+        let counted = counted.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), tower::BoxError>(())
+        }
+    });
+    for n in 0..10 {
+        bus.publish(Event::new("T", "x", serde_json::json!(n)))
+            .unwrap();
+    }
+    // Two at once: the second returns only once the handler drained.
+    let second = async {
+        bus.shutdown().await;
+        handled.load(Ordering::SeqCst)
+    };
+    let ((), at_second) = tokio::join!(bus.shutdown(), second);
+    assert_eq!(at_second, 10u64);
+
+    // A shutdown cancelled while it waits leaves the wait to the next call.
+    let bus: EventBus<serde_json::Value> = EventBus::new(64);
+    let handled = Arc::new(AtomicU64::new(0));
+    let counted = handled.clone();
+    bus.handle("slow", move |_: Arc<Event>| {
+        let counted = counted.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counted.fetch_add(1, Ordering::SeqCst);
+            Ok::<(), tower::BoxError>(())
+        }
+    });
+    for n in 0..10 {
+        bus.publish(Event::new("T", "x", serde_json::json!(n)))
+            .unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(25), bus.shutdown())
+            .await
+            .is_err()
+    );
+    bus.shutdown().await;
+    assert_eq!(handled.load(Ordering::SeqCst), 10);
+}

@@ -124,6 +124,8 @@ struct Inner<T> {
     /// The highest store position published (see [`EventBus::publish_stored`]).
     position: AtomicU64,
     handlers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Held by the `shutdown` call that is joining the handlers: another one waits for it.
+    draining: tokio::sync::Mutex<()>,
     /// Shared with the handlers' tasks, which hold nothing else of the bus: when the last
     /// bus handle is dropped, the sender goes, and the handlers' subscriptions close.
     counts: Arc<HandlerCounts>,
@@ -183,6 +185,7 @@ impl<T: Send + Sync + 'static> EventBus<T> {
                 closed: AtomicBool::new(false),
                 position: AtomicU64::new(0),
                 handlers: Mutex::new(Vec::new()),
+                draining: tokio::sync::Mutex::new(()),
                 counts: Arc::default(),
             }),
         }
@@ -194,7 +197,8 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     }
 
     /// Publishes an event to every current subscriber; never blocks. Returns how many
-    /// subscribers will see it.
+    /// subscriptions received it, filtered ones included (which drop it when their filter
+    /// refuses it).
     ///
     /// # Errors
     /// [`BusClosed`] after [`shutdown`](Self::shutdown).
@@ -309,20 +313,23 @@ impl<T: Send + Sync + 'static> EventBus<T> {
     /// already published, and waits for them. Subscribers get what was published, then
     /// [`RecvError::Closed`]. A `publish` that runs at the same moment as `shutdown`, on
     /// another thread, may return `Ok` for an event that goes out after the close and is
-    /// not delivered: stop the publishers first.
+    /// not delivered: stop the publishers first. Every call waits for the drain, concurrent
+    /// ones and one made after an earlier call was cancelled included.
     pub async fn shutdown(&self) {
         if !self.inner.closed.swap(true, Ordering::SeqCst) {
             let _ = self.inner.sender.send(Message::Shutdown);
         }
-        let handlers = std::mem::take(
-            &mut *self
-                .inner
-                .handlers
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for handler in handlers {
-            let _ = handler.await;
+        let _draining = self.inner.draining.lock().await;
+        let handlers = &self.inner.handlers;
+        let pop = || handlers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        while let Some(handler) = pop() {
+            // Put back if this call is cancelled while waiting, for the next call to join.
+            let mut waiting = PutBack {
+                handler: Some(handler),
+                handlers,
+            };
+            let _ = waiting.handler.as_mut().expect("set above").await;
+            waiting.handler = None;
         }
     }
 
@@ -332,6 +339,23 @@ impl<T: Send + Sync + 'static> EventBus<T> {
             handler_errors: self.inner.counts.errors.load(Ordering::Relaxed),
             handler_panics: self.inner.counts.panics.load(Ordering::Relaxed),
             handler_lagged: self.inner.counts.lagged.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A handler's task being joined by `shutdown`: back on the list if the wait is cancelled.
+struct PutBack<'a> {
+    handler: Option<tokio::task::JoinHandle<()>>,
+    handlers: &'a Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for PutBack<'_> {
+    fn drop(&mut self) {
+        if let Some(handler) = self.handler.take() {
+            self.handlers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(handler);
         }
     }
 }
@@ -359,6 +383,26 @@ pub struct Subscription<T> {
     receiving: Option<Receiving<T>>,
     /// The receive in progress when used as a `Stream`.
     pending: Option<PendingReceive<T>>,
+    /// Where a `Stream` receive dropped before it completed leaves the receiving end (made
+    /// by the first `Stream` poll).
+    returned: Option<Returned<T>>,
+}
+
+/// The receiving end a dropped `Stream` receive gives back.
+type Returned<T> = Arc<Mutex<Option<Receiving<T>>>>;
+
+/// Holds the receiving end for a `Stream` receive; gives it back if the receive is dropped.
+struct GiveBack<T> {
+    receiving: Option<Receiving<T>>,
+    to: Returned<T>,
+}
+
+impl<T> Drop for GiveBack<T> {
+    fn drop(&mut self) {
+        if let Some(receiving) = self.receiving.take() {
+            *self.to.lock().unwrap_or_else(|p| p.into_inner()) = Some(receiving);
+        }
+    }
 }
 
 /// A subscription's receiving end.
@@ -416,6 +460,7 @@ impl<T: Send + Sync + 'static> Subscription<T> {
         Self {
             receiving: Some(receiving),
             pending: None,
+            returned: None,
         }
     }
 
@@ -513,13 +558,23 @@ impl Subscription<serde_json::Value> {
         const PAGE: usize = 4_096;
         let mut caught_up = Vec::new();
         if let Some(pending) = self.pending.as_mut() {
-            // Finish the receive a `Stream` poll started (in place, as `recv` does); its event
-            // comes first.
-            let (received, receiving) = pending.await;
+            // A receive a `Stream` poll started: its event comes first if it has one now;
+            // otherwise it is dropped (a broadcast receive loses nothing when cancelled), and
+            // gives the receiving end back, rather than waiting for the next event.
+            let done = std::future::poll_fn(|cx| Poll::Ready(pending.as_mut().poll(cx))).await;
             self.pending = None;
-            self.receiving = Some(receiving);
-            if let Ok(event) = received {
-                caught_up.push(event);
+            match done {
+                Poll::Ready((received, receiving)) => {
+                    self.receiving = Some(receiving);
+                    if let Ok(event) = received {
+                        caught_up.push(event);
+                    }
+                }
+                Poll::Pending => {
+                    self.receiving = self.returned.as_ref().and_then(|returned| {
+                        returned.lock().unwrap_or_else(|p| p.into_inner()).take()
+                    });
+                }
             }
         }
         let Some(receiving) = self.receiving.as_mut() else {
@@ -581,12 +636,17 @@ impl<T: Send + Sync + 'static> Stream for Subscription<T> {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
         if this.pending.is_none() {
-            let Some(mut receiving) = this.receiving.take().filter(|r| !r.closed) else {
+            let Some(receiving) = this.receiving.take().filter(|r| !r.closed) else {
                 return Poll::Ready(None);
             };
+            let to = this.returned.get_or_insert_with(Arc::default).clone();
             this.pending = Some(Box::pin(async move {
-                let received = receiving.next().await;
-                (received, receiving)
+                let mut held = GiveBack {
+                    receiving: Some(receiving),
+                    to,
+                };
+                let received = held.receiving.as_mut().expect("held").next().await;
+                (received, held.receiving.take().expect("held"))
             }));
         }
         let pending = this.pending.as_mut().expect("set above");

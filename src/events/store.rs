@@ -100,6 +100,11 @@ impl std::error::Error for AppendError {
 /// later PostgreSQL or NATS JetStream.
 ///
 /// Object safe (boxed futures and streams): hold an `Arc<dyn EventStore>`.
+///
+/// [`MemoryEventStore`](super::MemoryEventStore) does its work when a method is called, not
+/// when the returned future is first polled: an append is stored (and a read takes its
+/// snapshot) even if the future is then dropped unpolled, in a `select!` branch that lost,
+/// say. Await each call where it is made.
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `aggregate_id`'s stream, all or nothing, if the stream is at
     /// `expected`; returns the stream's version afterwards. An event whose id is already

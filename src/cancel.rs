@@ -14,11 +14,10 @@ thread_local! {
 
 /// Runs `drop_call` (which drops a call a timeout cut short) with the calls it drops known to
 /// have timed out.
-pub(crate) fn timed_out<T>(drop_call: impl FnOnce() -> T) -> T {
+pub(crate) fn timed_out(drop_call: impl FnOnce()) {
     let before = TIMING_OUT.with(|flag| flag.replace(true));
-    let result = drop_call();
+    drop_call();
     TIMING_OUT.with(|flag| flag.set(before));
-    result
 }
 
 /// Whether the future being dropped was cut short by a timeout.

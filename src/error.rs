@@ -81,9 +81,7 @@ pub fn is_rejection_value<E: 'static>(err: &E) -> bool {
 /// A retry layer sends a request its [`Replay`](crate::retry::Replay) would not copy (a
 /// `POST`) again after such an error, as Finagle requeues requests that were never written.
 pub fn is_unsent(err: &(dyn Error + 'static)) -> bool {
-    chain(err).any(|err| {
-        is_rejection_type(err) || err.is::<crate::balance::EndpointEjected>() || is_connect(err)
-    })
+    chain(err).any(|err| is_refusal_type(err) || is_connect(err))
 }
 
 /// [`is_unsent`] for an error of any type, as [`is_rejection_value`] is for `is_rejection`.
@@ -91,8 +89,14 @@ pub fn is_unsent_value<E: 'static>(err: &E) -> bool {
     let any: &dyn Any = err;
     match as_error(any) {
         Some(err) => is_unsent(err),
-        None => is_rejection_type(any) || any.is::<crate::balance::EndpointEjected>(),
+        None => is_refusal_type(any),
     }
+}
+
+/// Whether `err` (or an error in its chain) says that a meshkit layer refused the call before
+/// it reached the service: a rejection (see [`is_rejection`]) or an ejected endpoint.
+pub(crate) fn is_refused(err: &(dyn Error + 'static)) -> bool {
+    chain(err).any(is_refusal_type)
 }
 
 /// A connection that was never made.
@@ -128,6 +132,12 @@ fn as_error(any: &dyn Any) -> Option<&(dyn Error + 'static)> {
     }
     any.downcast_ref::<std::io::Error>()
         .map(|io| io as &(dyn Error + 'static))
+}
+
+/// Whether `value` itself (not its chain) is a call meshkit refused: a rejection, or an
+/// endpoint ejected by a balancer below.
+fn is_refusal_type(value: &(impl IsType + ?Sized)) -> bool {
+    is_rejection_type(value) || value.is_type::<crate::balance::EndpointEjected>()
 }
 
 /// Whether `value` itself (not its chain) is one of meshkit's rejection errors. The one list

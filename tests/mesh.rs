@@ -717,22 +717,7 @@ async fn a_retry_goes_to_another_instance_than_the_try_that_failed() {
 async fn a_retry_after_a_try_timed_out_goes_to_another_instance() {
     let mesh = three_users_retried_once("per_try_timeout = \"100ms\"").await;
     // Instance 1 never answers; 2 and 3 answer with their port.
-    let mut client = mesh
-        .client_with(
-            "users",
-            |instance: &Instance| {
-                let port = instance.port;
-                tower::service_fn(move |_: u32| async move {
-                    if port == 1 {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<u16, BoxError>(port)
-                })
-            },
-            DefaultClassifier,
-            CloneRequest,
-        )
-        .unwrap();
+    let mut client = instance_1_hangs(&mesh);
     let started = tokio::time::Instant::now();
     for _ in 0..100 {
         let port = client.ready().await.unwrap().call(0).await.unwrap();
@@ -890,6 +875,26 @@ async fn reloading_ejection_thresholds_applies_to_clients_built_before() {
     );
 }
 
+/// A client of "users" whose instance 1 never answers while the others answer at once with
+/// their port.
+fn instance_1_hangs(mesh: &Mesh) -> meshkit::MeshClient<u32, u16> {
+    mesh.client_with(
+        "users",
+        |instance: &Instance| {
+            let port = instance.port;
+            tower::service_fn(move |_: u32| async move {
+                if port == 1 {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<u16, BoxError>(port)
+            })
+        },
+        DefaultClassifier,
+        CloneRequest,
+    )
+    .unwrap()
+}
+
 /// A mesh configured by `toml` over "users" instances on ports 1 and 2, and a client whose
 /// instance 1 never answers while 2 answers at once with its port.
 async fn one_instance_hangs(toml: &str) -> (Mesh, meshkit::MeshClient<u32, u16>) {
@@ -907,22 +912,7 @@ async fn one_instance_hangs(toml: &str) -> (Mesh, meshkit::MeshClient<u32, u16>)
         .unwrap()
         .forget();
     }
-    let client = mesh
-        .client_with(
-            "users",
-            |instance: &Instance| {
-                let port = instance.port;
-                tower::service_fn(move |_: u32| async move {
-                    if port == 1 {
-                        std::future::pending::<()>().await;
-                    }
-                    Ok::<u16, BoxError>(port)
-                })
-            },
-            DefaultClassifier,
-            CloneRequest,
-        )
-        .unwrap();
+    let client = instance_1_hangs(&mesh);
     (mesh, client)
 }
 

@@ -202,17 +202,23 @@ async fn reqwest_bodies_over_the_body_limit_are_sent_once() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "over the limit: sent once");
 }
 
+/// An instance whose `/users/{id}` answers every other request with a 408, counted in
+/// `calls`.
+async fn every_other_408(calls: &Arc<AtomicUsize>) -> u16 {
+    every_other(
+        "/users/{id}",
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::OK,
+        calls,
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retried_statuses_come_from_the_config() {
     // Every other request gets a 408: retried only when the config lists it.
     let calls = Arc::new(AtomicUsize::new(0));
-    let port = every_other(
-        "/users/{id}",
-        StatusCode::REQUEST_TIMEOUT,
-        StatusCode::OK,
-        &calls,
-    )
-    .await;
+    let port = every_other_408(&calls).await;
     for (statuses, status, sent) in [
         ("", StatusCode::REQUEST_TIMEOUT, 1),
         ("retry_statuses = [408, 503]", StatusCode::OK, 2),
@@ -234,13 +240,7 @@ async fn the_retried_statuses_come_from_the_config() {
 async fn reloaded_retry_statuses_apply_to_a_client_built_before() {
     // Every other request gets a 408: retried once the reloaded config lists it.
     let calls = Arc::new(AtomicUsize::new(0));
-    let port = every_other(
-        "/users/{id}",
-        StatusCode::REQUEST_TIMEOUT,
-        StatusCode::OK,
-        &calls,
-    )
-    .await;
+    let port = every_other_408(&calls).await;
     let mesh = mesh_with(RETRY_ONCE, &[port]).await;
     let mut users = mesh.client("users", reqwest::Client::new()).unwrap();
     let response = users.ready().await.unwrap().call(get_user()).await.unwrap();

@@ -274,15 +274,9 @@ fn classify<T, C: Classify<T, BoxError>>(
     result: &Result<T, BoxError>,
 ) -> Outcome {
     match result {
-        Err(error) if !count_rejections && not_sent(&**error) => Outcome::Ignored,
+        Err(error) if !count_rejections && crate::error::is_refused(&**error) => Outcome::Ignored,
         _ => classifier.classify(result),
     }
-}
-
-/// Whether `error` says the call was refused by meshkit before it reached the service.
-#[cold]
-fn not_sent(error: &(dyn std::error::Error + 'static)) -> bool {
-    crate::error::is_rejection(error) || crate::error::is::<crate::balance::EndpointEjected>(error)
 }
 
 impl Tracking {

@@ -106,11 +106,8 @@ where
             // New, back to passing, or changed (address, weight, metadata): a fresh endpoint
             // replaces any old one (balancers treat an `Insert` of a known key so).
             (true, _) => {
-                if self.yielded.insert(instance.id, instance.clone()).is_none() {
-                    hold(instance);
-                } else {
-                    replace(instance);
-                }
+                let known = self.yielded.insert(instance.id, instance.clone()).is_some();
+                hold(instance, known);
                 let endpoint = (self.make_endpoint)(instance);
                 self.pending
                     .push_back(Change::Insert(instance.id, endpoint));
@@ -175,18 +172,14 @@ fn held() -> std::sync::MutexGuard<'static, Held> {
     YIELDED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A stream yields `instance`.
-fn hold(instance: &Arc<Instance>) {
+/// A stream yields `instance`: anew, or changed when the stream already holds it (`known`).
+fn hold(instance: &Arc<Instance>, known: bool) {
     let mut held = held();
-    let entry = held.entry(instance.id).or_insert((instance.clone(), 0));
-    *entry = (instance.clone(), entry.1 + 1);
-}
-
-/// A stream yields `instance` again, changed.
-fn replace(instance: &Arc<Instance>) {
-    if let Some(entry) = held().get_mut(&instance.id) {
-        entry.0 = instance.clone();
-    }
+    let entry = held
+        .entry(instance.id)
+        .or_insert_with(|| (instance.clone(), 0));
+    entry.0 = instance.clone();
+    entry.1 += usize::from(!known);
 }
 
 /// A stream no longer holds instance `id`.

@@ -104,17 +104,19 @@ impl Latencies {
     /// The configured percentile of the latencies recorded within the window (as of `now`);
     /// `None` while fewer than `min_samples` are.
     pub(crate) fn percentile(&self, now: Instant) -> Option<Duration> {
-        let since_epoch = nanos(now.saturating_duration_since(self.epoch));
-        if since_epoch >= self.rotation_due.load(Ordering::Relaxed) {
-            self.rotate_if_due(now);
-        }
+        self.rotate_if_due(now);
         match self.cached_nanos.load(Ordering::Relaxed) {
             NOT_ENOUGH => None,
             nanos => Some(Duration::from_nanos(nanos)),
         }
     }
 
+    /// One atomic load when no rotation is due.
     fn rotate_if_due(&self, now: Instant) {
+        let since_epoch = nanos(now.saturating_duration_since(self.epoch));
+        if since_epoch < self.rotation_due.load(Ordering::Relaxed) {
+            return;
+        }
         let Ok(mut rotated) = self.rotation.try_lock() else {
             return;
         };
